@@ -1,0 +1,57 @@
+# The two commands of the README are `make demo` and `make test`; both install what they need.
+# Installation is incremental: torch is installed only when the venv lacks torch>=2.6, and the
+# extension is rebuilt only when a source file changed (stamp files under .venv/).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+EXTENSION_SOURCES := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' \))
+
+.PHONY: install test core-test python-test demo bench gpu-check clean
+
+install: $(VENV)/.built
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.torch: | $(PY)
+	@if $(PY) -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 6))" 2>/dev/null; \
+	then echo "torch present: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else $(PY) -m pip install $(TORCH_SPEC); fi
+	touch $@
+
+$(VENV)/.deps: requirements.txt $(VENV)/.torch
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.built: $(EXTENSION_SOURCES) $(VENV)/.deps
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+core-test:
+	cmake -S . -B build-core -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build-core -j $(MAX_JOBS)
+	ctest --test-dir build-core --output-on-failure
+
+python-test: install
+	$(PY) -m pytest -q python_tests
+
+test: core-test python-test
+
+demo: install
+	$(PY) -m molkernels demo
+
+bench: install
+	$(PY) -m molkernels bench all
+
+# On a GPU machine: its own python3 and torch, no network, no venv.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build build-core molkernels/_C*.so $(VENV)/.built

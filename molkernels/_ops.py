@@ -1,0 +1,177 @@
+"""Op registration and backend choice.
+
+The compiled ops `torch.ops.molkernels.*` (CPU and CUDA kernels, schemas in csrc/ops.cpp) get
+their fake implementations here, so torch.compile traces through them. The Triton kernels are
+registered as custom ops `molkernels::triton_*` with the same fake implementations.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Dict, List
+
+import torch
+
+from . import reference
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+OPS = ("gram", "cross_gram", "combine", "project_simplex", "min_norm")
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.molkernels.*)
+
+    _C_ERROR = None
+except ImportError as error:  # a source tree that was never built
+    _C = None
+    _C_ERROR = error
+
+
+def _fake_products(a: List[torch.Tensor], *rest) -> torch.Tensor:
+    K = a[0].shape[0]
+    dtype = torch.float64 if a[0].dtype == torch.float64 else torch.float32
+    return a[0].new_empty((K, K), dtype=dtype)
+
+
+def _fake_combine(g: List[torch.Tensor], weights: torch.Tensor) -> List[torch.Tensor]:
+    return [b.new_empty(b.shape[1:]) for b in g]
+
+
+def _fake_project_simplex(v: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _fake_min_norm(gram: torch.Tensor) -> torch.Tensor:
+    return gram.new_empty(gram.shape[:-1])
+
+
+_FAKES = {
+    "gram": _fake_products,
+    "cross_gram": _fake_products,
+    "combine": _fake_combine,
+    "project_simplex": _fake_project_simplex,
+    "min_norm": _fake_min_norm,
+}
+
+if _C is not None:
+    for _name, _fake in _FAKES.items():
+        torch.library.register_fake(f"molkernels::{_name}")(_fake)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status():
+    """(module, None) when the Triton kernels can run here, else (None, reason)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return None, f"triton is not installed ({error})"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return None, "no CUDA device, and TRITON_INTERPRET=1 (Triton's CPU interpreter) is not set"
+    from . import triton as triton_kernels
+
+    return triton_kernels, None
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """None when `backend` can run here, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        return None if _C is not None else f"the extension molkernels._C is not built ({_C_ERROR})"
+    if backend == "cuda":
+        if _C is None:
+            return f"the extension molkernels._C is not built ({_C_ERROR})"
+        if not _C.build_info()["cuda_compiled"]:
+            return "the extension was built without CUDA kernels (no nvcc or a CPU-only torch at build time)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        return None
+    if backend == "triton":
+        return _triton_status()[1]
+    return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)} or 'auto'"
+
+
+def backends() -> List[str]:
+    """The backends that can run here."""
+    return [b for b in BACKENDS if unavailable_reason(b) is None]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend an op runs on: `auto` (or MOLKERNELS_BACKEND) picks cuda for CUDA tensors
+    (Triton when the CUDA kernels are missing) and cpu for CPU tensors."""
+    if backend == "auto":
+        backend = os.environ.get("MOLKERNELS_BACKEND", "auto")
+    if backend == "auto":
+        if device.type == "cuda":
+            for candidate in ("cuda", "triton"):
+                if unavailable_reason(candidate) is None:
+                    return candidate
+            return "reference"
+        return "cpu" if unavailable_reason("cpu") is None else "reference"
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' runs on CPU tensors; the inputs are on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' runs on CUDA tensors; the inputs are on {device}")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); the inputs are on {device}")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ops() -> Dict[str, object]:
+    """The Triton kernels as custom ops `molkernels::triton_<op>`, registered on first use."""
+    kernels, reason = _triton_status()
+    if kernels is None:
+        raise RuntimeError(f"backend='triton' is not available: {reason}")
+    ops = {}
+    schemas = {
+        "gram": (kernels.gram, "(Tensor[] g) -> Tensor"),
+        "cross_gram": (kernels.cross_gram, "(Tensor[] a, Tensor[] b) -> Tensor"),
+        "combine": (kernels.combine, "(Tensor[] g, Tensor weights) -> Tensor[]"),
+        "project_simplex": (kernels.project_simplex, "(Tensor v) -> Tensor"),
+        "min_norm": (kernels.min_norm, "(Tensor gram) -> Tensor"),
+    }
+    for name, (fn, schema) in schemas.items():
+        qualname = f"molkernels::triton_{name}"
+        torch.library.define(qualname, schema)
+        torch.library.impl(qualname, ("CPU", "CUDA"))(fn)
+        torch.library.register_fake(qualname)(_FAKES[name])
+        ops[name] = getattr(torch.ops.molkernels, f"triton_{name}")
+    return ops
+
+
+def _reference_op(name: str):
+    """The reference implementations, returning the dtypes the kernels return."""
+
+    def gram(g):
+        return reference.gram(g).to(_out_dtype(g[0].dtype))
+
+    def cross_gram(a, b):
+        return reference.cross_gram(a, b).to(_out_dtype(a[0].dtype))
+
+    def combine(g, weights):
+        return [x.to(b.dtype) for x, b in zip(reference.combine(g, weights), g)]
+
+    def project_simplex(v):
+        return reference.project_simplex(v).to(v.dtype)
+
+    def min_norm(gram_matrix):
+        return reference.min_norm(gram_matrix).to(gram_matrix.dtype)
+
+    return locals()[name]
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def op(name: str, backend: str):
+    """The callable that runs op `name` on a resolved backend."""
+    if backend == "reference":
+        return _reference_op(name)
+    if backend == "triton":
+        return _triton_ops()[name]
+    return getattr(torch.ops.molkernels, name)

@@ -1,0 +1,107 @@
+"""Plain-torch implementations of every op: the oracle of the test suite and the `reference` backend.
+
+Each function computes in float64 and returns float64, whatever the input dtype, so that tests
+compare every backend against the most exact result torch can give. The algorithms are chosen to
+be independent of the kernels': the simplex projection sorts (the kernels use Michelot's fixed
+point) and the min-norm weights come from accelerated projected gradient descent (the kernels use
+Wolfe's active-set algorithm).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ._stack import Stack
+
+
+def _rows64(block: torch.Tensor) -> torch.Tensor:
+    return block.reshape(block.shape[0], -1).to(torch.float64)
+
+
+def gram(g: Stack) -> torch.Tensor:
+    """Σ_blocks B Bᵀ with B = block.reshape(K, -1), in float64: shape [K, K]."""
+    blocks = [g] if isinstance(g, torch.Tensor) else list(g)
+    return sum(_rows64(b) @ _rows64(b).T for b in blocks)
+
+
+def cross_gram(a: Stack, b: Stack) -> torch.Tensor:
+    """Σ_blocks A Bᵀ over paired blocks, in float64: shape [K, K]."""
+    a_blocks = [a] if isinstance(a, torch.Tensor) else list(a)
+    b_blocks = [b] if isinstance(b, torch.Tensor) else list(b)
+    return sum(_rows64(x) @ _rows64(y).T for x, y in zip(a_blocks, b_blocks))
+
+
+def combine(g: Stack, weights: torch.Tensor):
+    """Σ_k w_k g_k in float64: a tensor shaped like g[0] for a tensor stack, else one per block."""
+    w = weights.to(torch.float64)
+    if isinstance(g, torch.Tensor):
+        return torch.tensordot(w, g.to(torch.float64), dims=1)
+    return [torch.tensordot(w, b.to(torch.float64), dims=1) for b in g]
+
+
+def project_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of [..., K] onto the probability simplex, by sorting.
+
+    x = max(v − τ, 0) with τ = (Σ_{i≤ρ} u_i − 1)/ρ, u = v sorted descending and ρ the largest index
+    with u_ρ > (Σ_{i≤ρ} u_i − 1)/ρ. Rows with a non-finite entry come back all NaN.
+    """
+    v64 = v.to(torch.float64)
+    K = v64.shape[-1]
+    u, _ = torch.sort(v64, dim=-1, descending=True)
+    cumulative = torch.cumsum(u, dim=-1) - 1.0
+    index = torch.arange(1, K + 1, dtype=torch.float64, device=v.device)
+    rho = (u > cumulative / index).to(torch.int64).cumsum(-1).amax(-1, keepdim=True).clamp(min=1)
+    tau = torch.gather(cumulative, -1, rho - 1) / rho.to(torch.float64)
+    x = (v64 - tau).clamp(min=0.0)
+    finite = torch.isfinite(v64).all(dim=-1, keepdim=True)
+    return torch.where(finite, x, torch.full_like(x, float("nan")))
+
+
+def min_norm(gram_matrix: torch.Tensor, iterations: int = 20000) -> torch.Tensor:
+    """argmin over the simplex of λᵀ G λ for each [K, K] matrix of [..., K, K], in float64.
+
+    FISTA (accelerated projected gradient) with step 1/L, L = 2·trace(G) ≥ 2·λ_max(G), and
+    adaptive restart; after `iterations` steps the objective is within 2·L·‖λ₀ − λ*‖²/t² of its
+    minimum. Slow but simple: an oracle, not a kernel.
+    """
+    G = gram_matrix.to(torch.float64)
+    G = 0.5 * (G + G.transpose(-1, -2))
+    K = G.shape[-1]
+    finite = torch.isfinite(G).flatten(-2).all(-1, keepdim=True)
+    G = torch.where(finite.unsqueeze(-1), G, torch.zeros_like(G))
+    lipschitz = 2.0 * torch.diagonal(G, dim1=-2, dim2=-1).sum(-1, keepdim=True).clamp(min=1e-300)
+    lam = torch.full(G.shape[:-1], 1.0 / K, dtype=torch.float64, device=G.device)
+    momentum_point = lam.clone()
+    t = torch.ones_like(lipschitz)
+
+    def objective(x):
+        return (x.unsqueeze(-2) @ G @ x.unsqueeze(-1)).squeeze(-1)
+
+    f_prev = objective(lam)
+    for _ in range(iterations):
+        grad = 2.0 * (G @ momentum_point.unsqueeze(-1)).squeeze(-1)
+        new_lam = project_simplex(momentum_point - grad / lipschitz)
+        f_new = objective(new_lam)
+        restart = f_new > f_prev
+        t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
+        step = torch.where(restart, torch.zeros_like(t), (t - 1.0) / t_new)
+        momentum_point = new_lam + step * (new_lam - lam)
+        t = torch.where(restart, torch.ones_like(t), t_new)
+        lam, f_prev = new_lam, f_new
+    if K == 1:
+        lam = torch.ones_like(lam)
+    return torch.where(finite, lam, torch.full_like(lam, float("nan")))
+
+
+def min_norm_objective(gram_matrix: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """λᵀ G λ in float64, batched."""
+    G = gram_matrix.to(torch.float64)
+    x = lam.to(torch.float64)
+    return (x.unsqueeze(-2) @ G @ x.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+
+def stack_blocks(g: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The blocks of a list stack side by side as one float64 [K, D] matrix (tests only)."""
+    return torch.cat([_rows64(b) for b in g], dim=1)
