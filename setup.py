@@ -75,7 +75,8 @@ if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 march = os.environ.get("MOLKERNELS_MARCH", "native")
 cxx_flags = ["-O3", "-fopenmp", "-DMOLKERNELS_VERSION=\"%s\"" % VERSION] + (
     ["-march=" + march] if march else [])
-sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/core/cpu_kernels.cpp"]
+sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/core/cpu_kernels.cpp",
+           "csrc/core/mol_kernels.cpp"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 extra_link_args = ["-fopenmp"]
 

@@ -9,6 +9,7 @@ range costs one boolean test. Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -30,13 +31,20 @@ def nvtx_enabled() -> bool:
     return _enabled
 
 
+@functools.lru_cache(maxsize=None)
 def _nvtx_available() -> bool:
-    return torch.cuda.is_available() and hasattr(torch.cuda, "nvtx")
+    """NVTX works in any CUDA build of torch, with or without a GPU (nsys traces CPU runs too)."""
+    try:
+        torch.cuda.nvtx.range_push("molkernels.probe")
+        torch.cuda.nvtx.range_pop()
+        return True
+    except (RuntimeError, AttributeError):
+        return False
 
 
 @contextlib.contextmanager
 def nvtx_range(op: str):
-    """The range `molkernels.<op>` when NVTX is enabled and a CUDA runtime is present."""
+    """The range `molkernels.<op>` when NVTX is enabled (and torch has NVTX)."""
     if not _enabled or not _nvtx_available() or torch.compiler.is_compiling():
         yield
         return

@@ -32,6 +32,12 @@ void cross_gram_cpu(const StackView<T>& a, const StackView<T>& b, accum_t<T>* ou
 template <class T>
 void combine_cpu(const StackView<T>& g, const accum_t<T>* weights, T* const* out);
 
+// out_j = alpha * sum_k weights[k] * block_j[k, :] (accumulate = false), or out_j += that
+// (accumulate = true, e.g. p <- p - lr d with alpha = -lr); out may have another dtype than g.
+template <class T, class U>
+void combine_into_cpu(const StackView<T>& g, const accum_t<T>* weights, U* const* out, accum_t<T> alpha,
+                      bool accumulate);
+
 // Row-wise simplex projection of a contiguous [rows, K] array.
 template <class T>
 void project_simplex_cpu(const T* v, int64_t rows, int64_t K, T* out);

@@ -22,11 +22,38 @@ void gram_cuda(const StackView<T>& a, const StackView<T>* b, accum_t<T>* partial
 template <class T>
 void combine_cuda(const StackView<T>& g, const accum_t<T>* weights, T* const* out, cudaStream_t stream);
 
+// out[j] = alpha * sum_k weights[k] * block_j[k, :], or out[j] += that with `accumulate`.
+template <class T, class U>
+void combine_into_cuda(const StackView<T>& g, const accum_t<T>* weights, U* const* out, accum_t<T> alpha,
+                       bool accumulate, cudaStream_t stream);
+
 template <class T>
 void project_simplex_cuda(const T* v, int64_t rows, int64_t K, T* out, cudaStream_t stream);
 
 // work: batch * min_norm_workspace(K) doubles of device memory.
 template <class T>
 void min_norm_cuda(const T* gram, int64_t batch, int64_t K, T* out, double* work, cudaStream_t stream);
+
+}  // namespace mk
+
+// Fused multi-objective passes (mol_kernels.h describes them); y is the tracking state in the
+// accumulation type, with g's structure. track_gram and joint_gram need gram_cuda_parts(...) slots
+// of rows x rows partials (rows = K, and 2K for joint_gram).
+#include "mol_kernels.h"
+
+namespace mk {
+
+template <class T>
+void track_gram_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& y, accum_t<T> beta,
+                     accum_t<T>* partials, accum_t<T>* out, cudaStream_t stream);
+
+template <class T>
+void joint_gram_cuda(const StackView<T>& g, const StackView<accum_t<T>>& y, accum_t<T>* partials, accum_t<T>* out,
+                     cudaStream_t stream);
+
+template <class T, class U>
+void track_combine_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& y, const accum_t<T>* scale,
+                        accum_t<T> beta, const accum_t<T>* weights, U* const* out, accum_t<T> alpha, bool accumulate,
+                        cudaStream_t stream);
 
 }  // namespace mk

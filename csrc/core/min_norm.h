@@ -16,7 +16,7 @@
 namespace mk {
 
 // Doubles of scratch memory min_norm_solve needs for a K x K problem.
-MK_HD int64_t min_norm_workspace(int64_t K) { return 4 * K + (K + 1) * (K + 2); }
+MK_HD int64_t min_norm_workspace(int64_t K) { return 4 * K + (K + 1) * (K + 2) + K * K; }
 
 namespace detail {
 
@@ -97,13 +97,16 @@ MK_HD void min_norm_solve(int64_t K, LoadGram gram, Store store, double* work) {
     return;
   }
 
-  const double inv_scale = 1.0 / scale;
-  auto G = [&](int64_t i, int64_t j) { return 0.5 * (gram(i, j) + gram(j, i)) * inv_scale; };
   double* lambda = work;         // K, barycentric coordinates of the current point
   double* Glambda = work + K;    // K, (G lambda)_i = <x, g_i>
   double* alpha = work + 2 * K;  // K, affine minimiser over the corral
   double* corral = work + 3 * K; // K, indices of the corral (stored as doubles to keep one buffer)
   double* system = work + 4 * K; // (K + 1) x (K + 2), the bordered system with its right-hand side
+  double* normalised = system + (K + 1) * (K + 2);  // K x K, the symmetrised G / max_i G_ii
+  const double inv_scale = 1.0 / scale;
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j) normalised[i * K + j] = 0.5 * (gram(i, j) + gram(j, i)) * inv_scale;
+  auto G = [&](int64_t i, int64_t j) { return normalised[i * K + j]; };
 
   int64_t start = 0;
   for (int64_t i = 1; i < K; ++i)

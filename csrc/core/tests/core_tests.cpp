@@ -8,6 +8,7 @@
 #include "convert.h"
 #include "cpu_kernels.h"
 #include "min_norm.h"
+#include "mol_kernels.h"
 #include "simplex.h"
 
 namespace {
@@ -203,6 +204,85 @@ void test_cpu_gram_and_combine() {
   }
 }
 
+// MoCo's passes against the same updates done element by element in double.
+void test_tracking_passes() {
+  std::normal_distribution<float> normal;
+  for (int64_t K : {1, 3, 6}) {
+    const int64_t cols[] = {5, 10007};
+    const int64_t nb = 2;
+    std::vector<std::vector<float>> g(nb), y(nb), out(nb);
+    std::vector<const float*> gp(nb);
+    std::vector<float*> yp(nb), op(nb);
+    for (int64_t j = 0; j < nb; ++j) {
+      g[j].resize(K * cols[j]);
+      y[j].resize(K * cols[j]);
+      out[j].resize(cols[j]);
+      for (auto& x : g[j]) x = normal(rng);
+      for (auto& x : y[j]) x = normal(rng);
+      for (auto& x : out[j]) x = normal(rng);
+      gp[j] = g[j].data();
+      yp[j] = y[j].data();
+      op[j] = out[j].data();
+    }
+    const std::vector<std::vector<float>> y0 = y, out0 = out;
+    mk::StackView<float> gv{gp.data(), cols, cols, nb, K};
+    mk::MutableStackView<float> yv{yp.data(), cols, cols, nb, K};
+    // Pass 1: y <- y - beta (y - g); Gram of the updated y.
+    const float beta = 0.3f;
+    std::vector<float> G(K * K);
+    mk::track_gram_cpu(gv, yv, beta, G.data());
+    double worst_y = 0.0, worst_g = 0.0;
+    for (int64_t r = 0; r < K; ++r)
+      for (int64_t s = 0; s < K; ++s) {
+        double exact = 0.0;
+        for (int64_t j = 0; j < nb; ++j)
+          for (int64_t c = 0; c < cols[j]; ++c) {
+            const double yr = y0[j][r * cols[j] + c] - beta * (double(y0[j][r * cols[j] + c]) - g[j][r * cols[j] + c]);
+            const double ys = y0[j][s * cols[j] + c] - beta * (double(y0[j][s * cols[j] + c]) - g[j][s * cols[j] + c]);
+            exact += yr * ys;
+            if (s == 0) worst_y = std::max(worst_y, std::fabs(yr - y[j][r * cols[j] + c]));
+          }
+        worst_g = std::max(worst_g, std::fabs(exact - G[r * K + s]) / double(cols[0] + cols[1]));
+      }
+    CHECK(worst_y < 1e-6 && worst_g < 1e-6, "track_gram: y error %g, gram error %g", worst_y, worst_g);
+
+    // Joint Gram of [y; g]: the top-right block is y g^T.
+    std::vector<float> J(4 * K * K);
+    mk::StackView<float> yr{const_cast<const float* const*>(yp.data()), cols, cols, nb, K};
+    mk::joint_gram_cpu(gv, yr, J.data());
+    double worst_j = 0.0;
+    for (int64_t r = 0; r < K; ++r)
+      for (int64_t s = 0; s < K; ++s) {
+        double exact = 0.0;
+        for (int64_t j = 0; j < nb; ++j)
+          for (int64_t c = 0; c < cols[j]; ++c) exact += double(y[j][r * cols[j] + c]) * g[j][s * cols[j] + c];
+        worst_j = std::max(worst_j, std::fabs(exact - J[r * 2 * K + K + s]) / double(cols[0] + cols[1]));  // entries ~ N(0, 1)
+        CHECK(J[r * 2 * K + K + s] == J[(K + s) * 2 * K + r], "joint gram is exactly symmetric");
+      }
+    CHECK(worst_j < 1e-6, "joint_gram error %g", worst_j);
+
+    // Pass 2: y <- y + beta (scale g - y); out += alpha y^T w.
+    const std::vector<std::vector<float>> y1 = y;
+    std::vector<float> scale(K), w(K);
+    for (auto& x : scale) x = 1.0f + std::fabs(normal(rng));
+    for (auto& x : w) x = normal(rng);
+    const float alpha = -0.1f;
+    mk::track_combine_cpu<float, float>(gv, yv, scale.data(), beta, w.data(), op.data(), alpha, true);
+    double worst_o = 0.0;
+    for (int64_t j = 0; j < nb; ++j)
+      for (int64_t c = 0; c < cols[j]; ++c) {
+        double d = 0.0;
+        for (int64_t k = 0; k < K; ++k) {
+          const double yk = y1[j][k * cols[j] + c] + beta * (double(scale[k]) * g[j][k * cols[j] + c] - y1[j][k * cols[j] + c]);
+          d += w[k] * yk;
+          worst_o = std::max(worst_o, std::fabs(yk - y[j][k * cols[j] + c]));
+        }
+        worst_o = std::max(worst_o, std::fabs(out0[j][c] + alpha * d - out[j][c]));
+      }
+    CHECK(worst_o < 1e-5, "track_combine error %g", worst_o);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -210,6 +290,7 @@ int main() {
   test_min_norm();
   test_conversions();
   test_cpu_gram_and_combine();
+  test_tracking_passes();
   if (failures) {
     std::printf("core_tests: %d failed checks\n", failures);
     return 1;

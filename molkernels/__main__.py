@@ -1,0 +1,42 @@
+"""The command line: `python -m molkernels <command>` (or the `molkernels` console script).
+
+    python -m molkernels demo [--out DIR]
+    python -m molkernels bench {gram,combine,min_norm,mgda,all} [--device cuda] [--dtype bfloat16] ...
+
+A command is a module with two functions, `add_arguments(parser)` and `run(args) -> int` (the exit
+status). Adding one is one line in COMMANDS; keep the module's heavy imports inside `run`, since
+every command module is imported to build the parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "demo": ("molkernels.demo", "check every backend against the reference, time it against torch, plot Gram throughput"),
+    "bench": ("molkernels.bench", "benchmark an op against torch baselines (table, CSV, optional markdown)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m molkernels", description="molkernels: fused kernels for multi-objective learning")
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

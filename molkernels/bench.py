@@ -1,0 +1,734 @@
+"""Benchmarks: `python -m molkernels bench <op>` with op in gram, combine, min_norm, mgda, all.
+
+Every number is a median over timed repeats after untimed warm-up calls (`measure`, the one timing
+helper), measured in the same run as the baselines it is compared with, interleaved with them:
+
+- gram: the read-pass floor (the fastest of a few torch reductions that read each element once:
+  x.sum(), x.amax(), dot(x, x); the fastest one measured is the floor and is named in the table),
+  torch.mm on a pre-stacked [K, d] tensor (x @ x.T), and torch.cat + mm on a list of blocks; then
+  molkernels.gram on the tensor and on the list, for each backend of the device (reference only at
+  small sizes). On CUDA also a device-to-device copy, the bandwidth the Gram should reach.
+- combine: torch's w @ x, and the floor x.sum(0), which moves the same bytes as the combine (the
+  faster of allocating its output and writing into a preallocated one).
+- min_norm: time per call for K in 2..64 (batch 1) per kernel backend (not reference: its solver is
+  a slow oracle), and torchjd's MGDA weighting (Frank-Wolfe) on the same matrices; on CUDA, whether
+  the op synchronises with the host (torch.cuda.set_sync_debug_mode("error")).
+- mgda: gram -> min_norm -> combine against torchjd.aggregation.MGDA() on the [K, d] matrix and a
+  plain torch implementation (x @ x.T, Frank-Wolfe with host synchronisations, w @ x).
+
+Errors ("rel err") are max |result − exact| / max |exact| against a float64 computation.
+
+GB/s is effective bandwidth: the bytes the operation has to move divided by its time. Targets are
+printed with PASS/MISS; a miss is reported, not an error exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import functools
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import molkernels
+
+OPS = ("gram", "combine", "min_norm", "mgda")
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+# Defaults that reproduce the targets on a 2-core CPU (and are sensible on a GPU).
+DEFAULT_K = {"gram": [8], "combine": [8], "min_norm": [2, 4, 8, 16, 32, 64], "mgda": [8]}
+DEFAULT_D = {"gram": [12_500_000], "combine": [12_500_000], "min_norm": [0], "mgda": [5_000_000]}
+DEFAULT_BLOCKS = 100
+REFERENCE_MAX_ELEMENTS = 1 << 22  # the float64 reference backend is benchmarked only up to K·d = 4M
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing: the one helper every measurement goes through.
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fns: Dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 10, warmup: int = 2,
+            inner: int | str = 1, min_repeat_s: float = 2e-3, may_fail: Sequence[str] = ()
+            ) -> Dict[str, Optional[Dict[str, float]]]:
+    """Seconds per call of each fn: median and min over `repeats` timed repeats of `inner` calls,
+    after `warmup` untimed calls. The functions take turns within each round of repeats, so that
+    drift of a shared machine (other tenants, clocks) hits them alike and their ratios stay fair.
+    inner="auto" picks, per function, enough calls that a repeat lasts `min_repeat_s` (for calls of
+    microseconds). CUDA: CUDA events around each repeat, synchronised after it (the calls within a
+    repeat run back to back, unsynchronised); CPU: time.perf_counter. A function named in
+    `may_fail` that raises RuntimeError in warm-up (e.g. no kernel for that dtype) maps to None."""
+    calls: Dict[str, int] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            one = float("inf")
+            for _ in range(3 if inner == "auto" else 0):  # the fastest of 3 calls sizes a repeat
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                one = min(one, max(time.perf_counter() - start, 1e-7))
+            synchronize(device)
+        except RuntimeError:
+            if name not in may_fail:
+                raise
+            continue
+        calls[name] = max(1, min(10_000, math.ceil(min_repeat_s / one))) if inner == "auto" else int(inner)
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, n in calls.items():
+            fn = fns[name]
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                for _ in range(n):
+                    fn()
+                end.record()
+                end.synchronize()
+                times[name].append(begin.elapsed_time(end) / 1e3 / n)
+            else:
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                times[name].append((time.perf_counter() - start) / n)
+    return {name: {"median": statistics.median(times[name]), "min": min(times[name]), "repeats": repeats,
+                   "inner": calls[name]} if name in calls else None for name in fns}
+
+
+def timeit(fn: Callable[[], object], device: torch.device, **kwargs) -> Dict[str, float]:
+    """measure() of one function."""
+    timing = measure({"fn": fn}, device, **kwargs)["fn"]
+    if timing is None:
+        fn()  # re-raise the error
+    return timing
+
+
+def sync_free(fn: Callable[[], object], device: torch.device) -> Optional[bool]:
+    """On CUDA: True when fn() runs without a host synchronisation (checked with
+    torch.cuda.set_sync_debug_mode("error")), False when it synchronises; None on other devices."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+        synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results.
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    impl: str  # what ran: a baseline or molkernels.<op> [backend]
+    device: str
+    dtype: str
+    K: int
+    d: int
+    blocks: int  # 0 for a [K, d] tensor, else the number of blocks of the list stack
+    median_s: float
+    min_s: float
+    repeats: int
+    bytes: int  # bytes the operation must move (0 where bandwidth means nothing)
+    flops: int
+    vs_floor: Optional[float] = None  # median / the floor's median (1.0 = at the floor)
+    speedup: Optional[float] = None  # the baseline's median / this median
+    speedup_vs: str = ""
+    note: str = ""
+
+    @property
+    def gbps(self) -> Optional[float]:
+        return self.bytes / self.median_s / 1e9 if self.bytes else None
+
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    value: float
+    threshold: float
+    higher_is_better: bool
+    unit: str = "×"
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
+
+    def describe(self) -> str:
+        sign = "≥" if self.higher_is_better else "≤"
+        return f"{self.name}: {_fmt_value(self.value, self.unit)} (target {sign} {_fmt_value(self.threshold, self.unit)})"
+
+
+def _fmt_value(value: float, unit: str) -> str:
+    if unit == "µs":
+        return f"{value:.1f} µs"
+    if unit == "%":
+        return f"{100 * value:.0f}%"
+    return f"{value:.2f}×"
+
+
+@dataclasses.dataclass
+class Result:
+    rows: List[Row] = dataclasses.field(default_factory=list)
+    targets: List[Target] = dataclasses.field(default_factory=list)
+
+    def extend(self, other: "Result") -> None:
+        self.rows += other.rows
+        self.targets += other.targets
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _row(op, *, impl, K, device, dtype, d, blocks, timing, nbytes, flops, **extra) -> Row:
+    return Row(op=op, impl=impl, device=str(device), dtype=_dtype_name(dtype), K=K, d=d,
+               blocks=blocks, median_s=timing["median"], min_s=timing["min"], repeats=timing["repeats"],
+               bytes=int(nbytes), flops=int(flops), **extra)
+
+
+def kernel_backends(device: torch.device) -> List[str]:
+    """The molkernels backends benchmarked on tensors of `device` (reference is added separately,
+    at small sizes only). Triton runs on CPU tensors only in its interpreter: not benchmarked."""
+    available = molkernels.backends()
+    if device.type == "cuda":
+        return [b for b in ("cuda", "triton") if b in available]
+    return [b for b in ("cpu",) if b in available]
+
+
+def backends_for(device: torch.device, elements: int) -> List[str]:
+    names = kernel_backends(device)
+    if elements <= REFERENCE_MAX_ELEMENTS:
+        names.append("reference")
+    return names
+
+
+def split_blocks(K: int, d: int, n: int, dtype, device) -> List[torch.Tensor]:
+    """n separately allocated blocks [K, d_j] with Σ d_j = d (like per-parameter gradients)."""
+    n = max(1, min(n, d))
+    sizes = [d // n + (1 if j < d % n else 0) for j in range(n)]
+    return [torch.randn(K, s, dtype=dtype, device=device) for s in sizes]
+
+
+def exact_gram(blocks: Sequence[torch.Tensor], chunk: int = 1 << 20) -> torch.Tensor:
+    """Σ B Bᵀ in float64, chunk by chunk along d (bounded extra memory): what errors are measured against."""
+    G = None
+    for b in blocks:
+        b2 = b.reshape(b.shape[0], -1)
+        for s in range(0, b2.shape[1], chunk):
+            c = b2[:, s:s + chunk].double()
+            G = c @ c.T if G is None else G + c @ c.T
+    return G
+
+
+def rel_err(value: torch.Tensor, exact: torch.Tensor) -> float:
+    """max |value − exact| / max |exact|."""
+    return float((value.double() - exact).abs().max() / exact.abs().max().clamp(min=1e-300))
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmarks. Each takes sizes and returns a Result (rows and targets); the functions compared
+# in a benchmark are timed together by measure(), interleaved.
+
+
+def bench_gram(K: int, d: int, *, device, dtype, repeats: int = 10, blocks: int = DEFAULT_BLOCKS,
+               with_list: bool = True, targets: bool = True) -> Result:
+    # Bytes: gram reads K·d elements once (K·d·itemsize bytes) and writes K² floats; it does
+    # K(K+1)·d flops (the upper triangle: K(K+1)/2 dot products of length d, a multiply-add each).
+    # torch.mm computes the full K×K (2K²·d flops) but must read the same bytes, so it is reported
+    # with the same effective bandwidth. The read-pass floor reads K·d elements and does K·d flops.
+    out, item = Result(), torch.tensor([], dtype=dtype).element_size()
+    nbytes, flops, mm_flops = K * d * item, K * (K + 1) * d, 2 * K * K * d
+    x = torch.randn(K, d, dtype=dtype, device=device)
+    flat = x.view(-1)
+    fns: Dict[str, Callable[[], object]] = {
+        "read pass: x.sum()": lambda: x.sum(),
+        "read pass: x.amax()": lambda: x.amax(),
+        "read pass: dot(x, x)": lambda: torch.dot(flat, flat),
+    }
+    floor_names = list(fns)
+    if device.type == "cuda":
+        y = torch.empty_like(x)
+        fns["copy d2d: y.copy_(x)"] = lambda: y.copy_(x)
+    fns["torch.mm: x @ x.T"] = lambda: x @ x.T
+    tensor_backends = backends_for(device, K * d)
+    for backend in tensor_backends:
+        fns[f"gram [{backend}] tensor"] = functools.partial(molkernels.gram, x, backend=backend)
+    parts: List[torch.Tensor] = []
+    if with_list:
+        # The same bytes as n separately allocated blocks. torch has to concatenate them first
+        # (reading and writing K·d more), molkernels reads the blocks where they are.
+        parts = split_blocks(K, d, blocks, dtype, device)
+
+        def cat_mm():
+            s = torch.cat(parts, dim=1)
+            return s @ s.T
+
+        fns["torch.cat + mm"] = cat_mm
+        for backend in tensor_backends:
+            fns[f"gram [{backend}] list"] = functools.partial(molkernels.gram, parts, backend=backend)
+
+    timings = measure(fns, device, repeats=repeats, may_fail=floor_names)
+    floor_name = min((n for n in floor_names if timings[n]), key=lambda n: timings[n]["median"])
+    floor_s = timings[floor_name]["median"]
+    size = f"K={K} d={_fmt_d(d)} {_dtype_name(dtype)}"
+    row = functools.partial(_row, "gram", K=K, device=device, dtype=dtype, d=d)
+    exact = exact_gram([x])
+
+    for name in floor_names:
+        if timings[name] is None:
+            continue
+        r = row(impl=name, blocks=0, timing=timings[name], nbytes=nbytes, flops=K * d)
+        r.vs_floor = r.median_s / floor_s
+        r.note = "floor (fastest read pass)" if name == floor_name else ""
+        out.rows.append(r)
+    copy_row = None
+    if device.type == "cuda":
+        # A device-to-device copy reads and writes K·d elements: 2·K·d·itemsize bytes.
+        copy_row = row(impl="copy d2d: y.copy_(x)", blocks=0, timing=timings["copy d2d: y.copy_(x)"],
+                       nbytes=2 * nbytes, flops=0, note="reads + writes K·d")
+        out.rows.append(copy_row)
+    mm = row(impl="torch.mm: x @ x.T", blocks=0, timing=timings["torch.mm: x @ x.T"], nbytes=nbytes, flops=mm_flops,
+             note=f"rel err {rel_err(x @ x.T, exact):.1e}")
+    mm.vs_floor = mm.median_s / floor_s
+    out.rows.append(mm)
+    for backend in tensor_backends:
+        fn = fns[f"gram [{backend}] tensor"]
+        r = row(impl=f"molkernels.gram [{backend}]", blocks=0, timing=timings[f"gram [{backend}] tensor"],
+                nbytes=nbytes, flops=flops, speedup_vs="torch.mm", note=f"rel err {rel_err(fn(), exact):.1e}")
+        r.vs_floor, r.speedup = r.median_s / floor_s, mm.median_s / r.median_s
+        if sync_free(fn, device) is False:
+            r.note += "; SYNCHRONISES"
+        out.rows.append(r)
+        if targets and backend != "reference":
+            if device.type == "cuda":
+                out.targets.append(Target(f"gram [{backend}] {size}: GB/s / copy GB/s", r.gbps / copy_row.gbps, 0.9, True, "%"))
+            else:
+                out.targets.append(Target(f"gram [{backend}] {size}: time / read floor", r.vs_floor, 1.25, False))
+                out.targets.append(Target(f"gram [{backend}] {size}: speedup vs torch.mm", r.speedup, 3.0, True))
+    if with_list:
+        exact_list = exact_gram(parts)
+        n = len(parts)
+        cat = row(impl="torch.cat + mm", blocks=n, timing=timings["torch.cat + mm"], nbytes=nbytes, flops=mm_flops,
+                  note=f"rel err {rel_err(cat_mm(), exact_list):.1e}; cat moves 2·K·d more")
+        cat.vs_floor = cat.median_s / floor_s
+        out.rows.append(cat)
+        for backend in tensor_backends:
+            fn = fns[f"gram [{backend}] list"]
+            r = row(impl=f"molkernels.gram [{backend}]", blocks=n, timing=timings[f"gram [{backend}] list"],
+                    nbytes=nbytes, flops=flops, speedup_vs="torch.cat + mm", note=f"rel err {rel_err(fn(), exact_list):.1e}")
+            r.vs_floor, r.speedup = r.median_s / floor_s, cat.median_s / r.median_s
+            out.rows.append(r)
+            if targets and backend != "reference" and device.type != "cuda":
+                out.targets.append(Target(f"gram [{backend}] {size}, {n} blocks: speedup vs cat + mm", r.speedup, 10.0, True))
+    return out
+
+
+def bench_combine(K: int, d: int, *, device, dtype, repeats: int = 10, targets: bool = True) -> Result:
+    # Bytes: combine reads K·d elements and writes d: (K+1)·d·itemsize; 2·K·d flops.
+    # Floor: x.sum(0) moves the same bytes; the fastest of it allocating its output (as combine
+    # does) and writing into a preallocated one.
+    out, item = Result(), torch.tensor([], dtype=dtype).element_size()
+    nbytes, flops = (K + 1) * d * item, 2 * K * d
+    x = torch.randn(K, d, dtype=dtype, device=device)
+    w = torch.softmax(torch.randn(K, device=device), 0)
+    w_x = w.to(dtype)
+    y = torch.empty(d, dtype=dtype, device=device)
+    fns: Dict[str, Callable[[], object]] = {
+        "floor: x.sum(0)": lambda: x.sum(0),
+        "floor: x.sum(0, out=y)": lambda: torch.sum(x, 0, out=y),
+        "torch: w @ x": lambda: w_x @ x,
+    }
+    floor_names = list(fns)[:2]
+    backends = backends_for(device, K * d)
+    for backend in backends:
+        fns[backend] = functools.partial(molkernels.combine, x, w, backend=backend)
+    timings = measure(fns, device, repeats=repeats, may_fail=floor_names)
+    floor_name = min((n for n in floor_names if timings[n]), key=lambda n: timings[n]["median"])
+    floor_s = timings[floor_name]["median"]
+    exact = torch.cat([w.double() @ x[:, s:s + (1 << 20)].double() for s in range(0, d, 1 << 20)])
+    row = functools.partial(_row, "combine", K=K, device=device, dtype=dtype, d=d, blocks=0, nbytes=nbytes)
+    for name in floor_names:
+        if timings[name] is not None:
+            out.rows.append(row(impl=name, timing=timings[name], flops=K * d, vs_floor=timings[name]["median"] / floor_s,
+                                note="floor (fastest)" if name == floor_name else ""))
+    base = row(impl="torch: w @ x", timing=timings["torch: w @ x"], flops=flops, note=f"rel err {rel_err(w_x @ x, exact):.1e}")
+    base.vs_floor = base.median_s / floor_s
+    out.rows.append(base)
+    for backend in backends:
+        fn = fns[backend]
+        r = row(impl=f"molkernels.combine [{backend}]", timing=timings[backend], flops=flops, speedup_vs="torch: w @ x",
+                note=f"rel err {rel_err(fn(), exact):.1e}")
+        r.vs_floor, r.speedup = r.median_s / floor_s, base.median_s / r.median_s
+        if sync_free(fn, device) is False:
+            r.note += "; SYNCHRONISES"
+        out.rows.append(r)
+    return out
+
+
+def _random_gram(K: int, device, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed + K)
+    a = torch.randn(K, 2 * K, generator=generator, dtype=torch.float64)
+    return (a @ a.T).to(device=device, dtype=dtype)
+
+
+def bench_min_norm(Ks: Sequence[int], *, device, dtype, repeats: int = 20, targets: bool = True) -> Result:
+    # A [K, K] solve: no bandwidth to speak of; the time per call is the number (on CUDA: calls
+    # issued back to back, so launch overhead included, synchronisation excluded).
+    out = Result()
+    gram_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    try:
+        from torchjd.aggregation import MGDAWeighting
+    except ImportError:
+        MGDAWeighting = None
+    backends = kernel_backends(device)
+    for K in Ks:
+        G = _random_gram(K, device, gram_dtype)
+        fns: Dict[str, Callable[[], object]] = {}
+        if MGDAWeighting is not None:
+            fns["torchjd"] = functools.partial(MGDAWeighting(), G)
+        for backend in backends:
+            fns[backend] = functools.partial(molkernels.min_norm, G, backend=backend)
+        timings = measure(fns, device, repeats=repeats, inner="auto")
+        row = functools.partial(_row, "min_norm", K=K, device=device, dtype=gram_dtype, d=0, blocks=0, nbytes=0, flops=0)
+        base = None
+        if MGDAWeighting is not None:
+            base = row(impl="torchjd MGDAWeighting (Frank-Wolfe)", timing=timings["torchjd"],
+                       note="approximate (eps 1e-3, ≤ 100 iterations)")
+            out.rows.append(base)
+        for backend in backends:
+            r = row(impl=f"molkernels.min_norm [{backend}]", timing=timings[backend])
+            if base is not None:
+                r.speedup, r.speedup_vs = base.median_s / r.median_s, "torchjd"
+            free = sync_free(fns[backend], device)
+            if free is not None:
+                r.note = "no host sync" if free else "SYNCHRONISES"
+            out.rows.append(r)
+            if targets and device.type == "cuda" and K <= 32:
+                out.targets.append(Target(f"min_norm [{backend}] K={K}: time per call", r.median_s * 1e6, 20.0, False, "µs"))
+    return out
+
+
+def frank_wolfe_min_norm(G: torch.Tensor, max_iters: int = 100, eps: float = 1e-3) -> torch.Tensor:
+    """The min-norm weights as plain-torch MGDA implementations compute them (Sener & Koltun's
+    Frank-Wolfe, as in LibMTL): a Python loop with host synchronisations."""
+    K = G.shape[0]
+    lam = torch.full((K,), 1.0 / K, dtype=G.dtype, device=G.device)
+    for _ in range(max_iters):
+        Gl = G @ lam
+        t = int(torch.argmin(Gl))
+        a, b, c = float(Gl[t]), float(lam @ Gl), float(G[t, t])
+        gamma = 1.0 if c <= a else 0.0 if b <= a else (b - a) / (b + c - 2 * a)
+        lam = (1 - gamma) * lam
+        lam[t] += gamma
+        if gamma < eps:
+            break
+    return lam
+
+
+def bench_mgda(K: int, d: int, *, device, dtype, repeats: int = 10, targets: bool = True) -> Result:
+    # Bytes: two passes over the stack (gram, combine) plus the write of d: (2K+1)·d·itemsize.
+    # Flops: K(K+1)·d (gram) + 2·K·d (combine); the K×K solve is negligible.
+    out, item = Result(), torch.tensor([], dtype=dtype).element_size()
+    nbytes, flops = (2 * K + 1) * d * item, K * (K + 1) * d + 2 * K * d
+    x = torch.randn(K, d, dtype=dtype, device=device)
+
+    def plain_torch():
+        G = (x @ x.T).float()
+        return frank_wolfe_min_norm(G).to(x.dtype) @ x
+
+    def path(backend):
+        lam = molkernels.min_norm(molkernels.gram(x, backend=backend), backend=backend)
+        return molkernels.combine(x, lam, backend=backend)
+
+    fns: Dict[str, Callable[[], object]] = {"torch": plain_torch}
+    try:
+        from torchjd.aggregation import MGDA
+
+        fns["torchjd"] = functools.partial(MGDA(), x)
+    except ImportError:
+        pass
+    backends = kernel_backends(device)  # not reference: its min_norm is a slow oracle (FISTA)
+    for backend in backends:
+        fns[backend] = functools.partial(path, backend)
+    timings = measure(fns, device, repeats=repeats)
+    row = functools.partial(_row, "mgda", K=K, device=device, dtype=dtype, d=d, blocks=0, nbytes=nbytes, flops=flops)
+    # |d|: the norm of the direction; the exact min-norm solution has the smallest.
+    norm = lambda name: f"|d| = {float(fns[name]().double().norm()):.6g}"  # noqa: E731
+    base = row(impl="torch: x @ x.T, Frank-Wolfe, w @ x", timing=timings["torch"], note=norm("torch"))
+    out.rows.append(base)
+    jd = None
+    if "torchjd" in fns:
+        jd = row(impl="torchjd.aggregation.MGDA()", timing=timings["torchjd"], note=norm("torchjd"))
+        out.rows.append(jd)
+    for backend in backends:
+        r = row(impl=f"molkernels gram→min_norm→combine [{backend}]", timing=timings[backend], note=norm(backend))
+        reference = jd if jd is not None else base
+        r.speedup, r.speedup_vs = reference.median_s / r.median_s, "torchjd" if jd is not None else "torch"
+        if sync_free(fns[backend], device) is False:
+            r.note += "; SYNCHRONISES"
+        out.rows.append(r)
+        if targets and jd is not None and backend != "reference":
+            out.targets.append(Target(f"MGDA [{backend}] K={K} d={_fmt_d(d)} {_dtype_name(dtype)}: speedup vs torchjd",
+                                      r.speedup, 3.0, True))
+    return out
+
+
+def run_op(op: str, *, Ks, ds, device, dtype, repeats, blocks) -> Result:
+    result = Result()
+    if op == "min_norm":
+        result.extend(bench_min_norm(Ks, device=device, dtype=dtype, repeats=max(repeats, 10)))
+        return result
+    for K in Ks:
+        for d in ds:
+            if op == "gram":
+                result.extend(bench_gram(K, d, device=device, dtype=dtype, repeats=repeats, blocks=blocks))
+            elif op == "combine":
+                result.extend(bench_combine(K, d, device=device, dtype=dtype, repeats=repeats))
+            elif op == "mgda":
+                result.extend(bench_mgda(K, d, device=device, dtype=dtype, repeats=repeats))
+            else:
+                raise ValueError(f"op: unknown {op!r}; expected one of {', '.join(OPS)} or all")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: a text table, CSV, markdown.
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e6:.2f} µs"
+
+
+def _cells(row: Row) -> List[str]:
+    return [
+        row.op,
+        row.impl,
+        row.dtype,
+        str(row.K),
+        _fmt_d(row.d) if row.d else "",
+        str(row.blocks) if row.blocks else "tensor" if row.d else "",
+        fmt_time(row.median_s),
+        f"{row.gbps:.1f}" if row.gbps is not None else "",
+        f"{row.vs_floor:.2f}×" if row.vs_floor is not None else "",
+        f"{row.speedup:.2f}× vs {row.speedup_vs}" if row.speedup is not None else "",
+        row.note,
+    ]
+
+
+HEADER = ["op", "impl", "dtype", "K", "d", "stack", "median", "GB/s", "time/floor", "speedup", "note"]
+
+
+def _fmt_d(d: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if d >= scale and d % (scale / 100) == 0:
+            return f"{d / scale:g}{unit}"
+    return str(d)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    table = [HEADER] + [_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_targets(targets: Sequence[Target]) -> str:
+    return "\n".join(f"  [{'PASS' if t.passed else 'MISS'}] {t.describe()}" for t in targets)
+
+
+def write_csv(rows: Sequence[Row], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fields = [f.name for f in dataclasses.fields(Row)] + ["gbps"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            record = dataclasses.asdict(r)
+            record["gbps"] = r.gbps
+            writer.writerow(record)
+
+
+def machine_description(device: torch.device) -> Dict[str, str]:
+    """What produced the numbers: processor or GPU, torch, threads, molkernels and its git commit."""
+    info: Dict[str, str] = {}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})"
+        info["cuda"] = str(torch.version.cuda)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info["cpu"] = f"{cpu}, {os.cpu_count()} logical cores"
+    info["torch"] = f"{torch.__version__}, {torch.get_num_threads()} threads"
+    info["molkernels"] = f"{molkernels.__version__}, backends {', '.join(molkernels.backends())}"
+    commit = git_commit()
+    if commit:
+        info["git commit"] = commit
+    info["python"] = platform.python_version()
+    try:  # other work on the machine skews CPU numbers: say how busy it was
+        info["load average"] = " ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1, 5, 15 min, at start)"
+    except OSError:
+        pass
+    return info
+
+
+def git_commit() -> Optional[str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(molkernels.__file__)))
+    try:
+        result = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=12"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() or None
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe name of the machine, e.g. `h100-80gb-hbm3` or `cpu-amd-epyc`."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower().replace("nvidia", "")
+    else:
+        name = "cpu-" + machine_description(device)["cpu"].split(",")[0].lower()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def write_markdown(result: Result, path: str, *, title: str, device: torch.device) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## {title} ({now})", ""]
+    lines += [f"- {key}: {value}" for key, value in machine_description(device).items()]
+    lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in result.rows]
+    if result.targets:
+        lines += ["", "| target | measured | threshold | result |", "|---|---|---|---|"]
+        for t in result.targets:
+            sign = "≥" if t.higher_is_better else "≤"
+            lines.append(f"| {t.name} | {_fmt_value(t.value, t.unit)} | {sign} {_fmt_value(t.threshold, t.unit)} | "
+                         f"{'PASS' if t.passed else 'MISS'} |")
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI.
+
+
+def parse_size(text: str) -> int:
+    """12.5M, 5e6, 4096, 2^20, 64k -> an int."""
+    text = text.strip()
+    match = re.fullmatch(r"2\^(\d+)", text)
+    if match:
+        return 1 << int(match.group(1))
+    scale = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:], None)
+    value = float(text[:-1]) * scale if scale else float(text)
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a positive integer size, got {text!r}")
+    return int(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("op", choices=OPS + ("all",), help="which benchmark; all runs every one at default sizes")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--K", type=int, nargs="+", default=None,
+                        help="number(s) of objectives (default: 8; min_norm: 2 4 8 16 32 64)")
+    parser.add_argument("--d", type=parse_size, nargs="+", default=None,
+                        help="gradient dimension(s), e.g. 12.5M (default: 12.5M for gram and combine, 5M for mgda)")
+    parser.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS, help="blocks of the list stack (gram)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--csv", default=None, help="CSV path (default: bench-out/<op>-<device>-<dtype>.csv)")
+    parser.add_argument("--markdown", default=None,
+                        help="append a markdown table with the machine description to this file; "
+                             "'auto': benchmarks/results/<gpu or cpu>-<date>.md under the current folder")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The bench command that reproduces `args`, for the markdown title."""
+    parts = ["python -m molkernels bench", args.op, "--device", args.device, "--dtype", args.dtype]
+    if args.K:
+        parts += ["--K"] + [str(k) for k in args.K]
+    if args.d:
+        parts += ["--d"] + [str(d) for d in args.d]
+    parts += ["--repeats", str(args.repeats)]
+    if args.op in ("gram", "all") and args.blocks != DEFAULT_BLOCKS:
+        parts += ["--blocks", str(args.blocks)]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda, but no CUDA device is visible", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    ops = OPS if args.op == "all" else (args.op,)
+    info = machine_description(device)
+    print("molkernels bench " + args.op + ": " + "; ".join(f"{k} {v}" for k, v in info.items()))
+    total = Result()
+    started = time.perf_counter()
+    for op in ops:
+        op_started = time.perf_counter()
+        result = run_op(op, Ks=args.K or DEFAULT_K[op], ds=args.d or DEFAULT_D[op], device=device, dtype=dtype,
+                        repeats=args.repeats, blocks=args.blocks)
+        print()
+        print(format_table(result.rows))
+        if result.targets:
+            print("targets:")
+            print(format_targets(result.targets))
+        print(f"({op}: {time.perf_counter() - op_started:.1f} s)")
+        total.extend(result)
+    csv_path = args.csv or os.path.join("bench-out", f"{args.op}-{args.device}-{args.dtype}.csv")
+    write_csv(total.rows, csv_path)
+    print(f"\nwrote {csv_path}")
+    if args.markdown:
+        if args.markdown == "auto":
+            args.markdown = os.path.join("benchmarks", "results", f"{device_slug(device)}-{datetime.date.today()}.md")
+        write_markdown(total, args.markdown, title=f"`{command_line(args)}`", device=device)
+        print(f"appended {args.markdown}")
+    missed = [t for t in total.targets if not t.passed]
+    print(f"total {time.perf_counter() - started:.1f} s; targets: {len(total.targets) - len(missed)} pass, {len(missed)} miss")
+    return 0
