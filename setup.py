@@ -50,8 +50,7 @@ def nvidia_pip_include_dirs():
     """Headers (cuBLAS, cuSPARSE, ...) that torch includes, from torch's nvidia pip packages, for
     toolkits that lack them."""
     site = sysconfig.get_paths()["purelib"]
-    return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include"))) + sorted(
-        glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
 
 
 toolkit = None if env_flag("MOLKERNELS_SKIP_CUDA") else cuda_toolkit_root()
@@ -75,8 +74,8 @@ if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 march = os.environ.get("MOLKERNELS_MARCH", "native")
 cxx_flags = ["-O3", "-fopenmp", "-DMOLKERNELS_VERSION=\"%s\"" % VERSION] + (
     ["-march=" + march] if march else [])
-sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/core/cpu_kernels.cpp",
-           "csrc/core/mol_kernels.cpp"]
+sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/mol_ops.cpp", "csrc/core/cpu_kernels.cpp",
+           "csrc/core/mol_cpu_kernels.cpp"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 extra_link_args = ["-fopenmp"]
 
@@ -86,7 +85,8 @@ if with_cuda:
     include_dirs += nvidia_pip_include_dirs()
     extension = CUDAExtension(
         "molkernels._C",
-        sources + ["csrc/ops_cuda.cpp", "csrc/core/cuda_kernels.cu"],
+        sources + ["csrc/ops_cuda.cpp", "csrc/mol_ops_cuda.cpp", "csrc/core/cuda_kernels.cu",
+                   "csrc/core/mol_cuda_kernels.cu"],
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
         extra_link_args=extra_link_args,

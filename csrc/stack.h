@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/cpu_kernels.h"
+#include "core/mol_kernels.h"
 
 namespace molkernels {
 
@@ -33,7 +34,9 @@ struct Stack {
   std::vector<int64_t> cols, row_stride;
   int64_t K = 0;
 
-  Stack(const std::vector<at::Tensor>& input, const char* name) {
+  // A `writable` stack is updated in place by the kernel, so its blocks must already have
+  // contiguous rows: a contiguous copy would silently drop the update.
+  Stack(const std::vector<at::Tensor>& input, const char* name, bool writable = false) {
     TORCH_CHECK_VALUE(!input.empty(), name, ": expected at least one block, got an empty list");
     K = input[0].dim() > 0 ? input[0].size(0) : 0;
     TORCH_CHECK_VALUE(K > 0, name, ": blocks must have a leading objective dimension K >= 1");
@@ -45,11 +48,20 @@ struct Stack {
                         " differs from block 0's ", input[0].scalar_type());
       TORCH_CHECK_VALUE(t.device() == input[0].device(), name, "[", j, "]: on ", t.device(), ", block 0 on ",
                         input[0].device());
+      TORCH_CHECK_VALUE(!writable || trailing_contiguous(t), name, "[", j,
+                        "]: is updated in place and needs contiguous trailing dimensions, got strides ", t.strides());
       at::Tensor rows = trailing_contiguous(t) ? t : t.contiguous();
       blocks.push_back(rows);
       cols.push_back(K > 0 ? rows.numel() / K : 0);
       row_stride.push_back(rows.stride(0));
     }
+  }
+
+  template <class T>
+  mk::MutableStackView<T> mutable_view(std::vector<T*>& pointers) const {
+    pointers.clear();
+    for (const at::Tensor& t : blocks) pointers.push_back(reinterpret_cast<T*>(t.data_ptr()));
+    return {pointers.data(), cols.data(), row_stride.data(), int64_t(blocks.size()), K};
   }
 
   template <class T>
@@ -89,6 +101,49 @@ inline std::vector<at::Tensor> combine_outputs(const Stack& g) {
   std::vector<at::Tensor> out;
   for (const at::Tensor& t : g.blocks) out.push_back(at::empty(t.sizes().slice(1), t.options()));
   return out;
+}
+
+// y (the tracking state) pairs with g block by block, in g's accumulation dtype.
+inline void check_state(const Stack& y, const Stack& g) {
+  TORCH_CHECK_VALUE(y.blocks.size() == g.blocks.size(), "state: has ", y.blocks.size(), " blocks, grads have ",
+                    g.blocks.size());
+  const at::ScalarType expected = accum_dtype(g.blocks[0].scalar_type());
+  for (size_t j = 0; j < y.blocks.size(); ++j) {
+    TORCH_CHECK_VALUE(y.blocks[j].sizes() == g.blocks[j].sizes(), "state[", j, "]: shape ", y.blocks[j].sizes(),
+                      " differs from grads[", j, "]'s ", g.blocks[j].sizes());
+    TORCH_CHECK_TYPE(y.blocks[j].scalar_type() == expected, "state[", j, "]: dtype ", y.blocks[j].scalar_type(),
+                     ", expected ", expected, " for ", g.blocks[0].scalar_type(), " gradients");
+    TORCH_CHECK_VALUE(y.blocks[j].device() == g.blocks[j].device(), "state[", j, "]: device differs from grads'");
+  }
+}
+
+// The blocks a combination is written into (parameters or their .grad): one per block of g,
+// shaped like it without K, contiguous, one dtype, g's device. Returns their dtype.
+inline at::ScalarType check_outputs(const std::vector<at::Tensor>& out, const Stack& g) {
+  TORCH_CHECK_VALUE(out.size() == g.blocks.size(), "out: has ", out.size(), " tensors, g has ", g.blocks.size(),
+                    " blocks");
+  for (size_t j = 0; j < out.size(); ++j) {
+    TORCH_CHECK_VALUE(out[j].sizes() == g.blocks[j].sizes().slice(1), "out[", j, "]: shape ", out[j].sizes(),
+                      ", expected ", g.blocks[j].sizes().slice(1));
+    TORCH_CHECK_VALUE(out[j].is_contiguous(), "out[", j, "]: must be contiguous");
+    TORCH_CHECK_TYPE(out[j].scalar_type() == out[0].scalar_type(), "out[", j, "]: dtype differs from out[0]'s");
+    TORCH_CHECK_VALUE(out[j].device() == g.blocks[j].device(), "out[", j, "]: device differs from g's");
+  }
+  return out[0].scalar_type();
+}
+
+template <class U>
+std::vector<U*> output_pointers(const std::vector<at::Tensor>& out) {
+  std::vector<U*> pointers;
+  for (const at::Tensor& o : out) pointers.push_back(reinterpret_cast<U*>(o.data_ptr()));
+  return pointers;
+}
+
+// [K] weights or scales as a contiguous tensor of the accumulation dtype (no copy when they are).
+inline at::Tensor accum_vector(const at::Tensor& v, const Stack& g, const char* name) {
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == g.K, name, ": expected shape [", g.K, "], got ", v.sizes());
+  TORCH_CHECK_VALUE(v.device() == g.blocks[0].device(), name, ": on ", v.device(), ", g on ", g.blocks[0].device());
+  return v.to(accum_dtype(g.blocks[0].scalar_type())).contiguous();
 }
 
 inline void check_gram_argument(const at::Tensor& gram) {

@@ -45,12 +45,30 @@ def _fake_min_norm(gram: torch.Tensor) -> torch.Tensor:
     return gram.new_empty(gram.shape[:-1])
 
 
+def _fake_joint_gram(y: List[torch.Tensor], g: List[torch.Tensor]) -> torch.Tensor:
+    K = g[0].shape[0]
+    dtype = torch.float64 if g[0].dtype == torch.float64 else torch.float32
+    return g[0].new_empty((2 * K, 2 * K), dtype=dtype)
+
+
+def _fake_track_gram(y: List[torch.Tensor], g: List[torch.Tensor], beta: float) -> torch.Tensor:
+    return _fake_products(g)
+
+
+def _fake_in_place(*args) -> None:
+    return None
+
+
 _FAKES = {
     "gram": _fake_products,
     "cross_gram": _fake_products,
     "combine": _fake_combine,
     "project_simplex": _fake_project_simplex,
     "min_norm": _fake_min_norm,
+    "combine_into": _fake_in_place,
+    "moco_track_gram": _fake_track_gram,
+    "joint_gram": _fake_joint_gram,
+    "moco_track_combine": _fake_in_place,
 }
 
 if _C is not None:
@@ -161,7 +179,13 @@ def _reference_op(name: str):
     def min_norm(gram_matrix):
         return reference.min_norm(gram_matrix).to(gram_matrix.dtype)
 
-    return locals()[name]
+    def moco_track_gram(y, g, beta):
+        return reference.track_gram(y, g, beta).to(_out_dtype(g[0].dtype))
+
+    def joint_gram(y, g):
+        return reference.joint_gram(y, g).to(_out_dtype(g[0].dtype))
+
+    return {**locals(), "combine_into": reference.combine_into, "moco_track_combine": reference.track_combine}[name]
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:

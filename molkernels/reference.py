@@ -102,6 +102,39 @@ def min_norm_objective(gram_matrix: torch.Tensor, lam: torch.Tensor) -> torch.Te
     return (x.unsqueeze(-2) @ G @ x.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
 
+def track_gram(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
+    """MoCo's first pass: y ← y − β (y − g) in place (computed in float64, stored in y's dtype);
+    returns the Gram of the updated y in float64."""
+    for yb, gb in zip(y, g):
+        yb.copy_(yb.to(torch.float64) - beta * (yb.to(torch.float64) - gb.to(torch.float64)))
+    return gram(y)
+
+
+def joint_gram(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The [2K, 2K] Gram of the rows [y; g], in float64."""
+    rows = [torch.cat([_rows64(yb), _rows64(gb)], dim=0) for yb, gb in zip(y, g)]
+    return sum(r @ r.T for r in rows)
+
+
+def combine_into(g: Sequence[torch.Tensor], weights: torch.Tensor, out: Sequence[torch.Tensor], alpha: float,
+                 accumulate: bool) -> None:
+    """out_j = α Σ_k w_k g_j[k] (or out_j += that with `accumulate`), computed in float64."""
+    for o, d in zip(out, combine(list(g), weights)):
+        value = alpha * d + (o.to(torch.float64) if accumulate else 0.0)
+        o.copy_(value)
+
+
+def track_combine(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor], scale: torch.Tensor, beta: float,
+                  weights: torch.Tensor, out: Sequence[torch.Tensor], alpha: float, accumulate: bool) -> None:
+    """MoCo's normalised second pass: y ← y + β (s_k g_k − y) in place, then out (+)= α yᵀ w."""
+    s = scale.to(torch.float64)
+    for yb, gb in zip(y, g):
+        shape = (-1,) + (1,) * (gb.dim() - 1)
+        y64 = yb.to(torch.float64)
+        yb.copy_(y64 + beta * (s.view(shape) * gb.to(torch.float64) - y64))
+    combine_into(y, weights, out, alpha, accumulate)
+
+
 def stack_blocks(g: Sequence[torch.Tensor]) -> torch.Tensor:
     """The blocks of a list stack side by side as one float64 [K, D] matrix (tests only)."""
     return torch.cat([_rows64(b) for b in g], dim=1)
