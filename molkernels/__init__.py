@@ -4,6 +4,8 @@
     lam = molkernels.min_norm(G)        # MGDA weights on the simplex, on the device
     d = molkernels.combine(grads, lam)  # Σ_k λ_k g_k, one more pass
 
+Multi-objective steps in two passes: moco_step (with MoCoState), modo_step (MoDoState), mgda_step.
+
 Backends: reference (plain torch), cpu (C++/OpenMP), triton, cuda; see molkernels.backends().
 """
 
@@ -11,6 +13,7 @@ from ._ops import backends
 from ._stack import flat_buffer
 from .ops import combine, cross_gram, gram, min_norm, project_simplex
 from .profiling import disable_nvtx, enable_nvtx
+from .steps import MoCoState, MoDoState, mgda_step, moco_step, modo_step
 
 __version__ = "0.1.0"
 
@@ -32,6 +35,8 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "MoCoState",
+    "MoDoState",
     "backends",
     "build_info",
     "combine",
@@ -40,6 +45,9 @@ __all__ = [
     "enable_nvtx",
     "flat_buffer",
     "gram",
+    "mgda_step",
     "min_norm",
+    "moco_step",
+    "modo_step",
     "project_simplex",
 ]
