@@ -98,14 +98,16 @@ def _raise_if_not_finite(gram: torch.Tensor, lam: torch.Tensor) -> None:
 class _StepState:
     """λ on the simplex and the step count, with state_dict()/load_state_dict()."""
 
-    def __init__(self, params, num_objectives: int):
+    def __init__(self, params, num_objectives: int, *, dtype: torch.dtype = torch.float32):
         params = _check_params(params)
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype: the state is float32 or float64, got {dtype}")
         if isinstance(num_objectives, bool) or not isinstance(num_objectives, int) or num_objectives < 1:
             raise ValueError(f"num_objectives: expected an integer >= 1, got {num_objectives!r}")
         self.num_objectives = num_objectives
         self.shapes = [p.shape for p in params]
         self.device = params[0].device
-        self.lam = torch.full((num_objectives,), 1.0 / num_objectives, dtype=torch.float32, device=self.device)
+        self.lam = torch.full((num_objectives,), 1.0 / num_objectives, dtype=dtype, device=self.device)
         self.step = 0
 
     def _check_matches(self, params: List[torch.Tensor]) -> None:
@@ -123,22 +125,22 @@ class _StepState:
 
 
 class MoDoState(_StepState):
-    """MoDo's state: the weights λ (fp32, starting at 1/K) and the step count."""
+    """MoDo's state: the weights λ (in `dtype`, float32 by default, starting at 1/K) and the step
+    count."""
 
 
 class MoCoState(_StepState):
     """MoCo's state: the tracked gradients Y ([K, *p.shape] per parameter, views of one flat
-    [K, D] buffer in `dtype`, float32 by default), λ (starting at 1/K) and the step count.
+    [K, D] buffer in `dtype`: float32 by default, float64 for float64 gradients), λ (in `dtype`,
+    starting at 1/K) and the step count.
 
     y_init="zero" starts Y at 0 as the published code does; "first" sets Y to the first gradients.
     """
 
     def __init__(self, params, num_objectives: int, *, y_init: str = "zero", dtype: torch.dtype = torch.float32):
-        super().__init__(params, num_objectives)
+        super().__init__(params, num_objectives, dtype=dtype)
         if y_init not in ("zero", "first"):
             raise ValueError(f"y_init: expected 'zero' or 'first', got {y_init!r}")
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype: the tracking state is float32 or float64, got {dtype}")
         self.y_init = y_init
         self.y_flat, self.y = flat_buffer(self.shapes, num_objectives, dtype=dtype, device=self.device)
         self.y_flat.zero_()
