@@ -43,7 +43,7 @@ import torch
 
 import molkernels
 
-OPS = ("gram", "combine", "min_norm", "mgda")
+OPS = ("gram", "combine", "min_norm", "mgda", "moco")
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -51,8 +51,9 @@ DTYPES = {
     "float16": torch.float16,
 }
 # Defaults that reproduce the targets on a 2-core CPU (and are sensible on a GPU).
-DEFAULT_K = {"gram": [8], "combine": [8], "min_norm": [2, 4, 8, 16, 32, 64], "mgda": [8]}
-DEFAULT_D = {"gram": [12_500_000], "combine": [12_500_000], "min_norm": [0], "mgda": [5_000_000]}
+DEFAULT_K = {"gram": [8], "combine": [8], "min_norm": [2, 4, 8, 16, 32, 64], "mgda": [8], "moco": [4]}
+DEFAULT_D = {"gram": [12_500_000], "combine": [12_500_000], "min_norm": [0], "mgda": [5_000_000],
+             "moco": [10_000_000]}
 DEFAULT_BLOCKS = 100
 REFERENCE_MAX_ELEMENTS = 1 << 22  # the float64 reference backend is benchmarked only up to K·d = 4M
 
@@ -501,6 +502,84 @@ def bench_mgda(K: int, d: int, *, device, dtype, repeats: int = 10, targets: boo
     return out
 
 
+def project_simplex_numpy(v):
+    """Sort-based simplex projection on the host, as unfused Python implementations do it."""
+    import numpy as np
+
+    u = np.sort(v)[::-1]
+    cumulative = np.cumsum(u) - 1.0
+    rho = np.nonzero(u > cumulative / np.arange(1, len(v) + 1))[0][-1]
+    return np.maximum(v - cumulative[rho] / (rho + 1), 0.0)
+
+
+def bench_moco(K: int, d: int, *, device, dtype, repeats: int = 10, blocks: int = DEFAULT_BLOCKS,
+               targets: bool = True) -> Result:
+    # Bytes of the two-pass floor: pass 1 reads G and Y (fp32) and writes Y, pass 2 reads Y and
+    # writes d: (K·item + 12K + item)·d, (4K + 1)·4·d for fp32. Flops: 3K·d (tracking) +
+    # K(K+1)·d (Gram) + 2K·d (combine).
+    out, item = Result(), torch.tensor([], dtype=dtype).element_size()
+    nbytes = (K * item + 12 * K + item) * d
+    flops = 3 * K * d + K * (K + 1) * d + 2 * K * d
+    sizes = [d // blocks + (1 if j < d % blocks else 0) for j in range(blocks)]
+    params = [torch.zeros(n, dtype=dtype, device=device) for n in sizes]
+    grads = [torch.randn(K, n, dtype=dtype, device=device) for n in sizes]
+    beta, gamma, rho = 0.5, 0.1, 0.0
+    state = molkernels.MoCoState(params, K)
+    y_unfused = torch.zeros(K, d, dtype=torch.float32, device=device)
+    lam_unfused = torch.full((K,), 1.0 / K, dtype=torch.float32, device=device)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+
+    def unfused():
+        # LibMTL-style: concatenate, track, Gram, λ step on the host (numpy), combine, copy back.
+        nonlocal lam_unfused
+        g = torch.cat([b.reshape(K, -1) for b in grads], dim=1).float()
+        y_unfused.lerp_(g, beta)
+        gram = y_unfused @ y_unfused.T
+        step = (lam_unfused - gamma * (gram + rho * torch.eye(K, device=device)) @ lam_unfused).cpu().numpy()
+        lam_unfused = torch.from_numpy(project_simplex_numpy(step)).to(device=device, dtype=torch.float32)
+        direction = lam_unfused @ y_unfused
+        offset = 0
+        for p in params:
+            p.grad.copy_(direction[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    y_floor, g_floor = torch.zeros(K, d, device=device), torch.randn(K, d, device=device).to(dtype)
+    d_floor = torch.empty(d, device=device)
+
+    def floor():
+        # Torch's own streaming passes over the same bytes: lerp_ reads G and Y and writes Y; the
+        # reduction over K reads Y and writes d.
+        y_floor.lerp_(g_floor.float() if dtype != torch.float32 else g_floor, beta)
+        torch.sum(y_floor, 0, out=d_floor)
+
+    fns: Dict[str, Callable[[], object]] = {"unfused": unfused, "floor": floor}
+    backends = kernel_backends(device)
+    for backend in backends:
+        fns[backend] = functools.partial(molkernels.moco_step, params, grads, state, beta, gamma, rho,
+                                         backend=backend)
+    timings = measure(fns, device, repeats=repeats)
+    row = functools.partial(_row, "moco", K=K, device=device, dtype=dtype, d=d, blocks=blocks, nbytes=nbytes,
+                            flops=flops)
+    floor_row = row(impl="floor: torch lerp_ (pass 1) + sum over K (pass 2)", timing=timings["floor"])
+    base = row(impl="unfused LibMTL-style step (cat, lerp, mm, numpy λ, combine, copies)",
+               timing=timings["unfused"])
+    out.rows += [floor_row, base]
+    for backend in backends:
+        r = row(impl=f"molkernels.moco_step [{backend}]", timing=timings[backend])
+        r.vs_floor = r.median_s / floor_row.median_s
+        r.speedup, r.speedup_vs = base.median_s / r.median_s, "unfused"
+        if sync_free(fns[backend], device) is False:
+            r.note = "SYNCHRONISES"
+        out.rows.append(r)
+        if targets:
+            need = 10.0 if device.type == "cuda" else 8.0
+            out.targets.append(Target(f"moco_step [{backend}] K={K} D={_fmt_d(d)} in {blocks} tensors: speedup vs "
+                                      "unfused", r.speedup, need, True))
+            out.targets.append(Target(f"moco_step [{backend}]: time / two-pass floor", r.vs_floor, 1.3, False))
+    return out
+
+
 def run_op(op: str, *, Ks, ds, device, dtype, repeats, blocks) -> Result:
     result = Result()
     if op == "min_norm":
@@ -514,6 +593,8 @@ def run_op(op: str, *, Ks, ds, device, dtype, repeats, blocks) -> Result:
                 result.extend(bench_combine(K, d, device=device, dtype=dtype, repeats=repeats))
             elif op == "mgda":
                 result.extend(bench_mgda(K, d, device=device, dtype=dtype, repeats=repeats))
+            elif op == "moco":
+                result.extend(bench_moco(K, d, device=device, dtype=dtype, repeats=repeats, blocks=blocks))
             else:
                 raise ValueError(f"op: unknown {op!r}; expected one of {', '.join(OPS)} or all")
     return result
