@@ -151,6 +151,13 @@ def _triton_ops() -> Dict[str, object]:
         "combine": (kernels.combine, "(Tensor[] g, Tensor weights) -> Tensor[]"),
         "project_simplex": (kernels.project_simplex, "(Tensor v) -> Tensor"),
         "min_norm": (kernels.min_norm, "(Tensor gram) -> Tensor"),
+        "combine_into": (kernels.combine_into,
+                         "(Tensor[] g, Tensor weights, Tensor(a!)[] out, float alpha, bool accumulate) -> ()"),
+        "moco_track_gram": (kernels.moco_track_gram, "(Tensor(a!)[] y, Tensor[] g, float beta) -> Tensor"),
+        "joint_gram": (kernels.joint_gram, "(Tensor[] y, Tensor[] g) -> Tensor"),
+        "moco_track_combine": (kernels.moco_track_combine,
+                               "(Tensor(a!)[] y, Tensor[] g, Tensor scale, float beta, Tensor weights, "
+                               "Tensor(b!)[] out, float alpha, bool accumulate) -> ()"),
     }
     for name, (fn, schema) in schemas.items():
         qualname = f"molkernels::triton_{name}"

@@ -35,7 +35,8 @@ def state_dtype(dtype):
 
 
 # Tolerances on parameters after a few steps: the kernels round p (and the state) to their dtypes.
-PARAM_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+# bf16 parameters are rounded at each of the 3 steps (u = 2^-8 each), the float64 trajectory never.
+PARAM_TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float64: 1e-12}
 LAMBDA_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float64: 1e-12}
 
 
