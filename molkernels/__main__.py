@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 COMMANDS = {
     "demo": ("molkernels.demo", "check every backend against the reference, time it against torch, plot Gram throughput"),
     "bench": ("molkernels.bench", "benchmark an op against torch baselines (table, CSV, optional markdown)"),
+    "toy": ("molkernels.toy", "reproduce the MoCo/MoDo toy claims and a small multi-task network (JSON, PNG)"),
 }
 
 

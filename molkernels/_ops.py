@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Dict, List
+from typing import List
 
 import torch
 
@@ -126,6 +126,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                     return candidate
             return "reference"
         return "cpu" if unavailable_reason("cpu") is None else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown {backend!r}; expected one of {', '.join(BACKENDS)} or 'auto'")
     reason = unavailable_reason(backend)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")
@@ -138,34 +140,39 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_ops() -> Dict[str, object]:
-    """The Triton kernels as custom ops `molkernels::triton_<op>`, registered on first use."""
-    kernels, reason = _triton_status()
-    if kernels is None:
-        raise RuntimeError(f"backend='triton' is not available: {reason}")
-    ops = {}
-    schemas = {
-        "gram": (kernels.gram, "(Tensor[] g) -> Tensor"),
-        "cross_gram": (kernels.cross_gram, "(Tensor[] a, Tensor[] b) -> Tensor"),
-        "combine": (kernels.combine, "(Tensor[] g, Tensor weights) -> Tensor[]"),
-        "project_simplex": (kernels.project_simplex, "(Tensor v) -> Tensor"),
-        "min_norm": (kernels.min_norm, "(Tensor gram) -> Tensor"),
-        "combine_into": (kernels.combine_into,
-                         "(Tensor[] g, Tensor weights, Tensor(a!)[] out, float alpha, bool accumulate) -> ()"),
-        "moco_track_gram": (kernels.moco_track_gram, "(Tensor(a!)[] y, Tensor[] g, float beta) -> Tensor"),
-        "joint_gram": (kernels.joint_gram, "(Tensor[] y, Tensor[] g) -> Tensor"),
-        "moco_track_combine": (kernels.moco_track_combine,
-                               "(Tensor(a!)[] y, Tensor[] g, Tensor scale, float beta, Tensor weights, "
-                               "Tensor(b!)[] out, float alpha, bool accumulate) -> ()"),
-    }
-    for name, (fn, schema) in schemas.items():
-        qualname = f"molkernels::triton_{name}"
-        torch.library.define(qualname, schema)
-        torch.library.impl(qualname, ("CPU", "CUDA"))(fn)
-        torch.library.register_fake(qualname)(_FAKES[name])
-        ops[name] = getattr(torch.ops.molkernels, f"triton_{name}")
-    return ops
+# The schemas of the Triton custom ops `molkernels::triton_<op>`, the same as the compiled ops'.
+_TRITON_SCHEMAS = {
+    "gram": "(Tensor[] g) -> Tensor",
+    "cross_gram": "(Tensor[] a, Tensor[] b) -> Tensor",
+    "combine": "(Tensor[] g, Tensor weights) -> Tensor[]",
+    "project_simplex": "(Tensor v) -> Tensor",
+    "min_norm": "(Tensor gram) -> Tensor",
+    "combine_into": "(Tensor[] g, Tensor weights, Tensor(a!)[] out, float alpha, bool accumulate) -> ()",
+    "moco_track_gram": "(Tensor(a!)[] y, Tensor[] g, float beta) -> Tensor",
+    "joint_gram": "(Tensor[] y, Tensor[] g) -> Tensor",
+    "moco_track_combine": "(Tensor(a!)[] y, Tensor[] g, Tensor scale, float beta, Tensor weights, "
+                          "Tensor(b!)[] out, float alpha, bool accumulate) -> ()",
+}
+
+
+def _triton_kernel(name: str):
+    """The implementation of `molkernels::triton_<name>`: imports triton on its first call, so
+    that importing molkernels does not, and torch.compile sees only the registered op."""
+
+    def run(*args):
+        kernels, reason = _triton_status()
+        if kernels is None:
+            raise RuntimeError(f"backend='triton' is not available: {reason}")
+        return getattr(kernels, name)(*args)
+
+    return run
+
+
+for _name, _schema in _TRITON_SCHEMAS.items():
+    _qualname = f"molkernels::triton_{_name}"
+    torch.library.define(_qualname, _schema)
+    torch.library.impl(_qualname, ("CPU", "CUDA"))(_triton_kernel(_name))
+    torch.library.register_fake(_qualname)(_FAKES[_name])
 
 
 def _reference_op(name: str):
@@ -204,5 +211,5 @@ def op(name: str, backend: str):
     if backend == "reference":
         return _reference_op(name)
     if backend == "triton":
-        return _triton_ops()[name]
+        return getattr(torch.ops.molkernels, f"triton_{name}")
     return getattr(torch.ops.molkernels, name)

@@ -7,7 +7,9 @@ Runs on a 2-core CPU in well under two minutes, with no network. The demo is a l
    cross_gram, combine, project_simplex, min_norm), a pass/fail table with the largest errors;
 2. speed: molkernels against the torch baselines (the bench measurements, at smaller sizes);
 3. gram_throughput: Gram throughput (GB/s) against d per backend, with the read-pass floor and
-   torch.mm, plotted to DIR/gram_throughput.png.
+   torch.mm, plotted to DIR/gram_throughput.png;
+4. mol: a short run of the noisy CAGrad/MoCo toy (`python -m molkernels toy --experiment bias`):
+   stochastic MGDA against MoCo, trajectories and direction-error curves in DIR/toy_bias.png.
 
 Later features add a section: a function `section(ctx) -> dict` and one line in SECTIONS.
 """
@@ -333,11 +335,29 @@ def section_gram_throughput(ctx: Context) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# 4. Multi-objective learning: the toy's bias result, short.
+
+
+def section_mol(ctx: Context) -> dict:
+    from . import toy
+
+    result = toy.run_toy(("mgda", "moco"), seeds=2, seed=0, settings=toy.ToySettings(steps=600))
+    toy.print_toy(result)
+    path = os.path.join(ctx.out, "toy_bias.png")
+    toy.plot_toy(result, path)
+    print(f"wrote {path} (the full run: python -m molkernels toy)")
+    final = {m: {k: v["mean"] for k, v in r["final"].items() if "mean" in v}
+             for m, r in result["methods"].items() if m != "mgda_exact"}
+    return {"png": path, "steps": 600, "seeds": result["seeds"], "final": final, "claims": result["claims"]}
+
+
+# ----------------------------------------------------------------------------------------------
 
 SECTIONS: List[Section] = [
     Section("correctness", "1. every backend against molkernels.reference", section_correctness),
     Section("speed", "2. speed against torch (K = 8, d = 2M; MGDA d = 1M)", section_speed),
     Section("gram_throughput", "3. Gram throughput against d", section_gram_throughput),
+    Section("mol", "4. stochastic MGDA vs MoCo on the noisy CAGrad toy (short run)", section_mol),
 ]
 
 

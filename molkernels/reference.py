@@ -23,7 +23,9 @@ def _rows64(block: torch.Tensor) -> torch.Tensor:
 def gram(g: Stack) -> torch.Tensor:
     """Σ_blocks B Bᵀ with B = block.reshape(K, -1), in float64: shape [K, K]."""
     blocks = [g] if isinstance(g, torch.Tensor) else list(g)
-    return sum(_rows64(b) @ _rows64(b).T for b in blocks)
+    products = sum(_rows64(b) @ _rows64(b).T for b in blocks)
+    # A BLAS product may sum (i, j) and (j, i) in different orders; mirror the upper triangle.
+    return torch.triu(products) + torch.triu(products, 1).T
 
 
 def cross_gram(a: Stack, b: Stack) -> torch.Tensor:
@@ -112,8 +114,7 @@ def track_gram(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor], beta: float
 
 def joint_gram(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor]) -> torch.Tensor:
     """The [2K, 2K] Gram of the rows [y; g], in float64."""
-    rows = [torch.cat([_rows64(yb), _rows64(gb)], dim=0) for yb, gb in zip(y, g)]
-    return sum(r @ r.T for r in rows)
+    return gram([torch.cat([_rows64(yb), _rows64(gb)], dim=0) for yb, gb in zip(y, g)])
 
 
 def combine_into(g: Sequence[torch.Tensor], weights: torch.Tensor, out: Sequence[torch.Tensor], alpha: float,
