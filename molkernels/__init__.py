@@ -14,6 +14,7 @@ from ._stack import flat_buffer
 from .ops import combine, cross_gram, gram, min_norm, project_simplex
 from .profiling import disable_nvtx, enable_nvtx
 from .steps import MoCoState, MoDoState, mgda_step, moco_step, modo_step
+from . import mol  # noqa: E402  (aggregators and mol.backward)
 
 __version__ = "0.1.0"
 
@@ -49,5 +50,6 @@ __all__ = [
     "min_norm",
     "moco_step",
     "modo_step",
+    "mol",
     "project_simplex",
 ]

@@ -1,0 +1,34 @@
+"""DualProj: the mean gradient projected onto the dual cone of the gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import GramWeighting, as_pref_vector, check_gram, preference, sym64
+from .dualcone import check_reg_eps, project_weights, regularized
+
+
+class DualProj(GramWeighting):
+    """DualProj (the projection of Lopez-Paz & Ranzato, 2017, "Gradient Episodic Memory for
+    Continual Learning", Eq. 11, applied to the mean gradient, as in torchjd):
+
+        d = π_C(Σ_k p_k g_k),    C = {x : ⟨g_k, x⟩ ≥ 0 ∀k},
+
+    i.e. w = argmin_{v ≥ p} vᵀ Ĝ v, with p the preference vector (1/K each by default) and
+    Ĝ = G/trace(G) + reg_eps·I (torchjd's default reg_eps = 1e-4). Solved exactly by one min_norm
+    call (see molkernels.mol.dualcone).
+    """
+
+    def __init__(self, pref_vector=None, *, reg_eps: float = 1e-4):
+        self.pref_vector = as_pref_vector(pref_vector)
+        self._pref_cache = {}
+        self.reg_eps = check_reg_eps(reg_eps)
+
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        K = check_gram(gram)
+        G = regularized(sym64(gram), self.reg_eps)
+        p = preference(self.pref_vector, K, G, cache=self._pref_cache)
+        return project_weights(G, p.unsqueeze(0))[0].to(gram.dtype)
+
+    def __repr__(self) -> str:
+        return f"DualProj(pref_vector={self.pref_vector}, reg_eps={self.reg_eps})"

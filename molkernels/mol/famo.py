@@ -1,0 +1,160 @@
+"""FAMO: fast adaptive multitask optimisation, from the losses alone."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .._stack import Stack, accum_dtype, as_blocks
+from ..ops import combine
+from .base import Aggregator
+
+
+class FAMO(Aggregator):
+    """FAMO (Liu et al., 2023, "FAMO: Fast Adaptive Multitask Optimization"), as in the authors'
+    code: logits ξ ∈ R^K, z = softmax(ξ), and with D_k = ℓ_k − ℓ_k^min + eps,
+
+        weighted loss:  L = Σ_k z_k log D_k / c,   c = Σ_k z_k / D_k  (c held constant),
+        so ∇L = Σ_k w_k ∇ℓ_k with w_k = z_k / (c D_k)  (Σ w = 1):
+
+    one backward pass, no per-objective gradients. After the optimiser step, with the new losses
+    ℓ' (on the same batch, or the next one):
+
+        δ_k = log D_k − log D'_k   (the decrease of log ℓ_k),
+        ξ ← Adam step (lr = w_lr, weight_decay = gamma) with gradient ∂(zᵀδ)/∂ξ = z ⊙ (δ − zᵀδ).
+
+    API (the loop of the paper):
+
+        famo = FAMO(K)
+        mol.backward(losses, params, famo)   # or famo.backward(losses, params): writes p.grad
+        optimizer.step()
+        famo.update(new_losses)              # new losses after the step
+
+    ``backward(losses)`` without params calls loss.backward() (accumulating into .grad, as the
+    official code does); with params it overwrites p.grad, like mol.backward. ``aggregate(grads,
+    losses)`` gives the same direction Σ_k w_k g_k from given per-objective gradients.
+    ``max_norm > 0`` clips the norm of the gradient written over ``params``.
+    """
+
+    loss_based = True
+
+    def __init__(self, num_objectives: int, *, gamma: float = 0.01, w_lr: float = 0.025, min_losses=None,
+                 eps: float = 1e-8, max_norm: float = 0.0, device=None):
+        if isinstance(num_objectives, bool) or not isinstance(num_objectives, int) or num_objectives < 1:
+            raise ValueError(f"num_objectives: expected an integer >= 1, got {num_objectives!r}")
+        for value, name in ((gamma, "gamma"), (w_lr, "w_lr"), (eps, "eps"), (max_norm, "max_norm")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        self.num_objectives = num_objectives
+        self.gamma, self.w_lr, self.eps, self.max_norm = float(gamma), float(w_lr), float(eps), float(max_norm)
+        self.logits = torch.zeros(num_objectives, dtype=torch.float32, device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
+        self.min_losses = self._vector(min_losses if min_losses is not None else torch.zeros(num_objectives),
+                                       "min_losses")
+        self.prev_losses: Optional[torch.Tensor] = None
+
+    def _vector(self, values, name: str) -> torch.Tensor:
+        if isinstance(values, (list, tuple)):
+            if len(values) == 0:
+                raise ValueError(f"{name}: expected {self.num_objectives} losses, got none")
+            values = torch.stack([torch.as_tensor(v).detach().reshape(()).to(torch.float32) for v in values])
+        v = torch.as_tensor(values).detach()
+        if v.numel() != self.num_objectives:
+            raise ValueError(f"{name}: expected {self.num_objectives} losses, got {v.numel()}")
+        return v.reshape(-1).to(device=self.logits.device, dtype=torch.float32)
+
+    @property
+    def z(self) -> torch.Tensor:
+        """The task weights softmax(ξ)."""
+        return torch.softmax(self.logits.detach(), -1)
+
+    def check_num_objectives(self, K: int, name: str) -> None:
+        if K != self.num_objectives:
+            raise ValueError(f"{name}: expected {self.num_objectives} losses, got {K}")
+
+    def loss_weights(self, losses) -> torch.Tensor:
+        """w_k = z_k / (c D_k): the weights of the objective gradients in ∇L (Σ w = 1)."""
+        D = self._vector(losses, "losses") - self.min_losses + self.eps
+        ratio = self.z / D
+        return ratio / ratio.sum()
+
+    def weighted_loss(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
+        """L = Σ_k z_k log D_k / c, differentiable in the losses; records them for update()."""
+        if isinstance(losses, torch.Tensor):
+            stacked = losses.reshape(-1)
+        else:
+            if len(losses) == 0:
+                raise ValueError(f"losses: expected {self.num_objectives} losses, got none")
+            stacked = torch.stack([loss.reshape(()) for loss in losses])
+        if stacked.numel() != self.num_objectives:
+            raise ValueError(f"losses: expected {self.num_objectives} losses, got {stacked.numel()}")
+        z = self.z.to(stacked.device)
+        D = stacked - self.min_losses.to(stacked.device, stacked.dtype) + self.eps
+        c = (z / D).sum().detach()
+        self.prev_losses = stacked.detach().to(torch.float32).clone()
+        return (torch.log(D) * z).sum() / c
+
+    def backward(self, losses, params=None, *, retain_graph: bool = False) -> torch.Tensor:
+        """Backward of the weighted loss. Without params: loss.backward() (accumulates into .grad);
+        with params: p.grad = ∂L/∂p (overwritten; zeros for parameters L does not reach), clipped
+        to max_norm when it is > 0. Returns the weights w of the objective gradients."""
+        loss = self.weighted_loss(losses)
+        w = self.loss_weights(self.prev_losses)
+        if params is None:
+            loss.backward(retain_graph=retain_graph)
+            return w
+        params = list(params)
+        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g.detach()
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        return w
+
+    def update(self, new_losses) -> None:
+        """One Adam step on the logits from the decrease of the log-losses since backward()."""
+        if self.prev_losses is None:
+            raise RuntimeError("update: call backward() (or weighted_loss()) with the current losses first")
+        new = self._vector(new_losses, "new_losses")
+        delta = (torch.log(self.prev_losses - self.min_losses + self.eps)
+                 - torch.log(new - self.min_losses + self.eps))
+        z = self.z
+        self.optimizer.zero_grad(set_to_none=False)
+        self.logits.grad = z * (delta - (z * delta).sum())
+        self.optimizer.step()
+
+    def set_min_losses(self, min_losses) -> None:
+        self.min_losses = self._vector(min_losses, "min_losses")
+
+    def aggregate(self, grads: Stack, losses=None, *, backend: str = "auto"):
+        """Σ_k w_k g_k with FAMO's weights w for these losses (the direction of ∇L)."""
+        if losses is None:
+            raise ValueError("losses: FAMO weights the objective gradients by the losses; pass losses=")
+        blocks = as_blocks(grads, "grads")
+        if blocks[0].shape[0] != self.num_objectives:
+            raise ValueError(f"grads: has K = {blocks[0].shape[0]} objectives, FAMO has {self.num_objectives}")
+        w = self.loss_weights(losses).to(device=blocks[0].device, dtype=accum_dtype(blocks[0].dtype))
+        return combine(grads, w, backend=backend)
+
+    def state_dict(self) -> dict:
+        return {"logits": self.logits.detach().clone(), "optimizer": self.optimizer.state_dict(),
+                "min_losses": self.min_losses.clone(),
+                "prev_losses": None if self.prev_losses is None else self.prev_losses.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.logits.copy_(state["logits"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.min_losses = state["min_losses"].clone()
+        self.prev_losses = None if state["prev_losses"] is None else state["prev_losses"].clone()
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.logits.zero_()
+        self.optimizer = torch.optim.Adam([self.logits], lr=self.w_lr, weight_decay=self.gamma)
+        self.prev_losses = None
+
+    def __repr__(self) -> str:
+        return f"FAMO(num_objectives={self.num_objectives}, gamma={self.gamma}, w_lr={self.w_lr})"
