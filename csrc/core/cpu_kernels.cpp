@@ -63,7 +63,8 @@ void project_simplex_cpu(const T* v, int64_t rows, int64_t K, T* out) {
 
 template <class T>
 void min_norm_cpu(const T* gram, int64_t batch, int64_t K, T* out) {
-#pragma omp parallel if (batch > 1)
+  // Small problems stay on the calling thread (see item_products).
+#pragma omp parallel if (batch > 1 && batch * K * K * K > (int64_t(1) << 18))
   {
     std::vector<double> work(min_norm_workspace(K));
 #pragma omp for schedule(dynamic, 1)

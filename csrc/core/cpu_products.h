@@ -116,7 +116,9 @@ void item_products(const std::vector<WorkItem>& items, int64_t rows_a, int64_t r
   int64_t widest = 0;
   for (const WorkItem& item : items) widest = std::max(widest, item.n);
 
-#pragma omp parallel
+  // One group (a narrow stack) runs on the calling thread: waking a team costs more than it saves,
+  // and on a loaded machine the join waits for a descheduled thread.
+#pragma omp parallel if (groups > 1)
   {
     const std::vector<A> zeros(widest, A(0));  // pads the last tile
     ItemRows<A> a{std::vector<A>(scratch_per_thread), {}}, b{std::vector<A>(symmetric ? 0 : scratch_per_thread), {}};
@@ -164,7 +166,7 @@ template <class A, class U, class Row>
 void combine_items(const std::vector<WorkItem>& items, int64_t K, Row row, const A* weights, U* const* out, A alpha,
                    bool accumulate) {
   constexpr int64_t kSlice = 1024;
-#pragma omp parallel
+#pragma omp parallel if (items.size() > 1)
   {
     A sum[kSlice], scratch[kSlice];
 #pragma omp for schedule(static)
