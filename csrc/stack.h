@@ -7,6 +7,10 @@
 
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "core/cpu_kernels.h"
 #include "core/mol_kernels.h"
 
@@ -96,10 +100,29 @@ inline void check_same_structure(const Stack& a, const Stack& b) {
   }
 }
 
+// A large fresh CPU output is first touched by the kernel, one page fault per 4 KiB page, which
+// costs as much as the combine itself (~4 GB/s here). Asking for transparent huge pages on it
+// (where the kernel allows them with madvise) makes that 512 times fewer faults.
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = t.nbytes();
+  if (!t.device().is_cpu() || bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 // One output per block, shaped like the block without its leading K.
 inline std::vector<at::Tensor> combine_outputs(const Stack& g) {
   std::vector<at::Tensor> out;
-  for (const at::Tensor& t : g.blocks) out.push_back(at::empty(t.sizes().slice(1), t.options()));
+  for (const at::Tensor& t : g.blocks) {
+    out.push_back(at::empty(t.sizes().slice(1), t.options()));
+    advise_huge_pages(out.back());
+  }
   return out;
 }
 

@@ -1,0 +1,165 @@
+"""Gram matrices of gradient stacks: gram(g) = Σ_blocks B Bᵀ and cross_gram(a, b) = Σ_blocks A Bᵀ.
+
+Two kernels, so that the result is deterministic without atomics:
+1. `_partial_products_kernel`: program (i, j, c) multiplies row tile i of A by row tile j of B over
+   its own span of columns c and writes the [BLOCK_K, BLOCK_K] partial product to a workspace.
+   For gram only the tiles i <= j run.
+2. `_reduce_partials_kernel`: sums the partials of every output element in a fixed order and
+   writes the [K, K] result; for gram element (i, j) reads the upper-triangle entry (min, max), so
+   the result is exactly symmetric.
+Each run of adjacent block views (see _launch.merged_segments) is one launch of the first kernel;
+all of them share one workspace and one reduction.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .._stack import accum_dtype
+from ._launch import interpreted, merged_segments, programs_to_fill
+
+
+@triton.jit
+def _partial_products_kernel(
+    a_ptr, b_ptr, partial_ptr, K, cols, a_row_stride, b_row_stride, span,
+    SYMMETRIC: tl.constexpr, USE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tile_i = tl.program_id(0)
+    tile_j = tl.program_id(1)
+    chunk = tl.program_id(2)
+    if SYMMETRIC and tile_j < tile_i:
+        return  # the lower triangle is the mirror of the upper one
+    n_tiles = tl.num_programs(0)
+    rows_i = tile_i * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows_j = tile_j * BLOCK_K + tl.arange(0, BLOCK_K)
+    # 64-bit offsets: K rows of a billion-column buffer overflow int32.
+    a_rows = a_ptr + rows_i.to(tl.int64)[:, None] * a_row_stride
+    b_rows = b_ptr + rows_j.to(tl.int64)[None, :] * b_row_stride
+    first_col = chunk.to(tl.int64) * span
+    diagonal = SYMMETRIC and tile_i == tile_j
+    acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
+    for offset in range(0, span, BLOCK_D):
+        col = first_col + offset + tl.arange(0, BLOCK_D)
+        in_cols = col < cols
+        a = tl.load(a_rows + col[None, :], mask=(rows_i < K)[:, None] & in_cols[None, :], other=0.0).to(ACC_DTYPE)
+        # The right operand Bᵀ, [BLOCK_D, BLOCK_K]: a diagonal tile of gram reads its rows once;
+        # other tiles load B transposed (the interpreter's matmul is slow on a transposed view).
+        if diagonal:
+            b_t = tl.trans(a)
+        else:
+            b_t = tl.load(b_rows + col[:, None], mask=in_cols[:, None] & (rows_j < K)[None, :], other=0.0).to(ACC_DTYPE)
+        if USE_DOT:
+            # "ieee": fp32 products, never TF32.
+            acc = tl.dot(a, b_t, acc, input_precision="ieee")
+        else:
+            # float64 (no fp64 tl.dot everywhere) and tiles too small for tl.dot.
+            acc += tl.sum(a[:, :, None] * b_t[None, :, :], axis=1)
+    tile = tl.arange(0, BLOCK_K)
+    out = partial_ptr + ((chunk * n_tiles + tile_i) * n_tiles + tile_j) * (BLOCK_K * BLOCK_K)
+    tl.store(out + tile[:, None] * BLOCK_K + tile[None, :], acc)
+
+
+@triton.jit
+def _reduce_partials_kernel(
+    partial_ptr, out_ptr, K, n_partials, n_tiles,
+    SYMMETRIC: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+):
+    element = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = element < K * K
+    row = element // K
+    col = element % K
+    if SYMMETRIC:
+        first = tl.minimum(row, col)
+        second = tl.maximum(row, col)
+    else:
+        first = row
+        second = col
+    tile_size = BLOCK_K * BLOCK_K
+    offsets = ((first // BLOCK_K) * n_tiles + second // BLOCK_K) * tile_size + (first % BLOCK_K) * BLOCK_K + second % BLOCK_K
+    acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+    for p in range(n_partials):
+        acc += tl.load(partial_ptr + p * (n_tiles * tile_size) + offsets, mask=in_range, other=0.0)
+    tl.store(out_ptr + element, acc, mask=in_range)
+
+
+# On a GPU a program's span covers at least this many columns, so that writing and reducing its
+# [BLOCK_K, BLOCK_K] fp32 partial costs little next to reading the columns (for K = 64: 16 KiB of
+# partial per 512 KiB read). The interpreter, which runs programs one after another, splits freely:
+# that exercises the reduction.
+MIN_SPAN = 2048
+
+
+def _tiling(K: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK_K, BLOCK_D, USE_DOT, num_warps). tl.dot needs tiles of at least 16 rows and does not
+    take float64 everywhere; smaller K and float64 use a broadcast product reduced by tl.sum, whose
+    [BLOCK_K, BLOCK_K, BLOCK_D] temporary bounds BLOCK_D. On a GPU the sizes keep sm_90 free of
+    register spills (ptxas -v): an fp32 "ieee" tl.dot runs on FMA units and holds both operand
+    tiles in registers, so each row contributes 64 bytes per step for 32 and 64 rows, 128 for 16."""
+    use_dot = dtype != torch.float64 and K > 8
+    if interpreted(device):
+        if use_dot:
+            return min(max(triton.next_power_of_2(K), 16), 64), 8192, True, 4
+        block_k = min(triton.next_power_of_2(K), 64)
+        return block_k, min(max((1 << 20) // (block_k * block_k), 64), 8192), False, 4
+    if use_dot:
+        block_k = min(max(triton.next_power_of_2(K), 16), 64)
+        row_bytes = 128 if block_k == 16 else 64
+        return block_k, row_bytes // dtype.itemsize, True, (8 if block_k == 64 else 4)
+    block_k = min(triton.next_power_of_2(K), 16 if dtype == torch.float64 else 8)
+    return block_k, min(max(8192 // (block_k * block_k), 32), 1024), False, 4
+
+
+def _products(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], symmetric: bool) -> torch.Tensor:
+    K = a[0].shape[0]
+    device = a[0].device
+    acc_dtype = accum_dtype(a[0].dtype)
+    acc_tl = tl.float64 if acc_dtype == torch.float64 else tl.float32
+    block_k, block_d, use_dot, num_warps = _tiling(K, a[0].dtype, device)
+    n_tiles = triton.cdiv(K, block_k)
+    tile_programs = n_tiles * (n_tiles + 1) // 2 if symmetric else n_tiles * n_tiles
+    segments = merged_segments(a) if symmetric else merged_segments(a, b)
+
+    # Split each segment's columns into spans, enough of them to fill the device; a narrow segment
+    # gets narrower tiles.
+    min_span = 1 if interpreted(device) else MIN_SPAN
+    plans = []
+    for views in segments:
+        cols = views[0].shape[1]
+        segment_block_d = min(block_d, max(16, triton.next_power_of_2(cols)))
+        chunks = max(1, min(programs_to_fill(device) // tile_programs, triton.cdiv(cols, max(min_span, segment_block_d))))
+        span = triton.cdiv(triton.cdiv(cols, chunks), segment_block_d) * segment_block_d
+        plans.append((views, cols, segment_block_d, span, triton.cdiv(cols, span)))
+    n_partials = sum(plan[-1] for plan in plans)
+    partials = torch.empty((n_partials, n_tiles, n_tiles, block_k, block_k), dtype=acc_dtype, device=device)
+
+    first_partial = 0
+    for views, cols, segment_block_d, span, chunks in plans:
+        a_view, b_view = views[0], views[-1]
+        _partial_products_kernel[(n_tiles, n_tiles, chunks)](
+            a_view, b_view, partials[first_partial:], K, cols, a_view.stride(0), b_view.stride(0), span,
+            SYMMETRIC=symmetric, USE_DOT=use_dot, ACC_DTYPE=acc_tl,
+            BLOCK_K=block_k, BLOCK_D=segment_block_d, num_warps=num_warps,
+        )
+        first_partial += chunks
+
+    out = torch.empty((K, K), dtype=acc_dtype, device=device)
+    block = min(triton.next_power_of_2(K * K), (1 << 16) if interpreted(device) else 1024)
+    _reduce_partials_kernel[(triton.cdiv(K * K, block),)](
+        partials, out, K, n_partials, n_tiles, SYMMETRIC=symmetric, ACC_DTYPE=acc_tl, BLOCK_K=block_k, BLOCK=block,
+    )
+    return out
+
+
+def gram(g: List[torch.Tensor]) -> torch.Tensor:
+    """Σ_blocks B Bᵀ, [K, K], exactly symmetric; float32 (float64 for float64 blocks)."""
+    return _products(g, g, symmetric=True)
+
+
+def cross_gram(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+    """Σ_blocks A Bᵀ over paired blocks, [K, K]; float32 (float64 for float64 blocks)."""
+    return _products(a, b, symmetric=False)
