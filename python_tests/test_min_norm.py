@@ -10,9 +10,12 @@ import functools
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+except ImportError:  # e.g. the GPU machine's image: the property tests skip, the others run
+    given = None
 
 import molkernels
 import tolerances as tol
@@ -256,6 +259,8 @@ def test_non_finite_gram_gives_nan(be, dtype, K, bad):
 
 
 def _property_test(be, max_examples):
+    if given is None:
+        pytest.skip("hypothesis is not installed")
     @settings(max_examples=max_examples, deadline=None)
     @given(
         A=st.tuples(st.integers(1, 10), st.integers(1, 10)).flatmap(

@@ -4,9 +4,12 @@ against the sorting reference (the kernels use Michelot's fixed point), on every
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+except ImportError:  # e.g. the GPU machine's image: the property tests skip, the others run
+    given = None
 
 import molkernels
 import tolerances as tol
@@ -47,13 +50,15 @@ def test_many_rows_and_wide_rows(be):
         check_simplex(x, v)
 
 
-_VALUE = st.one_of(
+_VALUE = None if given is None else st.one_of(
     st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32),
     st.sampled_from([0.0, 1.0, -1.0, 0.5, 2.0, 1.0 / 3.0, 1e-7]),  # ties, vertices, near-zero
 )
 
 
 def _property_test(be, max_examples):
+    if given is None:
+        pytest.skip("hypothesis is not installed")
     @settings(max_examples=max_examples, deadline=None)
     @given(
         v=st.tuples(st.integers(1, 4), st.integers(1, 40)).flatmap(

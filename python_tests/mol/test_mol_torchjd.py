@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchjd.aggregation as tja
 
-import molkernels.mol as mol
+pytest.importorskip("torchjd", reason="torchjd (a test-only oracle) is not installed")
+pytest.importorskip("scipy", reason="scipy (the oracles' solvers) is not installed")
+import torchjd.aggregation as tja  # noqa: E402
+
+import molkernels.mol as mol  # noqa: E402
 from mol_helpers import one_thread, random_matrix, rel_err  # noqa: F401
-from mol_oracles import cagrad_oracle, nash_oracle, torchjd_dualproj, torchjd_upgrad
+from mol_oracles import cagrad_oracle, nash_oracle, torchjd_dualproj, torchjd_upgrad  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
