@@ -9,14 +9,6 @@
 namespace molkernels {
 namespace {
 
-// Calls fn(T{}, U{}) for g's storage type T and the output storage type U.
-template <class Fn>
-void dispatch_two(at::ScalarType g_dtype, at::ScalarType out_dtype, Fn&& fn) {
-  dispatch_float_types(g_dtype, "g", [&](auto g_tag) {
-    dispatch_float_types(out_dtype, "out", [&](auto out_tag) { fn(g_tag, out_tag); });
-  });
-}
-
 void combine_into_cpu(const std::vector<at::Tensor>& g, const at::Tensor& weights, const std::vector<at::Tensor>& out,
                       double alpha, bool accumulate) {
   const Stack stack(g, "g");

@@ -12,13 +12,6 @@
 namespace molkernels {
 namespace {
 
-template <class Fn>
-void dispatch_two(at::ScalarType g_dtype, at::ScalarType out_dtype, Fn&& fn) {
-  dispatch_float_types(g_dtype, "g", [&](auto g_tag) {
-    dispatch_float_types(out_dtype, "out", [&](auto out_tag) { fn(g_tag, out_tag); });
-  });
-}
-
 at::Tensor partials_for(const Stack& g, int64_t rows) {
   const int64_t parts = mk::gram_cuda_parts(g.cols.data(), int64_t(g.blocks.size()), g.K);
   return at::empty({parts, rows, rows}, g.blocks[0].options().dtype(accum_dtype(g.blocks[0].scalar_type())));

@@ -28,6 +28,14 @@ void dispatch_float_types(at::ScalarType dtype, const char* what, Fn&& fn) {
   }
 }
 
+// Calls fn(T{}, U{}) for g's storage type T and the output storage type U.
+template <class Fn>
+void dispatch_two(at::ScalarType g_dtype, at::ScalarType out_dtype, Fn&& fn) {
+  dispatch_float_types(g_dtype, "g", [&](auto g_tag) {
+    dispatch_float_types(out_dtype, "out", [&](auto out_tag) { fn(g_tag, out_tag); });
+  });
+}
+
 inline at::ScalarType accum_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Each block as K rows of contiguous elements. A block whose trailing dimensions are not
