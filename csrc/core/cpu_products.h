@@ -158,36 +158,44 @@ void item_products(const std::vector<WorkItem>& items, int64_t rows_a, int64_t r
   }
 }
 
-// out_j[c] (+)= alpha * sum_k weights[k] * row_k[c] for every item, in slices of kSlice columns
-// so the running sum stays in L1. row(item, k, c0, n, scratch) returns columns [c0, c0 + n) of
-// row k of the item in the accumulation type (it may widen them into scratch, or update them in
-// place: it is called exactly once per element). Accumulates in A, rounds once on store.
+// out_j[c] (+)= alpha * sum_k weights[k] * row_k[c] for every item, in slices of kSlice columns.
+// row(item, k, c0, n, scratch) returns columns [c0, c0 + n) of row k of the item in the
+// accumulation type (it may widen them into scratch, or update them in place: it is called exactly
+// once per element). The K rows of a slice are then summed a vector at a time in registers and
+// each output element is rounded and stored once.
 template <class A, class U, class Row>
 void combine_items(const std::vector<WorkItem>& items, int64_t K, Row row, const A* weights, U* const* out, A alpha,
                    bool accumulate) {
-  constexpr int64_t kSlice = 1024;
+  typedef A vec __attribute__((vector_size(kVectorBytes)));
+  constexpr int64_t width = kVectorBytes / sizeof(A);
+  constexpr int64_t kSlice = 512;
 #pragma omp parallel if (items.size() > 1)
   {
-    A sum[kSlice], scratch[kSlice];
+    std::vector<A> scratch(K * kSlice);
+    std::vector<const A*> rows(K);
+    A sum[kSlice];
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < int64_t(items.size()); ++i) {
       const WorkItem& item = items[i];
       for (int64_t c0 = 0; c0 < item.n; c0 += kSlice) {
         const int64_t n = std::min(kSlice, item.n - c0);
-        for (int64_t k = 0; k < K; ++k) {
-          const A* r = row(item, k, c0, n, scratch);
-          const A wk = weights[k];
-          if (k == 0) {
-            for (int64_t c = 0; c < n; ++c) sum[c] = wk * r[c];
-          } else {
-            for (int64_t c = 0; c < n; ++c) sum[c] += wk * r[c];
-          }
+        for (int64_t k = 0; k < K; ++k) rows[k] = row(item, k, c0, n, scratch.data() + k * kSlice);
+        int64_t c = 0;
+        for (; c + width <= n; c += width) {
+          vec acc = weights[0] * load_vector_unaligned<vec>(rows[0] + c);
+          for (int64_t k = 1; k < K; ++k) acc += weights[k] * load_vector_unaligned<vec>(rows[k] + c);
+          std::memcpy(sum + c, &acc, sizeof acc);
+        }
+        for (; c < n; ++c) {
+          A acc = weights[0] * rows[0][c];
+          for (int64_t k = 1; k < K; ++k) acc += weights[k] * rows[k][c];
+          sum[c] = acc;
         }
         U* o = out[item.block] + item.col0 + c0;
         if (accumulate) {
-          for (int64_t c = 0; c < n; ++c) o[c] = from_float<U>(accum_t<U>(A(to_float(o[c])) + alpha * sum[c]));
+          for (int64_t t = 0; t < n; ++t) o[t] = from_float<U>(accum_t<U>(A(to_float(o[t])) + alpha * sum[t]));
         } else {
-          for (int64_t c = 0; c < n; ++c) o[c] = from_float<U>(accum_t<U>(alpha * sum[c]));
+          for (int64_t t = 0; t < n; ++t) o[t] = from_float<U>(accum_t<U>(alpha * sum[t]));
         }
       }
     }
