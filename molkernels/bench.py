@@ -1,4 +1,5 @@
-"""Benchmarks: `python -m molkernels bench <op>` with op in gram, combine, min_norm, mgda, all.
+"""Benchmarks: `python -m molkernels bench <op>` with op in gram, combine, min_norm, mgda, moco,
+backward, all.
 
 Every number is a median over timed repeats after untimed warm-up calls (`measure`, the one timing
 helper), measured in the same run as the baselines it is compared with, interleaved with them:
@@ -15,6 +16,10 @@ helper), measured in the same run as the baselines it is compared with, interlea
   the op synchronises with the host (torch.cuda.set_sync_debug_mode("error")).
 - mgda: gram -> min_norm -> combine against torchjd.aggregation.MGDA() on the [K, d] matrix and a
   plain torch implementation (x @ x.T, Frank-Wolfe with host synchronisations, w @ x).
+- moco: moco_step on 100 parameter tensors against an unfused LibMTL-style step and the two-pass
+  floor (torch's own streaming passes over the same bytes).
+- backward: mol.backward + MGDA end to end on an MLP against torchjd's autojac.backward +
+  jac_to_grad(MGDA()).
 
 Errors ("rel err") are max |result − exact| / max |exact| against a float64 computation.
 
@@ -43,7 +48,7 @@ import torch
 
 import molkernels
 
-OPS = ("gram", "combine", "min_norm", "mgda", "moco")
+OPS = ("gram", "combine", "min_norm", "mgda", "moco", "backward")
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -51,9 +56,9 @@ DTYPES = {
     "float16": torch.float16,
 }
 # Defaults that reproduce the targets on a 2-core CPU (and are sensible on a GPU).
-DEFAULT_K = {"gram": [8], "combine": [8], "min_norm": [2, 4, 8, 16, 32, 64], "mgda": [8], "moco": [4]}
+DEFAULT_K = {"gram": [8], "combine": [8], "min_norm": [2, 4, 8, 16, 32, 64], "mgda": [8], "moco": [4], "backward": [4]}
 DEFAULT_D = {"gram": [12_500_000], "combine": [12_500_000], "min_norm": [0], "mgda": [5_000_000],
-             "moco": [10_000_000]}
+             "moco": [10_000_000], "backward": [1024]}
 DEFAULT_BLOCKS = 100
 REFERENCE_MAX_ELEMENTS = 1 << 22  # the float64 reference backend is benchmarked only up to K·d = 4M
 
@@ -580,6 +585,54 @@ def bench_moco(K: int, d: int, *, device, dtype, repeats: int = 10, blocks: int 
     return out
 
 
+def bench_backward(K: int, width: int, *, device, dtype, repeats: int = 10) -> Result:
+    """mol.backward + MGDA end to end on a real model (a shared MLP trunk 256→width→width with K
+    linear heads, batch 128, K regression losses): forward, the K per-objective gradients, the
+    aggregation and p.grad, against torchjd's equivalent (autojac.backward + jac_to_grad(MGDA()))."""
+    from . import mol
+
+    out = Result()
+    generator = torch.Generator().manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(256, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                torch.nn.ReLU())
+    heads = torch.nn.Linear(width, K)
+    model = torch.nn.Sequential(trunk, heads).to(device=device, dtype=dtype)
+    params = list(model.parameters())
+    x = torch.randn(128, 256, generator=generator).to(device=device, dtype=dtype)
+    y = torch.randn(128, K, generator=generator).to(device=device, dtype=dtype)
+    D = sum(p.numel() for p in params)
+
+    def losses():
+        return ((model(x) - y) ** 2).mean(0)
+
+    aggregator = mol.MGDA()
+    fns: Dict[str, Callable[[], object]] = {"molkernels": lambda: mol.backward(losses(), params, aggregator)}
+    try:
+        from torchjd.aggregation import MGDA
+        from torchjd.autojac import backward as jd_backward, jac_to_grad
+
+        jd_aggregator = MGDA()
+
+        def torchjd_step():
+            jd_backward(list(losses()), inputs=params)
+            jac_to_grad(params, jd_aggregator)
+
+        fns["torchjd"] = torchjd_step
+    except ImportError:
+        pass
+    timings = measure(fns, device, repeats=repeats)
+    # Bytes: the per-objective gradients are written once and read twice (Gram, combine): 3·K·D.
+    row = functools.partial(_row, "backward", K=K, device=device, dtype=dtype, d=D, blocks=len(params),
+                            nbytes=3 * K * D * torch.tensor([], dtype=dtype).element_size(), flops=0)
+    mine = row(impl="mol.backward(losses, params, mol.MGDA()) on an MLP", timing=timings["molkernels"])
+    if "torchjd" in timings:
+        theirs = row(impl="torchjd autojac.backward + jac_to_grad(MGDA())", timing=timings["torchjd"])
+        mine.speedup, mine.speedup_vs = theirs.median_s / mine.median_s, "torchjd"
+        out.rows.append(theirs)
+    out.rows.append(mine)
+    return out
+
+
 def run_op(op: str, *, Ks, ds, device, dtype, repeats, blocks) -> Result:
     result = Result()
     if op == "min_norm":
@@ -593,6 +646,8 @@ def run_op(op: str, *, Ks, ds, device, dtype, repeats, blocks) -> Result:
                 result.extend(bench_combine(K, d, device=device, dtype=dtype, repeats=repeats))
             elif op == "mgda":
                 result.extend(bench_mgda(K, d, device=device, dtype=dtype, repeats=repeats))
+            elif op == "backward":
+                result.extend(bench_backward(K, d, device=device, dtype=dtype, repeats=repeats))
             elif op == "moco":
                 result.extend(bench_moco(K, d, device=device, dtype=dtype, repeats=repeats, blocks=blocks))
             else:
