@@ -72,6 +72,30 @@ void tile_dots(const A* const* a, const A* const* b, int64_t n, A out[kTileRows]
   }
 }
 
+// The same for a diagonal tile of a symmetric product (b = a): only the 10 dot products with
+// r <= s, mirrored, which saves 6 of 16 FMAs per column on the diagonal tiles.
+template <class A>
+void diagonal_tile_dots(const A* const* a, int64_t n, A out[kTileRows][kTileRows]) {
+  typedef A vec __attribute__((vector_size(kVectorBytes)));
+  constexpr int64_t width = kVectorBytes / sizeof(A);
+  vec acc[kTileRows][kTileRows] = {};
+  int64_t c = 0;
+  for (; c + width <= n; c += width) {
+    vec av[kTileRows];
+    for (int r = 0; r < kTileRows; ++r) av[r] = load_vector_unaligned<vec>(a[r] + c);
+    for (int r = 0; r < kTileRows; ++r)
+      for (int s = r; s < kTileRows; ++s) acc[r][s] += av[r] * av[s];
+  }
+  for (int r = 0; r < kTileRows; ++r) {
+    for (int s = r; s < kTileRows; ++s) {
+      A total = 0;
+      for (int64_t l = 0; l < width; ++l) total += acc[r][s][l];
+      for (int64_t t = c; t < n; ++t) total += a[r][t] * a[s][t];
+      out[r][s] = out[s][r] = total;
+    }
+  }
+}
+
 // Columns [c0, c0 + n) of row k of an item in the accumulation type: a pointer into the data for
 // float and double, else widened into `scratch`.
 template <class T>
@@ -138,7 +162,11 @@ void item_products(const std::vector<WorkItem>& items, int64_t rows_a, int64_t r
         for (int64_t ti = 0; ti < tiles_a; ++ti) {
           for (int64_t tj = symmetric ? ti : 0; tj < tiles_b; ++tj) {
             A tile[kTileRows][kTileRows];
-            tile_dots(a.rows.data() + ti * kTileRows, rb.rows.data() + tj * kTileRows, items[i].n, tile);
+            if (symmetric && ti == tj) {
+              diagonal_tile_dots(a.rows.data() + ti * kTileRows, items[i].n, tile);
+            } else {
+              tile_dots(a.rows.data() + ti * kTileRows, rb.rows.data() + tj * kTileRows, items[i].n, tile);
+            }
             for (int r = 0; r < kTileRows; ++r)
               for (int s = 0; s < kTileRows; ++s) item_sum[(ti * kTileRows + r) * padded_b + tj * kTileRows + s] = tile[r][s];
           }
