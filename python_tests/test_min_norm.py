@@ -7,10 +7,11 @@ problem on their own: λ on the simplex, (Gλ)_i ≥ λᵀGλ for every i, with 
 
 import functools
 
-import numpy as np
 import pytest
 import torch
-try:
+
+try:  # numpy only feeds hypothesis's array strategies
+    import numpy as np
     from hypothesis import given, settings
     from hypothesis import strategies as st
     from hypothesis.extra import numpy as hnp

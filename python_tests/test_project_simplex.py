@@ -1,10 +1,11 @@
 """molkernels.project_simplex: the Euclidean projection of each row onto the probability simplex,
 against the sorting reference (the kernels use Michelot's fixed point), on every backend."""
 
-import numpy as np
 import pytest
 import torch
-try:
+
+try:  # numpy only feeds hypothesis's array strategies
+    import numpy as np
     from hypothesis import given, settings
     from hypothesis import strategies as st
     from hypothesis.extra import numpy as hnp
