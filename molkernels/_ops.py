@@ -16,7 +16,6 @@ import torch
 from . import reference
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-OPS = ("gram", "cross_gram", "combine", "project_simplex", "min_norm")
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.molkernels.*)

@@ -30,8 +30,10 @@ def _check_scalar(value, name: str, *, allow_none: bool = False) -> None:
 
 def _aligned_blocks(params: Sequence[torch.Tensor], grads: Stack, K: int, name: str) -> List[torch.Tensor]:
     """grads as per-parameter blocks [K, *p.shape]; a flat [K, D] tensor is cut into views."""
-    if isinstance(grads, torch.Tensor) and grads.dim() == 2 and len(params) > 0 and (
-            len(params) > 1 or params[0].dim() != 1 or grads.shape[1] == params[0].numel()):
+    single_block = len(params) == 1 and isinstance(grads, torch.Tensor) and grads.shape[1:] == params[0].shape
+    if isinstance(grads, torch.Tensor) and not single_block:
+        if grads.dim() != 2:
+            raise ValueError(f"{name}: a tensor stack is one flat [K, D] buffer, got shape {tuple(grads.shape)}")
         total = sum(p.numel() for p in params)
         if grads.shape[1] != total:
             raise ValueError(f"{name}: flat stack has D = {grads.shape[1]} columns, the parameters have {total} elements")
