@@ -198,7 +198,11 @@ def _reference_op(name: str):
     def joint_gram(y, g):
         return reference.joint_gram(y, g).to(_out_dtype(g[0].dtype))
 
-    return {**locals(), "combine_into": reference.combine_into, "moco_track_combine": reference.track_combine}[name]
+    def fl_weighted_mean(x, weights, active):
+        return reference.masked_weighted_mean(x, weights, active).to(x.dtype)
+
+    return {**locals(), "combine_into": reference.combine_into, "moco_track_combine": reference.track_combine,
+            "fl_adam_step": reference.batched_adam_step, "fl_sgd_step": reference.batched_sgd_step}[name]
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:

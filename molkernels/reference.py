@@ -139,3 +139,77 @@ def track_combine(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor], scale: t
 def stack_blocks(g: Sequence[torch.Tensor]) -> torch.Tensor:
     """The blocks of a list stack side by side as one float64 [K, D] matrix (tests only)."""
     return torch.cat([_rows64(b) for b in g], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Federated: client-stacked optimiser steps [C, D]. Unlike the ops above these follow
+# torch.optim's own sequence of torch operations in the state's dtype (float32, float64 for float64
+# parameters), so that each active row equals, bit for bit, what torch.optim does for that client
+# alone; inactive rows are selected back unchanged with torch.where.
+
+
+def _compute_dtype(params: torch.Tensor) -> torch.dtype:
+    return torch.float64 if params.dtype == torch.float64 else torch.float32
+
+
+def _row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-client values [C] as a [C, 1, ...] column that broadcasts over a row of `like`."""
+    return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def batched_adam_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                      step: torch.Tensor, active: torch.Tensor, lr: float, beta1: float, beta2: float, eps: float,
+                      weight_decay: float) -> None:
+    """In place, for each active row c: step_c += 1, then torch.optim.Adam's update of row c with
+    its own bias corrections 1 − β^step_c (computed in float64 as torch does from a Python float,
+    then rounded to the state's dtype)."""
+    dtype = _compute_dtype(params)
+    new_step = step + active.to(step.dtype)
+    k = new_step.to(torch.float64)
+    bias_correction1 = 1.0 - torch.pow(beta1, k)
+    bias_correction2_sqrt = (1.0 - torch.pow(beta2, k)).sqrt()
+    neg_step_size = _row((-(lr / bias_correction1)).to(dtype), params)
+    bias_correction2_sqrt = _row(bias_correction2_sqrt.to(dtype), params)
+
+    p = params.to(dtype)
+    g = grads.to(dtype)
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    m = exp_avg.lerp(g, 1 - beta1)
+    v = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    p = p + (neg_step_size * m) / denom  # addcdiv's order: self + (value * t1) / t2
+
+    mask = _row(active, params)
+    params.copy_(torch.where(mask, p.to(params.dtype), params))
+    exp_avg.copy_(torch.where(mask, m, exp_avg))
+    exp_avg_sq.copy_(torch.where(mask, v, exp_avg_sq))
+    step.copy_(new_step)
+
+
+def batched_sgd_step(params: torch.Tensor, grads: torch.Tensor, momentum_buffer, active: torch.Tensor, lr: float,
+                     momentum: float, weight_decay: float) -> None:
+    """In place, for each active row: torch.optim.SGD's update (dampening 0, no Nesterov); a zero
+    momentum buffer row gives buf = grad, as torch's first step does."""
+    dtype = _compute_dtype(params)
+    p = params.to(dtype)
+    d = grads.to(dtype)
+    if weight_decay != 0:
+        d = d.add(p, alpha=weight_decay)
+    mask = _row(active, params)
+    if momentum != 0:
+        d = momentum_buffer.mul(momentum).add_(d)
+        momentum_buffer.copy_(torch.where(mask, d, momentum_buffer))
+    p = p.add(d, alpha=-lr)
+    params.copy_(torch.where(mask, p.to(params.dtype), params))
+
+
+def masked_weighted_mean(x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Σ_{active c} w_c x_c / Σ_{active c} w_c over the rows of x [C, D], in float64: shape [D];
+    all NaN when the active weights sum to zero (or no client is active). Inactive rows are never
+    read into the sum, so NaN or garbage there does not leak."""
+    w = torch.where(active, weights.to(torch.float64), 0.0)
+    rows = torch.where(_row(active, x), x.to(torch.float64), 0.0)
+    total = w.sum()
+    mean = torch.tensordot(w, rows, dims=1) / total
+    return torch.where(total != 0, mean, float("nan"))
