@@ -20,6 +20,10 @@ COMMANDS = {
     "demo": ("molkernels.demo", "check every backend against the reference, time it against torch, plot Gram throughput"),
     "bench": ("molkernels.bench", "benchmark an op against torch baselines (table, CSV, optional markdown)"),
     "toy": ("molkernels.toy", "reproduce the MoCo/MoDo toy claims and a small multi-task network (JSON, PNG)"),
+    "fl": ("molkernels.federated.cli",
+           "open federated learning under churn: local SGD/Adam, the stability radius against κ and σ (JSON, PNG)"),
+    "posttrain": ("molkernels.posttrain.experiment",
+                  "joint SFT + DPO post-training: Sequential, Mix, ALRIGHT, MAXRIGHT, MGDA, MoCo (JSON, Pareto PNG)"),
 }
 
 

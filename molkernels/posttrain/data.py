@@ -1,0 +1,203 @@
+"""Post-training data in TRL's record formats, tokenised once and batched deterministically.
+
+SFT records are {"prompt", "completion"}; preference records {"prompt", "chosen", "rejected"}, and
+may carry precomputed reference log-probabilities {"ref_chosen_logps", "ref_rejected_logps"}.
+Records come from a list of dicts or a JSONL file. A tokenizer is any callable str -> list of token
+ids with the attributes `eos_token_id` and `pad_token_id`; `ByteTokenizer` is the offline default
+and `HFTokenizer` wraps a transformers tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, List, Sequence, Union
+
+import torch
+
+IGNORE_INDEX = -100
+SFT_FIELDS = ("prompt", "completion")
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
+
+Records = Union[str, os.PathLike, Sequence[dict]]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255, then padding (256) and end of sequence (257)."""
+
+    pad_token_id = 256
+    eos_token_id = 257
+    vocab_size = 258
+
+    def __call__(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A transformers tokenizer as a callable without special tokens (the end-of-sequence token is
+    appended to responses by the datasets); padding falls back to the end-of-sequence token."""
+
+    def __init__(self, tokenizer):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer: has no eos_token_id")
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def __call__(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def load_records(source: Records, name: str) -> List[dict]:
+    """A list of records from a list of dicts or a JSONL file (one JSON object per line)."""
+    if isinstance(source, (str, os.PathLike)):
+        records = []
+        with open(source, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{name}: line {line_number} of {os.fspath(source)} is not JSON ({error})") from None
+        where = f"{os.fspath(source)}"
+    else:
+        records = list(source)
+        where = "the list"
+    if not records:
+        raise ValueError(f"{name}: no records in {where}")
+    return records
+
+
+def _check_record(record, index: int, fields: Sequence[str], name: str) -> None:
+    if not isinstance(record, dict):
+        raise ValueError(f"{name}: record {index} is a {type(record).__name__}, expected a dict with fields {fields}")
+    for field in fields:
+        if field not in record:
+            raise ValueError(f"{name}: record {index} is missing the field {field!r}")
+        if not isinstance(record[field], str):
+            raise ValueError(f"{name}: record {index} field {field!r} is a {type(record[field]).__name__}, expected str")
+
+
+def _response_ids(tokenize, prompt_ids: List[int], response: str, eos: int, max_length: int, name: str,
+                  index: int, field: str):
+    """prompt + response + eos, cut to max_length; the response keeps at least one token."""
+    response_ids = list(tokenize(response)) + [eos]
+    if len(prompt_ids) >= max_length:
+        raise ValueError(f"{name}: record {index} prompt has {len(prompt_ids)} tokens, leaving no room for the "
+                         f"{field!r} response within max_length={max_length}")
+    ids = (prompt_ids + response_ids)[:max_length]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
+    return ids, labels
+
+
+class _TokenizedDataset:
+    def __init__(self, tokenizer: Callable[[str], List[int]], max_length: int):
+        for attribute in ("eos_token_id", "pad_token_id"):
+            if not isinstance(getattr(tokenizer, attribute, None), int):
+                raise ValueError(f"tokenizer: needs an integer attribute {attribute!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length: expected an integer >= 2, got {max_length!r}")
+        self.pad_token_id = tokenizer.pad_token_id
+        self.max_length = max_length
+
+    def _pad(self, sequences: List[List[int]], value: int) -> torch.Tensor:
+        width = max(len(s) for s in sequences)
+        return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+    def _collate(self, ids: List[List[int]], labels: List[List[int]]) -> Dict[str, torch.Tensor]:
+        return {"input_ids": self._pad(ids, self.pad_token_id),
+                "attention_mask": self._pad([[1] * len(s) for s in ids], 0),
+                "labels": self._pad(labels, IGNORE_INDEX)}
+
+
+class SFTDataset(_TokenizedDataset):
+    """Tokenised {"prompt", "completion"} records; a batch is input_ids, attention_mask and labels
+    (the prompt and padding labelled -100), padded on the right."""
+
+    def __init__(self, records: Records, tokenizer: Callable[[str], List[int]], *, max_length: int = 512,
+                 name: str = "sft_data"):
+        super().__init__(tokenizer, max_length)
+        records = load_records(records, name)
+        self.ids, self.labels = [], []
+        for index, record in enumerate(records):
+            _check_record(record, index, SFT_FIELDS, name)
+            ids, labels = _response_ids(tokenizer, list(tokenizer(record["prompt"])), record["completion"],
+                                        tokenizer.eos_token_id, max_length, name, index, "completion")
+            self.ids.append(ids)
+            self.labels.append(labels)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
+        return self._collate([self.ids[i] for i in indices], [self.labels[i] for i in indices])
+
+
+class PreferenceDataset(_TokenizedDataset):
+    """Tokenised {"prompt", "chosen", "rejected"} records. A batch of B pairs holds 2B sequences,
+    the B chosen ones first, so that the policy scores both in one forward pass; with precomputed
+    reference log-probabilities it also holds "ref_chosen_logps" and "ref_rejected_logps" [B]."""
+
+    def __init__(self, records: Records, tokenizer: Callable[[str], List[int]], *, max_length: int = 512,
+                 name: str = "pref_data"):
+        super().__init__(tokenizer, max_length)
+        records = load_records(records, name)
+        self.chosen, self.rejected = [], []
+        # Precomputed reference log-probabilities are all or nothing: one record carrying them
+        # makes them required in every record.
+        with_reference = any(isinstance(r, dict) and any(f in r for f in REFERENCE_FIELDS) for r in records)
+        reference = []
+        for index, record in enumerate(records):
+            _check_record(record, index, PREFERENCE_FIELDS, name)
+            prompt_ids = list(tokenizer(record["prompt"]))
+            self.chosen.append(_response_ids(tokenizer, prompt_ids, record["chosen"], tokenizer.eos_token_id,
+                                             max_length, name, index, "chosen"))
+            self.rejected.append(_response_ids(tokenizer, prompt_ids, record["rejected"], tokenizer.eos_token_id,
+                                               max_length, name, index, "rejected"))
+            if with_reference:
+                for field in REFERENCE_FIELDS:
+                    if not isinstance(record.get(field), (int, float)) or isinstance(record.get(field), bool):
+                        raise ValueError(f"{name}: record {index} is missing the field {field!r} (other records "
+                                         f"carry precomputed reference log-probabilities)")
+                reference.append([float(record["ref_chosen_logps"]), float(record["ref_rejected_logps"])])
+        self.reference_logps = torch.tensor(reference, dtype=torch.float32) if with_reference else None
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def batch(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
+        pairs = [self.chosen[i] for i in indices] + [self.rejected[i] for i in indices]
+        out = self._collate([ids for ids, _ in pairs], [labels for _, labels in pairs])
+        if self.reference_logps is not None:
+            ref = self.reference_logps[list(indices)]
+            out["ref_chosen_logps"], out["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
+        return out
+
+
+class BatchStream:
+    """Batches of `batch_size` indices drawn without replacement, epoch after epoch, in an order
+    fixed by (seed, epoch): the position (a counter) is the whole state, so a resumed stream
+    continues identically."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.position = 0
+        self._epoch, self._order = -1, None
+
+    def next_indices(self) -> List[int]:
+        indices = []
+        for _ in range(self.batch_size):
+            epoch, offset = divmod(self.position, self.size)
+            if epoch != self._epoch:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._epoch, self._order = epoch, torch.randperm(self.size, generator=generator).tolist()
+            indices.append(self._order[offset])
+            self.position += 1
+        return indices

@@ -1,0 +1,235 @@
+"""`python -m molkernels posttrain`: every joint post-training method at the same step budget, from
+the same initial model, evaluated on held-out data along the way.
+
+The ideal point (f*_SFT, f*_DPO) is estimated by two single-objective runs (SFT only, DPO only) at
+the same budget: the lowest held-out value each reaches. Each method then reports its final
+held-out losses, its gaps to the ideal point, the Euclidean distance to it, the mean seconds per
+training step (evaluation excluded) and the peak memory of a step; the plot draws every method's
+path in the (f_SFT, f_DPO) plane with the ideal point, as in the ALRIGHT/MAXRIGHT paper's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+from typing import Dict, List
+
+import torch
+
+from .data import ByteTokenizer, HFTokenizer, PreferenceDataset, SFTDataset, load_records
+from .trainer import METHODS, JointTrainer
+
+DEFAULT_METHODS = ("sequential", "mix", "alright", "maxright", "mgda", "moco")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _synthetic_setup(args):
+    from .synthetic import make_data, tiny_llama
+
+    tokenizer = ByteTokenizer()
+    sft_train, pref_train = make_data(args.train_records, args.train_records, seed=args.seed + 1)
+    sft_eval, pref_eval = make_data(args.eval_records, args.eval_records, seed=args.seed + 2)
+    model = tiny_llama(args.seed, dtype=DTYPES[args.dtype])
+    return model, tokenizer, sft_train, pref_train, sft_eval, pref_eval
+
+
+def _split(records: List[dict], fraction: float, seed: int):
+    records = list(records)
+    random.Random(seed).shuffle(records)
+    n_eval = max(1, round(len(records) * fraction))
+    if n_eval >= len(records):
+        raise ValueError(f"--eval-fraction: leaves no training records out of {len(records)}")
+    return records[n_eval:], records[:n_eval]
+
+
+def _local_setup(args):
+    from transformers import AutoModelForCausalLM
+
+    if not (args.sft_data and args.pref_data):
+        raise SystemExit("--model: also give --sft-data and --pref-data (JSONL files)")
+    if args.tokenizer == "byte":
+        tokenizer = ByteTokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(args.model, local_files_only=True))
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=DTYPES[args.dtype])
+    sft_train, sft_eval = _split(load_records(args.sft_data, "--sft-data"), args.eval_fraction, args.seed)
+    pref_train, pref_eval = _split(load_records(args.pref_data, "--pref-data"), args.eval_fraction, args.seed)
+    return model, tokenizer, sft_train, pref_train, sft_eval, pref_eval
+
+
+def run_methods(model, tokenizer, sft_train, pref_train, sft_eval, pref_eval, *, methods, steps: int, seed: int,
+                lam: float, beta: float, lr: float, batch_size: int, eval_every: int, max_length: int,
+                max_eval_steps: int, device: str = "cpu", backend: str = "auto", progress: bool = True) -> dict:
+    """Run the single-objective references and then each method from the same initial weights."""
+    device = torch.device(device)
+    model = model.to(device)
+    initial = copy.deepcopy(model.state_dict())
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    sft_train = SFTDataset(sft_train, tokenizer, max_length=max_length, name="sft_data")
+    pref_train = PreferenceDataset(pref_train, tokenizer, max_length=max_length, name="pref_data")
+    sft_eval = SFTDataset(sft_eval, tokenizer, max_length=max_length, name="sft_eval")
+    pref_eval = PreferenceDataset(pref_eval, tokenizer, max_length=max_length, name="pref_eval")
+
+    def train(method: str, method_lam: float, optima=(None, None)) -> dict:
+        model.load_state_dict(initial)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        trainer = JointTrainer(model, optimizer, sft_train, pref_train, reference=reference, method=method,
+                               lam=method_lam, beta=beta, sft_opt=optima[0], dpo_opt=optima[1],
+                               max_eval_steps=max_eval_steps, total_steps=steps, batch_size=batch_size, seed=seed,
+                               backend=backend, progress=progress)
+        path = [{"step": 0, **trainer.evaluate(sft_eval, pref_eval)}]
+        while trainer.step_count < steps:
+            trainer.train(min(eval_every, steps - trainer.step_count))
+            path.append({"step": trainer.step_count, **trainer.evaluate(sft_eval, pref_eval)})
+        history = trainer.history
+        dpo_steps = sum(1 for r in history if "dpo" in r["trained"])
+        return {"path": path, "final": path[-1],
+                "seconds_per_step": sum(r["seconds"] for r in history) / len(history),
+                "peak_mem_bytes": max(r["peak_mem_bytes"] for r in history),
+                "dpo_step_fraction": dpo_steps / len(history),
+                "weights": history[-1].get("weights")}
+
+    started = time.perf_counter()
+    single = {"sft": train("sequential", 0.0), "dpo": train("sequential", 1.0)}
+    ideal = {"sft_loss": min(p["sft_loss"] for p in single["sft"]["path"]),
+             "dpo_loss": min(p["dpo_loss"] for p in single["dpo"]["path"])}
+    results = {}
+    for method in methods:
+        run = train(method, lam, optima=(ideal["sft_loss"], ideal["dpo_loss"]))
+        final = run["final"]
+        sft_gap, dpo_gap = final["sft_loss"] - ideal["sft_loss"], final["dpo_loss"] - ideal["dpo_loss"]
+        results[method] = {"sft_loss": final["sft_loss"], "dpo_loss": final["dpo_loss"], "sft_gap": sft_gap,
+                           "dpo_gap": dpo_gap, "ideal_distance": math.hypot(sft_gap, dpo_gap),
+                           "seconds_per_step": run["seconds_per_step"], "peak_mem_bytes": run["peak_mem_bytes"],
+                           "dpo_step_fraction": run["dpo_step_fraction"], "final_weights": run["weights"],
+                           "path": run["path"]}
+    # A one-objective-per-step method costs the λ-weighted mean of the two single-objective steps.
+    one_objective = (1 - lam) * single["sft"]["seconds_per_step"] + lam * single["dpo"]["seconds_per_step"]
+    return {"steps": steps, "seed": seed, "lam": lam, "beta": beta, "lr": lr, "batch_size": batch_size,
+            "ideal": ideal, "one_objective_seconds_per_step": one_objective,
+            "single_objective": {k: {"seconds_per_step": v["seconds_per_step"], "peak_mem_bytes": v["peak_mem_bytes"],
+                                     "path": v["path"]} for k, v in single.items()},
+            "methods": results, "claims": claims(results, one_objective),
+            "seconds": time.perf_counter() - started}
+
+
+def claims(results: Dict[str, dict], one_objective: float) -> dict:
+    """The paper's claims checked on this run (None where a method was not run)."""
+    def get(method, key):
+        return results[method][key] if method in results else None
+
+    def closer(method):
+        if method not in results or "sequential" not in results:
+            return None
+        return get(method, "ideal_distance") < get("sequential", "ideal_distance")
+
+    alright_cost = get("alright", "seconds_per_step")
+    return {"alright_closer_than_sequential": closer("alright"),
+            "maxright_closer_than_sequential": closer("maxright"),
+            "alright_step_cost_ratio": None if alright_cost is None else alright_cost / one_objective,
+            "alright_within_5pct_of_one_objective": None if alright_cost is None else
+            abs(alright_cost / one_objective - 1) <= 0.05,
+            "mix_costs_more_than_alright": None if alright_cost is None or "mix" not in results else
+            get("mix", "seconds_per_step") > alright_cost}
+
+
+def print_result(result: dict) -> None:
+    ideal = result["ideal"]
+    print(f"ideal point (single-objective runs): f*_SFT = {ideal['sft_loss']:.3f}, f*_DPO = {ideal['dpo_loss']:.4f}; "
+          f"one-objective step {result['one_objective_seconds_per_step'] * 1e3:.1f} ms")
+    header = f"{'method':<11}{'SFT loss':>10}{'DPO loss':>10}{'SFT gap':>10}{'DPO gap':>10}{'distance':>10}" \
+             f"{'ms/step':>9}{'peak MiB':>10}"
+    print(header)
+    for method, r in result["methods"].items():
+        print(f"{method:<11}{r['sft_loss']:>10.3f}{r['dpo_loss']:>10.4f}{r['sft_gap']:>10.3f}{r['dpo_gap']:>10.4f}"
+              f"{r['ideal_distance']:>10.3f}{r['seconds_per_step'] * 1e3:>9.1f}{r['peak_mem_bytes'] / 2**20:>10.0f}")
+    print("claims:", ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result["claims"].items()))
+
+
+def plot_result(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 5))
+    for name, run in list(result["methods"].items()):
+        xs = [p["sft_loss"] for p in run["path"]]
+        ys = [p["dpo_loss"] for p in run["path"]]
+        line, = ax.plot(xs, ys, marker=".", markersize=3, linewidth=1, label=name)
+        ax.plot(xs[-1], ys[-1], marker="o", color=line.get_color())
+    for name, run in result["single_objective"].items():
+        xs = [p["sft_loss"] for p in run["path"]]
+        ys = [p["dpo_loss"] for p in run["path"]]
+        ax.plot(xs, ys, linestyle=":", color="gray", linewidth=1)
+    ideal = result["ideal"]
+    ax.plot(ideal["sft_loss"], ideal["dpo_loss"], marker="*", markersize=14, color="black", linestyle="none",
+            label="ideal point")
+    ax.set_xlabel("SFT loss (held out)")
+    ax.set_ylabel("DPO loss (held out)")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_title(f"joint post-training, {result['steps']} steps, λ = {result['lam']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per method (default 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lam", type=float, default=0.5, help="weight λ of the DPO objective (default 0.5)")
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO β (default 0.1)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=20, help="held-out evaluation period in steps")
+    parser.add_argument("--max-eval-steps", type=int, default=10, help="MAXRIGHT's gap refresh period")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--train-records", type=int, default=512, help="synthetic training records per objective")
+    parser.add_argument("--eval-records", type=int, default=64, help="synthetic held-out records per objective")
+    parser.add_argument("--model", default=None, help="a local HF causal LM directory (default: a tiny random Llama)")
+    parser.add_argument("--sft-data", default=None, help="JSONL of {prompt, completion} records (with --model)")
+    parser.add_argument("--pref-data", default=None, help="JSONL of {prompt, chosen, rejected} records (with --model)")
+    parser.add_argument("--tokenizer", choices=("auto", "byte"), default="auto",
+                        help="with --model: the model's own tokenizer (auto) or the byte tokenizer")
+    parser.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of --sft-data/--pref-data")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="auto", help="molkernels backend of the mgda/moco steps")
+    parser.add_argument("--out", default="molkernels-posttrain", help="output folder")
+    parser.add_argument("--json", default=None, help="JSON output (default OUT/posttrain.json)")
+    parser.add_argument("--plot", default=None, help="PNG Pareto plot (default OUT/posttrain.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
+    if args.steps < 1 or args.eval_every < 1:
+        raise SystemExit("--steps and --eval-every: at least 1")
+    os.makedirs(args.out, exist_ok=True)
+    json_path = args.json or os.path.join(args.out, "posttrain.json")
+    plot_path = args.plot or os.path.join(args.out, "posttrain.png")
+    setup = _local_setup(args) if args.model else _synthetic_setup(args)
+    result = run_methods(*setup, methods=methods, steps=args.steps, seed=args.seed, lam=args.lam, beta=args.beta,
+                         lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
+                         max_length=args.max_length, max_eval_steps=args.max_eval_steps, device=args.device,
+                         backend=args.backend)
+    result["model"] = args.model or "tiny random Llama (synthetic translation data)"
+    print_result(result)
+    plot_result(result, plot_path)
+    result["plot"] = plot_path
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {json_path} and {plot_path} ({result['seconds']:.1f} s)")
+    return 0

@@ -1,0 +1,104 @@
+"""Losses of SFT and preference learning for causal LMs, on logits [B, T, V] and labels [B, T].
+
+Labels follow the transformers convention: position t of `labels` is the token at position t of the
+input, prompt and padding positions hold `ignore_index`, and the logits at position t predict the
+token at t + 1 (the one-token shift happens here). Log-probabilities are computed in float32 (bf16
+and fp16 logits are upcast) as logit − logsumexp(logits), without materialising log_softmax.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or not logits.is_floating_point():
+        raise ValueError(f"logits: expected a floating [B, T, V] tensor, got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])} to match logits [B, T, V], got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
+
+
+def _token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """log p(token_{t+1} | ..t) for t < T − 1 and the mask of response tokens, both [B, T − 1]."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != ignore_index
+    picked = logits.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1), mask
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Supervised fine-tuning loss: the mean over all response tokens of the batch of
+    −log p(y_{t+1} | y_{≤t}) (token mean, not a mean of per-sequence means). A batch without
+    response tokens gives NaN (the data layer refuses such records)."""
+    _check_logits_labels(logits, labels)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=ignore_index)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-sequence log-probability of the response, Σ_t log p(y_{t+1} | y_{≤t}) over response
+    tokens: a float32 [B] tensor."""
+    _check_logits_labels(logits, labels)
+    logps, mask = _token_logps(logits, labels, ignore_index)
+    return (logps * mask).sum(-1)
+
+
+class DPOOutput(NamedTuple):
+    """The DPO loss (mean over the batch) and the implicit rewards β(log π − log π_ref) of the
+    chosen and rejected responses ([B] each, detached)."""
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *, beta: float = 0.1,
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> DPOOutput:
+    """Direct preference optimisation (Rafailov et al., 2023) on sequence log-probabilities [B].
+
+    With h = (π_c − π_r) − (ref_c − ref_r), the per-pair losses are
+        sigmoid: −(1−ε)·log σ(βh) − ε·log σ(−βh)    (ε = label_smoothing; conservative DPO)
+        ipo:     (h − 1/(2β))²                       (Azar et al., 2023)
+        hinge:   max(0, 1 − βh)                      (SLiC)
+    and the loss is their mean over the batch.
+    """
+    named = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
+             "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or not value.is_floating_point():
+            raise ValueError(f"{name}: expected a floating [B] tensor of sequence log-probabilities, got "
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+    batch = policy_chosen_logps.shape[0]
+    for name, value in named.items():
+        if value.shape[0] != batch:
+            raise ValueError(f"{name}: has batch size {value.shape[0]}, policy_chosen_logps has {batch} "
+                             f"(chosen and rejected must pair up)")
+    if batch == 0:
+        raise ValueError("policy_chosen_logps: the batch is empty")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0 or beta == float("inf"):
+        raise ValueError(f"beta: expected a finite number > 0, got {beta!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = torch.relu(1 - beta * h)
+    return DPOOutput(losses.mean(), (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())

@@ -1,0 +1,387 @@
+"""JointTrainer: SFT and preference learning (DPO) trained together instead of one after the other.
+
+Methods (λ ∈ [0, 1] weighs the preference objective, 1 − λ the SFT objective):
+
+    sequential  SFT for the first round((1 − λ)·total_steps) steps, then DPO (the usual pipeline)
+    mix         (1 − λ)·f_SFT + λ·f_DPO on one batch of each per step
+    alright     each step f_DPO with probability λ, else f_SFT: one objective per step
+    maxright    each step the objective with the larger weighted optimality gap,
+                (1 − λ)(f_SFT − f*_SFT) against λ(f_DPO − f*_DPO); the trained objective's gap is
+                updated from the loss just computed, the other one is stale until both are
+                refreshed by a no-grad evaluation every max_eval_steps steps
+    mgda        both objectives' gradients into one flat [2, D] buffer, combined by the fused
+                min-norm step (molkernels.mgda_step): d = λ₁g_SFT + λ₂g_DPO of minimum norm
+    moco        the same buffer through molkernels.moco_step (tracked gradients, projected λ step)
+
+ALRIGHT and MAXRIGHT are Fernando et al., "Mitigating Forgetting in LLM Supervised Fine-Tuning and
+Preference Learning" (2024). Every method ends with `optimizer.step()` on p.grad, so any torch
+optimizer works.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import resource
+import time
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .._stack import flat_buffer
+from ..steps import MoCoState, mgda_step, moco_step
+from .data import BatchStream, ByteTokenizer, PreferenceDataset, SFTDataset
+from .losses import LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
+
+METHODS = ("sequential", "mix", "alright", "maxright", "mgda", "moco")
+OBJECTIVES = ("sft", "dpo")
+
+
+def model_logits(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The [B, T, V] logits of a causal LM: an HF model's output.logits, or the tensor (or first
+    element of the tuple) that a plain module returns."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0]
+
+
+@torch.no_grad()
+def precompute_reference_logps(model, data: PreferenceDataset, *, batch_size: int = 16) -> None:
+    """Score every pair of `data` once with the (frozen) reference `model` and keep the sequence
+    log-probabilities in the dataset, so that training needs no reference forward passes."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores = []
+    for start in range(0, len(data), batch_size):
+        indices = list(range(start, min(start + batch_size, len(data))))
+        batch = {k: v.to(device) for k, v in data.batch(indices).items() if k in ("input_ids", "attention_mask", "labels")}
+        logps = sequence_logps(model_logits(model, batch), batch["labels"]).float().cpu()
+        scores.append(torch.stack([logps[:len(indices)], logps[len(indices):]], dim=1))
+    model.train(was_training)
+    data.reference_logps = torch.cat(scores)
+
+
+class _PeakMemory:
+    """Peak memory of a step: torch's allocator peak on CUDA; on CPU the process's peak resident
+    set (VmHWM, reset per step through /proc/self/clear_refs where Linux allows it, else the
+    lifetime peak)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.resettable = device.type != "cuda" and os.access("/proc/self/clear_refs", os.W_OK)
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.resettable:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def read(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _check_number(value, name: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < low or value > high or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ValueError(f"{name}: expected a finite number in {bound}, got {value!r}")
+    return float(value)
+
+
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+class JointTrainer:
+    """Joint SFT + DPO training of a causal LM (see the module docstring for the methods).
+
+    policy: any module called as policy(input_ids=..., attention_mask=...) that returns logits
+    (HF transformers models, PEFT models), fp32 or bf16; its parameters with requires_grad are
+    trained. optimizer: any torch optimizer over them. sft_data / pref_data: SFTDataset /
+    PreferenceDataset, or records (a list of dicts or a JSONL path) tokenised by `tokenizer`
+    (ByteTokenizer by default).
+    reference: the DPO reference model. None: the precomputed log-probabilities of pref_data if it
+    has them, else a frozen copy of the policy as it is now; a module: that model, frozen;
+    "adapters": the policy itself with its PEFT adapters disabled (policy.disable_adapter()).
+    sft_opt / dpo_opt: the optimal values f* of MAXRIGHT's gaps (default 0, a lower bound of every
+    loss here); single-objective runs estimate them. total_steps: the step budget that
+    `sequential` splits. grad_accum: micro-batches of batch_size per objective per step.
+    moco_beta / moco_gamma: MoCo's tracking and λ step sizes. seed fixes the data order and
+    ALRIGHT's draws; with a deterministic model the run is reproducible and state_dict() /
+    load_state_dict() resume it identically.
+    """
+
+    def __init__(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, sft_data, pref_data, *,
+                 reference=None, method: str = "alright", lam: float = 0.5, beta: float = 0.1,
+                 loss_type: str = "sigmoid", label_smoothing: float = 0.0, sft_opt: Optional[float] = None,
+                 dpo_opt: Optional[float] = None, max_eval_steps: int = 10, total_steps: Optional[int] = None,
+                 batch_size: int = 8, grad_accum: int = 1, tokenizer=None, max_length: int = 512,
+                 moco_beta: float = 0.5, moco_gamma: float = 0.1, seed: int = 0, backend: str = "auto",
+                 progress: bool = True):
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+        self.lam = _check_number(lam, "lam", 0.0, 1.0)
+        self.beta = _check_number(beta, "beta", 0.0, low_open=True)
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+        self.label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 0.5)
+        self.optima = {"sft": 0.0 if sft_opt is None else _check_number(sft_opt, "sft_opt", -math.inf),
+                       "dpo": 0.0 if dpo_opt is None else _check_number(dpo_opt, "dpo_opt", -math.inf)}
+        self.max_eval_steps = _check_count(max_eval_steps, "max_eval_steps")
+        self.grad_accum = _check_count(grad_accum, "grad_accum")
+        _check_count(batch_size, "batch_size")
+        if method == "sequential":
+            if total_steps is None:
+                raise ValueError("total_steps: `sequential` splits a step budget between its phases; give total_steps")
+        if total_steps is not None:
+            _check_count(total_steps, "total_steps")
+        self.total_steps = total_steps
+        self.moco_beta = _check_number(moco_beta, "moco_beta", 0.0, 1.0)
+        self.moco_gamma = _check_number(moco_gamma, "moco_gamma", 0.0)
+
+        self.policy, self.optimizer, self.method, self.loss_type = policy, optimizer, method, loss_type
+        self.backend, self.progress, self.seed = backend, progress, seed
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("policy: has no parameters with requires_grad=True")
+        self.device = self.params[0].device
+        tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
+        self.sft_data = sft_data if isinstance(sft_data, SFTDataset) else \
+            SFTDataset(sft_data, tokenizer, max_length=max_length, name="sft_data")
+        self.pref_data = pref_data if isinstance(pref_data, PreferenceDataset) else \
+            PreferenceDataset(pref_data, tokenizer, max_length=max_length, name="pref_data")
+        self.reference = self._resolve_reference(reference)
+
+        self.streams = {"sft": BatchStream(len(self.sft_data), batch_size, seed),
+                        "dpo": BatchStream(len(self.pref_data), batch_size, seed + 1)}
+        self.choice_generator = torch.Generator().manual_seed(seed + 2)
+        self.gaps = {"sft": math.inf, "dpo": math.inf}
+        self.step_count = 0
+        self.history: List[dict] = []
+        self.memory = _PeakMemory(self.device)
+        if method in ("mgda", "moco"):
+            dtypes = {p.dtype for p in self.params}
+            if len(dtypes) != 1:
+                raise ValueError(f"policy: mgda/moco need one dtype for all trainable parameters, got {sorted(map(str, dtypes))}")
+            self.grads_flat, self.grads = flat_buffer([p.shape for p in self.params], 2, dtype=self.params[0].dtype,
+                                                      device=self.device)
+            state_dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
+            self.moco_state = MoCoState(self.params, 2, dtype=state_dtype) if method == "moco" else None
+
+    # ----------------------------------------------------------------------------- reference
+
+    def _resolve_reference(self, reference):
+        if reference is None:
+            if self.pref_data.reference_logps is not None:
+                return "precomputed"
+            reference = copy.deepcopy(self.policy)
+        if isinstance(reference, str):
+            if reference == "adapters":
+                if not hasattr(self.policy, "disable_adapter"):
+                    raise ValueError("reference: 'adapters' needs a PEFT policy with disable_adapter()")
+                return reference
+            if reference == "precomputed":
+                if self.pref_data.reference_logps is None:
+                    raise ValueError("reference: 'precomputed' needs ref_chosen_logps/ref_rejected_logps in pref_data "
+                                     "(see precompute_reference_logps)")
+                return reference
+            raise ValueError(f"reference: expected None, a module, 'adapters' or 'precomputed', got {reference!r}")
+        if not isinstance(reference, torch.nn.Module):
+            raise ValueError(f"reference: expected None, a module, 'adapters' or 'precomputed', got "
+                             f"{type(reference).__name__}")
+        reference.eval()
+        reference.requires_grad_(False)
+        return reference
+
+    @torch.no_grad()
+    def _reference_logps(self, batch):
+        if self.reference == "precomputed":
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if self.reference == "adapters":
+            with self.policy.disable_adapter():
+                logps = sequence_logps(model_logits(self.policy, batch), batch["labels"])
+        else:
+            logps = sequence_logps(model_logits(self.reference, batch), batch["labels"])
+        half = logps.shape[0] // 2
+        return logps[:half], logps[half:]
+
+    # ----------------------------------------------------------------------------- objectives
+
+    def _batch(self, objective: str) -> Dict[str, torch.Tensor]:
+        data = self.sft_data if objective == "sft" else self.pref_data
+        batch = data.batch(self.streams[objective].next_indices())
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def objective(self, name: str, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """f_SFT or f_DPO of the policy on a batch (with autograd unless called under no_grad)."""
+        logits = model_logits(self.policy, batch)
+        if name == "sft":
+            return sft_loss(logits, batch["labels"])
+        logps = sequence_logps(logits, batch["labels"])
+        half = logps.shape[0] // 2
+        ref_chosen, ref_rejected = self._reference_logps(batch)
+        return dpo_loss(logps[:half], logps[half:], ref_chosen, ref_rejected, beta=self.beta,
+                        label_smoothing=self.label_smoothing, loss_type=self.loss_type).loss
+
+    def _weights(self) -> Dict[str, float]:
+        """The objectives this step trains and their weights in the loss."""
+        t = self.step_count
+        if self.method == "sequential":
+            switch = round((1 - self.lam) * self.total_steps)
+            return {"sft": 1.0} if t < switch else {"dpo": 1.0}
+        if self.method == "mix":
+            return {"sft": 1 - self.lam, "dpo": self.lam}
+        if self.method == "alright":
+            draw = torch.rand((), generator=self.choice_generator).item()
+            return {"dpo": 1.0} if draw < self.lam else {"sft": 1.0}
+        if self.method == "maxright":
+            return {max(OBJECTIVES, key=lambda o: (self.gaps[o], o == "dpo")): 1.0}
+        return {"sft": 1.0, "dpo": 1.0}
+
+    def _gap(self, name: str, value: float) -> float:
+        weight = self.lam if name == "dpo" else 1 - self.lam
+        return weight * (value - self.optima[name])
+
+    # ----------------------------------------------------------------------------- steps
+
+    def step(self) -> dict:
+        """One training step; returns (and appends to self.history) its metrics."""
+        self.memory.reset()
+        start = time.perf_counter()
+        record = {"step": self.step_count}
+        first_batches = {}
+        if self.method == "maxright" and self.step_count % self.max_eval_steps == 0:
+            first_batches = {o: self._batch(o) for o in OBJECTIVES}
+            with torch.no_grad():
+                for o in OBJECTIVES:
+                    self.gaps[o] = self._gap(o, self.objective(o, first_batches[o]).item())
+            record["refreshed"] = True
+        weights = self._weights()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = {o: 0.0 for o in weights}
+        if self.method in ("mgda", "moco"):
+            self.grads_flat.zero_()
+        for micro in range(self.grad_accum):
+            values = {}
+            for o in weights:
+                batch = first_batches.pop(o) if o in first_batches else self._batch(o)
+                values[o] = self.objective(o, batch)
+            if self.method in ("mgda", "moco"):
+                for row, o in enumerate(OBJECTIVES):
+                    grads = torch.autograd.grad(values[o] / self.grad_accum, self.params, allow_unused=True,
+                                                retain_graph=row == 0)
+                    for view, g in zip(self.grads, grads):
+                        if g is not None:
+                            view[row].add_(g)
+            else:
+                total = sum(weights[o] * values[o] for o in weights)
+                (total / self.grad_accum).backward()
+            for o in weights:
+                losses[o] += values[o].detach() / self.grad_accum
+        if self.method == "mgda":
+            record["weights"] = mgda_step(self.params, self.grads_flat, backend=self.backend)
+        elif self.method == "moco":
+            record["weights"] = moco_step(self.params, self.grads_flat, self.moco_state, beta=self.moco_beta,
+                                          gamma=self.moco_gamma, backend=self.backend)
+        self.optimizer.step()
+        for o, value in losses.items():
+            record[f"{o}_loss"] = value.item()
+            self.gaps[o] = self._gap(o, record[f"{o}_loss"])
+        if "weights" in record:
+            record["weights"] = record["weights"].tolist()
+        record["trained"] = sorted(weights)
+        record["sft_gap"], record["dpo_gap"] = self.gaps["sft"], self.gaps["dpo"]
+        record["seconds"] = time.perf_counter() - start
+        record["peak_mem_bytes"] = self.memory.read()
+        self.step_count += 1
+        self.history.append(record)
+        return record
+
+    def train(self, steps: int, *, callback=None) -> List[dict]:
+        """Run `steps` steps under a tqdm bar; callback(trainer, record) after each one."""
+        _check_count(steps, "steps")
+        records = []
+        bar = tqdm(range(steps), desc=self.method, disable=not self.progress, leave=False)
+        for _ in bar:
+            record = self.step()
+            records.append(record)
+            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("sft_loss", "dpo_loss") if k in record})
+            if callback is not None:
+                callback(self, record)
+        return records
+
+    @torch.no_grad()
+    def evaluate(self, sft_data: SFTDataset, pref_data: PreferenceDataset, *, batch_size: int = 32) -> Dict[str, float]:
+        """Held-out f_SFT (token mean over the whole set) and f_DPO (mean over pairs), no grad."""
+        was_training = self.policy.training
+        self.policy.eval()
+        totals = {"sft": 0.0, "dpo": 0.0}
+        tokens = 0
+        for start in range(0, len(sft_data), batch_size):
+            batch = {k: v.to(self.device) for k, v in sft_data.batch(range(start, min(start + batch_size, len(sft_data)))).items()}
+            count = int((batch["labels"][:, 1:] != -100).sum())
+            totals["sft"] += sft_loss(model_logits(self.policy, batch), batch["labels"]).item() * count
+            tokens += count
+        for start in range(0, len(pref_data), batch_size):
+            indices = range(start, min(start + batch_size, len(pref_data)))
+            batch = {k: v.to(self.device) for k, v in pref_data.batch(indices).items()}
+            totals["dpo"] += self.objective("dpo", batch).item() * len(indices)
+        self.policy.train(was_training)
+        return {"sft_loss": totals["sft"] / tokens, "dpo_loss": totals["dpo"] / len(pref_data)}
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue identically: the policy, the optimizer, an
+        owned reference copy, the data positions, the random generators, MAXRIGHT's gaps, MoCo's
+        state and the history."""
+        state = {"method": self.method, "step": self.step_count, "policy": self.policy.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "gaps": dict(self.gaps),
+                 "streams": {o: s.position for o, s in self.streams.items()},
+                 "choice_generator": self.choice_generator.get_state(), "torch_rng": torch.get_rng_state(),
+                 "history": copy.deepcopy(self.history)}
+        if isinstance(self.reference, torch.nn.Module):
+            state["reference"] = self.reference.state_dict()
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.method == "moco":
+            state["moco"] = self.moco_state.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["method"] != self.method:
+            raise ValueError(f"state: saved by method {state['method']!r}, this trainer runs {self.method!r}")
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "reference" in state and isinstance(self.reference, torch.nn.Module):
+            self.reference.load_state_dict(state["reference"])
+        self.step_count = int(state["step"])
+        self.gaps = dict(state["gaps"])
+        for o, position in state["streams"].items():
+            self.streams[o].position = int(position)
+        self.choice_generator.set_state(state["choice_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if self.method == "moco":
+            self.moco_state.load_state_dict(state["moco"])
+        self.history = copy.deepcopy(state["history"])
+
