@@ -143,18 +143,20 @@ class FLConfig:
 
 class OpenFLSimulator:
     """`OpenFLSimulator(FLConfig(...))` or `OpenFLSimulator(algorithm=..., kappa=..., ...)`;
-    `problem=` replaces the problem that the config would build (same number of slots)."""
+    `problem_instance=` replaces the problem that the config would build (same number of slots)."""
 
-    def __init__(self, config: Optional[FLConfig] = None, *, problem: Optional[Problem] = None, **overrides):
+    def __init__(self, config: Optional[FLConfig] = None, *, problem_instance: Optional[Problem] = None,
+                 **overrides):
         config = dataclasses.replace(config or FLConfig(), **overrides)
         self.config = config.validate()
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
+        problem = problem_instance
         if problem is None:
             problem = make_problem(config.problem, config.clients, dim=config.dim, kappa=config.kappa,
                                    sigma=config.sigma, device=self.device, dtype=self.dtype, **config.problem_options)
         elif problem.clients != config.clients:
-            raise ValueError(f"problem: has {problem.clients} client slots, config.clients is {config.clients}")
+            raise ValueError(f"problem_instance: has {problem.clients} client slots, config.clients is {config.clients}")
         self.problem = problem
         C, D = config.clients, problem.dim
         self.dim = D
@@ -193,6 +195,12 @@ class OpenFLSimulator:
             return torch.ones(self.config.clients, device=self.device, dtype=self.dtype)
         return self.problem.sizes()
 
+    def on_join(self, joined: torch.Tensor) -> None:
+        """New clients in the slots of the bool mask `joined`: fresh optimiser state rows
+        (state_on_join="reset"), or the slot's previous state ("inherit")."""
+        if self.config.state_on_join == "reset":
+            kernels.reset_client_state(joined, *self.optimizer_state())
+
     def local_step(self, grads: torch.Tensor, active: torch.Tensor) -> None:
         """One local step of every active client: one kernel call for all rows."""
         c = self.config
@@ -210,8 +218,7 @@ class OpenFLSimulator:
         c, g = self.config, self.generator
         joined, left = self.population.step(g)
         self.problem.renew(joined, g)
-        if c.state_on_join == "reset":
-            kernels.reset_client_state(joined, *self.optimizer_state())
+        self.on_join(joined)
         active = self.population.active
         weights = self.weights()
         n_active = int(active.sum())

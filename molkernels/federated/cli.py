@@ -1,0 +1,415 @@
+"""`python -m molkernels fl`: the stability radius of open federated learning, measured.
+
+    python -m molkernels fl --algorithm local_adam --problem quadratic --kappa 10 --sigma 1 \\
+        --clients 100 --join-rate 0.1 --leave-rate 0.1 --local-steps 5 --rounds 200 --seeds 3 \\
+        --json fl.json --plot fl.png
+    python -m molkernels fl --sweep kappa=1,10,100,1000      # both algorithms, radius against κ
+    python -m molkernels fl --sweep sigma=0,0.25,1,4,16
+
+When clients join and leave there is no fixed model to converge to: the population, and with it the
+optimum x*_t of Σ_{c active} w_c f_c, changes every round. What can be guaranteed is stability: the
+server model stays within a bounded radius of the current optimum. The run measures, per round,
+‖x_t − x*_t‖ (simulator.py), and
+
+    radius      = the mean of ‖x_t − x*_t‖ over the second half of the rounds, averaged over seeds
+    radius_max  = the max of ‖x_t − x*_t‖ over the second half, averaged over seeds
+    drift       = mean over the last quarter / mean over the second quarter (≈ 1: no growth)
+
+A setting is "bounded" when every distance is finite and drift < 1.5 in every seed. A sweep runs
+both algorithms (or the one --algorithm names) at every value, on the same seeds, and says whether
+the radius grows with the swept value (strictly increasing along the values, and the log-log
+slope); the JSON and the plot keep the verdicts, whichever way they come out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+SWEEPABLE = {"kappa": float, "sigma": float, "join_rate": float, "leave_rate": float, "local_steps": int,
+             "lr": float, "server_lr": float, "clients": int}
+DEFAULT_SEEDS = 3
+DRIFT_LIMIT = 1.5
+LABELS = {"local_sgd": "local SGD", "local_adam": "local Adam"}
+COLORS = {"local_sgd": "tab:blue", "local_adam": "tab:red"}
+
+
+def parse_sweep(text: str):
+    """'kappa=1,10,100' -> ('kappa', [1.0, 10.0, 100.0]); ValueError naming what is wrong."""
+    if "=" not in text:
+        raise ValueError(f"--sweep: expected NAME=V1,V2,..., got {text!r}")
+    name, values = text.split("=", 1)
+    name = name.strip().replace("-", "_")
+    if name not in SWEEPABLE:
+        raise ValueError(f"--sweep: cannot sweep {name!r}; expected one of {', '.join(SWEEPABLE)}")
+    cast = SWEEPABLE[name]
+    try:
+        parsed = [cast(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--sweep: {name} values must be {cast.__name__}s, got {values!r}") from None
+    if not parsed:
+        raise ValueError(f"--sweep: no values for {name}")
+    return name, sorted(set(parsed))
+
+
+def second_half(values: Sequence[float]) -> List[float]:
+    return [v for v in values[len(values) // 2:] if v == v]  # drop NaN (rounds without clients)
+
+
+def summarise_run(history: List[dict]) -> dict:
+    """One seed's radius (mean and max of the distance over the second half) and drift."""
+    import numpy as np
+
+    d = np.array([r["distance"] for r in history], dtype=float)
+    T = len(d)
+    tail = np.array(second_half(list(d)))
+    q2, q4 = d[T // 4:T // 2], d[3 * T // 4:]
+    q2m, q4m = np.nanmean(q2) if np.isfinite(q2).any() else np.nan, np.nanmean(q4) if np.isfinite(q4).any() else np.nan
+    finite = bool(np.isfinite(d[~np.isnan(d)]).all()) and tail.size > 0
+    drift = float(q4m / q2m) if q2m > 0 else float("nan")
+    return {"radius": float(tail.mean()) if tail.size else float("nan"),
+            "radius_max": float(tail.max()) if tail.size else float("nan"),
+            "drift": drift, "bounded": bool(finite and drift < DRIFT_LIMIT),
+            "mean_active": float(np.mean([r["active"] for r in history])) if history else float("nan"),
+            "empty_rounds": int(sum(r["active"] == 0 for r in history))}
+
+
+def run_setting(config, seeds: Sequence[int], progress=None) -> dict:
+    """`config` (an FLConfig) on every seed: per-seed histories and summaries, and the averages."""
+    import numpy as np
+    import torch
+
+    from .simulator import METRICS, OpenFLSimulator
+
+    runs = []
+    threads = torch.get_num_threads()
+    if config.device == "cpu":
+        torch.set_num_threads(1)  # [C, D] of a few thousand floats: threads only add overhead
+    try:
+        for seed in seeds:
+            sim = OpenFLSimulator(config, seed=seed)
+            started = time.perf_counter()
+            history = sim.run(callback=(lambda _: progress.update(1)) if progress is not None else None)
+            seconds = time.perf_counter() - started
+            runs.append(dict(summarise_run(history), seed=seed, seconds=seconds,
+                             history={m: [r[m] for r in history] for m in METRICS}))
+    finally:
+        torch.set_num_threads(threads)
+    per_seed = [r["radius"] for r in runs]
+    return {
+        "radius": float(np.mean(per_seed)),
+        "radius_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+        "radius_max": float(np.mean([r["radius_max"] for r in runs])),
+        "radius_per_seed": per_seed,
+        "bounded": all(r["bounded"] for r in runs),
+        "drift": [r["drift"] for r in runs],
+        "mean_active": float(np.mean([r["mean_active"] for r in runs])),
+        "empty_rounds": sum(r["empty_rounds"] for r in runs),
+        "ms_per_round": 1e3 * sum(r["seconds"] for r in runs) / max(1, sum(len(r["history"]["distance"]) for r in runs)),
+        "runs": runs,
+    }
+
+
+def _progress_bar(total: int, description: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
+
+
+def run_single(config, seeds: Sequence[int], progress: bool = True) -> dict:
+    bar = _progress_bar(config.rounds * len(seeds), f"fl {config.algorithm}") if progress else None
+    try:
+        result = run_setting(config, seeds, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return result
+
+
+def growth(values: Sequence[float], radii: Sequence[float]) -> dict:
+    """Whether the radius grows along the values: strictly increasing, and the least-squares slope of
+    log radius against log value (over the positive values)."""
+    import numpy as np
+
+    increasing = all(b > a for a, b in zip(radii, radii[1:]))
+    v, r = np.array(values, dtype=float), np.array(radii, dtype=float)
+    keep = (v > 0) & (r > 0) & np.isfinite(r)
+    slope = float(np.polyfit(np.log(v[keep]), np.log(r[keep]), 1)[0]) if keep.sum() >= 2 else float("nan")
+    return {"increasing": bool(increasing), "loglog_slope": slope,
+            "ratio_last_first": float(radii[-1] / radii[0]) if radii[0] > 0 else float("nan")}
+
+
+def run_sweep(config, parameter: str, values: Sequence, algorithms: Sequence[str], seeds: Sequence[int],
+              progress: bool = True) -> dict:
+    jobs = [(a, v) for a in algorithms for v in values]
+    bar = _progress_bar(config.rounds * len(seeds) * len(jobs), f"fl sweep {parameter}") if progress else None
+    results: Dict[str, List[dict]] = {a: [] for a in algorithms}
+    try:
+        for algorithm, value in jobs:
+            setting = dataclasses.replace(config, algorithm=algorithm, **{parameter: value})
+            if bar is not None:
+                bar.set_postfix_str(f"{algorithm} {parameter}={value:g}")
+            results[algorithm].append(dict(run_setting(setting, seeds, bar), value=value))
+    finally:
+        if bar is not None:
+            bar.close()
+    claims = {}
+    for algorithm, rs in results.items():
+        claims[algorithm] = dict(growth(values, [r["radius"] for r in rs]), bounded=all(r["bounded"] for r in rs))
+    return {"parameter": parameter, "values": list(values), "results": results, "claims": claims}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output.
+
+
+def _strip_runs(result: dict, keep_history: bool) -> dict:
+    """A setting's result for the JSON: per-seed histories kept (single runs) or replaced by the
+    mean distance per round over seeds (sweeps)."""
+    import numpy as np
+
+    out = {k: v for k, v in result.items() if k != "runs"}
+    if keep_history:
+        out["history"] = [dict(seed=r["seed"], **r["history"]) for r in result["runs"]]
+    else:
+        d = np.array([r["history"]["distance"] for r in result["runs"]], dtype=float)
+        with np.errstate(all="ignore"):
+            out["mean_distance"] = [float(v) for v in np.nanmean(d, axis=0)]
+    out["seeds"] = [r["seed"] for r in result["runs"]]
+    return out
+
+
+def describe(config) -> str:
+    return (f"{config.problem}, {config.clients} client slots, D={config.dim if config.problem == 'quadratic' else 'data'}, "
+            f"κ={config.kappa:g}, σ={config.sigma:g}, {config.churn} churn join {config.join_rate:g} / leave "
+            f"{config.leave_rate:g}, E={config.local_steps}, {config.rounds} rounds")
+
+
+def print_single(config, result: dict) -> None:
+    print(f"{LABELS[config.algorithm]} (lr {config.learning_rate:g}) on {describe(config)}, "
+          f"seeds {[r['seed'] for r in result['runs']]}:")
+    print(f"  radius (mean ‖x_t − x*_t‖ over the second half) = {result['radius']:.4g} ± {result['radius_std']:.2g} "
+          f"(std over seeds); max {result['radius_max']:.4g}")
+    print(f"  drift (last-quarter / second-quarter mean) {', '.join(f'{d:.2f}' for d in result['drift'])}: "
+          f"{'bounded' if result['bounded'] else 'NOT bounded'} (limit {DRIFT_LIMIT})")
+    first = result["runs"][0]["history"]
+    joins = sum(first["joined"]) / max(1, len(first["joined"]))
+    leaves = sum(first["left"]) / max(1, len(first["left"]))
+    print(f"  active clients {result['mean_active']:.1f} on average; {joins:.1f} joins and {leaves:.1f} departures "
+          f"per round (seed {result['runs'][0]['seed']}); {result['empty_rounds']} rounds without clients; "
+          f"{result['ms_per_round']:.2f} ms per round")
+
+
+def print_sweep(config, sweep: dict) -> None:
+    p = sweep["parameter"]
+    print(f"radius against {p} on {describe(config)} (mean ± std over seeds; max in brackets):")
+    header = [p] + [LABELS[a] for a in sweep["results"]]
+    rows = []
+    for i, value in enumerate(sweep["values"]):
+        row = [f"{value:g}"]
+        for a, rs in sweep["results"].items():
+            r = rs[i]
+            row.append(f"{r['radius']:.4g} ± {r['radius_std']:.2g} [{r['radius_max']:.3g}]" + ("" if r["bounded"] else " UNBOUNDED"))
+        rows.append(row)
+    widths = [max(len(line[i]) for line in [header] + rows) for i in range(len(header))]
+    for line in [header, ["-" * w for w in widths]] + rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+    for a, c in sweep["claims"].items():
+        print(f"  {LABELS[a]}: radius {'grows' if c['increasing'] else 'does NOT grow monotonically'} with {p} "
+              f"(last/first {c['ratio_last_first']:.2f}×, log-log slope {c['loglog_slope']:.2f}); "
+              f"{'bounded in every run' if c['bounded'] else 'NOT bounded in some run'}")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_single(config, result: dict, path: str) -> None:
+    import numpy as np
+
+    plt = _pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    color = COLORS[config.algorithm]
+    T = len(result["runs"][0]["history"]["distance"])
+    rounds = np.arange(T)
+    for r in result["runs"]:
+        ax.plot(rounds, r["history"]["distance"], color=color, alpha=0.35, lw=0.8)
+    mean = np.nanmean(np.array([r["history"]["distance"] for r in result["runs"]], dtype=float), axis=0)
+    ax.plot(rounds, mean, color=color, lw=1.6, label=f"{LABELS[config.algorithm]}, mean over seeds")
+    ax.hlines(result["radius"], T // 2, T - 1, colors="black", linestyles="--",
+              label=f"radius {result['radius']:.3g} (second half)")
+    ax.hlines(result["radius_max"], T // 2, T - 1, colors="0.5", linestyles=":", label=f"max {result['radius_max']:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("round t")
+    ax.set_ylabel("‖x_t − x*_t‖")
+    ax.set_title(f"distance to the current population's optimum\n{describe(config)}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    h = result["runs"][0]["history"]
+    bx.plot(rounds, h["active"], color="black", lw=1, label="active clients")
+    bx.bar(rounds, h["joined"], color="tab:green", alpha=0.6, label="joined")
+    bx.bar(rounds, [-v for v in h["left"]], color="tab:orange", alpha=0.6, label="left (negative)")
+    bx.set_xlabel("round t")
+    bx.set_title(f"population (seed {result['runs'][0]['seed']})", fontsize=9)
+    bx.legend(fontsize=8)
+    bx.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(config, sweep: dict, path: str) -> None:
+    import numpy as np
+
+    plt = _pyplot()
+    p, values = sweep["parameter"], np.array(sweep["values"], dtype=float)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    log_x = bool((values > 0).all()) and len(values) > 1 and values.max() / values.min() >= 10
+    for a, rs in sweep["results"].items():
+        r = np.array([x["radius"] for x in rs])
+        ax.errorbar(values, r, yerr=[x["radius_std"] for x in rs], color=COLORS[a], marker="o", capsize=3,
+                    label=f"{LABELS[a]}: mean over the second half")
+        ax.plot(values, [x["radius_max"] for x in rs], color=COLORS[a], ls=":", marker=".", label=f"{LABELS[a]}: max")
+        styles = ["-", "--", "-.", ":"]
+        for i, x in enumerate(rs):
+            curve = x.get("mean_distance") or np.nanmean(np.array([s["history"]["distance"] for s in x["runs"]],
+                                                                  dtype=float), axis=0)
+            bx.plot(curve, color=COLORS[a], alpha=0.35 + 0.65 * (i + 1) / len(rs), lw=1,
+                    label=f"{LABELS[a]}, {p}={x['value']:g}")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(p)
+    ax.set_ylabel("stability radius: ‖x_t − x*_t‖ over the second half")
+    ax.set_title(f"radius against {p}\n{describe(config)}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    bx.set_yscale("log")
+    bx.set_xlabel("round t")
+    bx.set_ylabel("‖x_t − x*_t‖, mean over seeds")
+    bx.set_title("distance per round (darker: larger value)", fontsize=9)
+    bx.legend(fontsize=6, ncol=2)
+    bx.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command.
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .simulator import FLConfig
+
+    d = FLConfig()
+    parser.add_argument("--algorithm", default=None,
+                        help="local_sgd or local_adam (default local_adam; a sweep runs both unless this is given)")
+    parser.add_argument("--problem", default=d.problem, help="quadratic (default) or logreg")
+    parser.add_argument("--kappa", type=float, default=d.kappa, help=f"condition number κ (default {d.kappa:g})")
+    parser.add_argument("--sigma", type=float, default=d.sigma,
+                        help=f"gradient noise σ: E‖ξ‖² = σ² (default {d.sigma:g})")
+    parser.add_argument("--clients", type=int, default=d.clients, help=f"client slots C (default {d.clients})")
+    parser.add_argument("--dim", type=int, default=d.dim, help=f"dimension of the quadratic (default {d.dim})")
+    parser.add_argument("--churn", default=d.churn, help="bernoulli (default) or replacement")
+    parser.add_argument("--join-rate", type=float, default=d.join_rate,
+                        help=f"probability per round that an empty slot gets a new client (default {d.join_rate:g})")
+    parser.add_argument("--leave-rate", type=float, default=d.leave_rate,
+                        help=f"probability per round that an active client leaves (default {d.leave_rate:g})")
+    parser.add_argument("--local-steps", type=int, default=d.local_steps, help=f"E (default {d.local_steps})")
+    parser.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds per run (default {d.rounds})")
+    parser.add_argument("--lr", type=float, default=None, help="local learning rate (default 0.1 SGD, 0.01 Adam)")
+    parser.add_argument("--server-lr", type=float, default=d.server_lr, help="server learning rate (default 1)")
+    parser.add_argument("--state-on-join", default=d.state_on_join,
+                        help="reset (default): a new client starts with fresh optimiser state; inherit: keeps the slot's")
+    parser.add_argument("--weighting", default=d.weighting, help="size (default: w_c = local data size) or uniform")
+    parser.add_argument("--init", default=d.init, help="optimum (default: x_0 = x*_0) or zero")
+    parser.add_argument("--dataset", default=None, help="logreg: breast_cancer (default) or digits")
+    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds per setting (default {DEFAULT_SEEDS})")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--sweep", default=None,
+                        help=f"NAME=V1,V2,...: run every value for both algorithms; NAME in {', '.join(SWEEPABLE)}")
+    parser.add_argument("--backend", default=d.backend, help="kernel backend (default auto)")
+    parser.add_argument("--device", default=d.device, help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default=d.dtype, help="float32 (default) or float64")
+    parser.add_argument("--out", default="molkernels-fl", help="output folder (default ./molkernels-fl/)")
+    parser.add_argument("--json", default=None, help="JSON output (default OUT/fl.json or OUT/fl_sweep.json)")
+    parser.add_argument("--plot", default=None, help="PNG output (default OUT/fl.png or OUT/fl_sweep.png)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .simulator import FLConfig
+
+    options = {}
+    if args.dataset is not None:
+        if args.problem != "logreg":
+            raise ValueError("--dataset: only for --problem logreg")
+        options["dataset"] = args.dataset
+    config = FLConfig(algorithm=args.algorithm or "local_adam", problem=args.problem, clients=args.clients,
+                      dim=args.dim, kappa=args.kappa, sigma=args.sigma, churn=args.churn, join_rate=args.join_rate,
+                      leave_rate=args.leave_rate, local_steps=args.local_steps, rounds=args.rounds, lr=args.lr,
+                      server_lr=args.server_lr, state_on_join=args.state_on_join, weighting=args.weighting,
+                      init=args.init, backend=args.backend, device=args.device, dtype=args.dtype,
+                      problem_options=options)
+    return config.validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    from .simulator import ALGORITHMS
+
+    config = config_from_args(args)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds: at least 1, got {args.seeds}")
+    if config.rounds < 2:
+        raise ValueError(f"--rounds: at least 2 (the radius is taken over the second half), got {config.rounds}")
+    seeds = [args.seed + i for i in range(args.seeds)]
+    os.makedirs(args.out, exist_ok=True)
+    started = time.perf_counter()
+    out: Dict[str, object] = {"command": "fl", "config": config.to_dict(), "seeds": seeds}
+    if args.sweep:
+        parameter, values = parse_sweep(args.sweep)
+        algorithms = [args.algorithm] if args.algorithm else list(ALGORITHMS)
+        for value in values:  # every setting valid before anything runs
+            for algorithm in algorithms:
+                dataclasses.replace(config, algorithm=algorithm, **{parameter: value}).validate()
+        json_path = args.json or os.path.join(args.out, "fl_sweep.json")
+        plot_path = args.plot or os.path.join(args.out, "fl_sweep.png")
+        sweep = run_sweep(config, parameter, values, algorithms, seeds, progress=not args.no_progress)
+        print_sweep(config, sweep)
+        plot_sweep(config, sweep, plot_path)
+        out["sweep"] = {"parameter": parameter, "values": values, "claims": sweep["claims"],
+                        "results": {a: [_strip_runs(r, keep_history=False) for r in rs]
+                                    for a, rs in sweep["results"].items()}}
+        out["radius"] = {a: [r["radius"] for r in rs] for a, rs in sweep["results"].items()}
+        out["radius_max"] = {a: [r["radius_max"] for r in rs] for a, rs in sweep["results"].items()}
+        out["history"] = {a: [{"value": r["value"], "mean_distance": _strip_runs(r, False)["mean_distance"]} for r in rs]
+                          for a, rs in sweep["results"].items()}
+    else:
+        json_path = args.json or os.path.join(args.out, "fl.json")
+        plot_path = args.plot or os.path.join(args.out, "fl.png")
+        result = run_single(config, seeds, progress=not args.no_progress)
+        print_single(config, result)
+        plot_single(config, result, plot_path)
+        stripped = _strip_runs(result, keep_history=True)
+        out.update(radius=result["radius"], radius_max=result["radius_max"], radius_std=result["radius_std"],
+                   radius_per_seed=result["radius_per_seed"], bounded=result["bounded"], drift=result["drift"],
+                   mean_active=result["mean_active"], ms_per_round=result["ms_per_round"],
+                   history=stripped["history"])
+    out["plot"] = plot_path
+    out["seconds"] = time.perf_counter() - started
+    with open(json_path, "w") as f:
+        json.dump(out, f, indent=1, allow_nan=True)
+    print(f"wrote {json_path} and {plot_path} ({out['seconds']:.1f} s)")
+    return 0
