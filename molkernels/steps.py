@@ -89,6 +89,13 @@ def _simplex_step(lam: torch.Tensor, matrix: torch.Tensor, gamma: float, rho: fl
     return _ops.op("project_simplex", backend)(lam - gamma * direction)
 
 
+def _all_reduce(matrix: torch.Tensor, process_group) -> torch.Tensor:
+    """The sharded steps' one collective: the local K×K (or 2K×2K) matrix summed over the group."""
+    from .distributed import all_reduce_gram
+
+    return all_reduce_gram(matrix, process_group)
+
+
 def _raise_if_not_finite(gram: torch.Tensor, lam: torch.Tensor) -> None:
     """check_finite=True: one host sync to catch a diverged run early."""
     if not bool(torch.isfinite(gram).all()):
@@ -178,7 +185,7 @@ def _normalization_scale(normalize: str, grad_sq_norms: torch.Tensor, losses, K:
 def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: float = 0.1, rho: float = 0.0,
               lr: Optional[float] = None, *, beta_decay: float = 0.0, gamma_decay: float = 0.0,
               normalize: str = "none", losses=None, check_finite: bool = False,
-              backend: str = "auto") -> torch.Tensor:
+              backend: str = "auto", process_group=None) -> torch.Tensor:
     """One MoCo step (Fernando et al., 2023), in two passes over the gradient and tracking memory:
 
         t = state.step;  β_t = beta/(t+1)^beta_decay;  γ_t = gamma/(t+1)^gamma_decay
@@ -189,6 +196,12 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
     S = I unless `normalize` ('l2', 'loss', 'loss+', see _normalization_scale) rescales each g_k;
     then pass 1 reads Y and G for the Gram of [Y; G], and the update of Y moves to pass 2.
     Returns λ (a device tensor; no host synchronisation unless check_finite=True).
+
+    process_group: params, grads and the state hold this rank's shard of the parameter dimension
+    (molkernels.distributed); the local Gram of pass 1 (K×K, or the 2K×2K Gram of [Y; G] with a
+    normalisation, whose norms then come from the full Gram) is summed over the group with one
+    all_reduce between pass 1 and the λ update, the step's only collective; every rank gets the
+    same λ and combines its shard. `losses` are then the global losses (the same on every rank).
     """
     params = _check_params(params)
     state._check_matches(params)
@@ -213,8 +226,12 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
     with nvtx_range("moco_step"):
         if normalize == "none":
             yy = _ops.op("moco_track_gram", backend)(state.y, blocks, beta_t)
+            if process_group is not None:
+                yy = _all_reduce(yy, process_group)
         else:
             joint = _ops.op("joint_gram", backend)(state.y, blocks)
+            if process_group is not None:
+                joint = _all_reduce(joint, process_group)
             scale = _normalization_scale(normalize, torch.diagonal(joint)[K:], losses, K, joint.device)
             old, cross, gg = joint[:K, :K], joint[:K, K:], joint[K:, K:]
             yy = ((1 - beta_t) ** 2 * old + beta_t * (1 - beta_t) * (cross * scale + scale[:, None] * cross.T)
@@ -233,11 +250,14 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
 
 def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoState, gamma: float = 0.1,
               rho: float = 0.0, lr: Optional[float] = None, *, gamma_decay: float = 0.0, check_finite: bool = False,
-              backend: str = "auto") -> torch.Tensor:
+              backend: str = "auto", process_group=None) -> torch.Tensor:
     """One MoDo step (Chen et al., 2023) from three independent mini-batches' gradient stacks:
 
         λ ← Π_Δ(λ − γ_t (G₁ G₂ᵀ + ρ I) λ)     one pass over G₁ and G₂ (cross_gram)
         d = G₃ᵀ λ                             one pass over G₃: p.grad = d or p ← p − lr·d
+
+    process_group: the stacks hold this rank's shard; G₁G₂ᵀ is summed over the group with one
+    K×K all_reduce (the only collective) before the λ update.
     """
     params = _check_params(params)
     state._check_matches(params)
@@ -256,6 +276,8 @@ def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoSt
     outs, alpha, accumulate = _outputs(params, lr)
     with nvtx_range("modo_step"):
         cross = _ops.op("cross_gram", backend)(g1, g2)
+        if process_group is not None:
+            cross = _all_reduce(cross, process_group)
         lam = _simplex_step(state.lam, cross.to(state.lam.dtype), gamma_t, rho, backend)
         if check_finite:
             _raise_if_not_finite(cross, lam)
@@ -266,9 +288,12 @@ def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoSt
 
 
 def mgda_step(params, grads: Stack, lr: Optional[float] = None, *, check_finite: bool = False,
-              backend: str = "auto") -> torch.Tensor:
+              backend: str = "auto", process_group=None) -> torch.Tensor:
     """One MGDA step (Désidéri, 2012; Sener & Koltun, 2018): λ = argmin_{λ ∈ Δ} λᵀ G Gᵀ λ (exact,
-    on the device), d = Gᵀ λ, the min-norm point of the convex hull of the gradients."""
+    on the device), d = Gᵀ λ, the min-norm point of the convex hull of the gradients.
+
+    process_group: the stack holds this rank's shard; the Gram is summed over the group with one
+    K×K all_reduce (the only collective), and every rank solves the same λ."""
     params = _check_params(params)
     if isinstance(grads, torch.Tensor):
         K = grads.shape[0]
@@ -280,6 +305,8 @@ def mgda_step(params, grads: Stack, lr: Optional[float] = None, *, check_finite:
     outs, alpha, accumulate = _outputs(params, lr)
     with nvtx_range("mgda_step"):
         gram = _ops.op("gram", backend)(blocks)
+        if process_group is not None:
+            gram = _all_reduce(gram, process_group)
         lam = _ops.op("min_norm", backend)(gram)
         if check_finite:
             _raise_if_not_finite(gram, lam)

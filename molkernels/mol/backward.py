@@ -108,7 +108,8 @@ def objective_gradients(losses: Sequence[torch.Tensor], inputs: Sequence[torch.T
 
 
 def backward(losses, params, aggregator: Aggregator, *, shared=None, strategy: str = "auto",
-             retain_graph: bool = False, backend: str = "auto") -> Optional[torch.Tensor]:
+             retain_graph: bool = False, backend: str = "auto", process_group=None,
+             replicated: bool = False) -> Optional[torch.Tensor]:
     """Aggregate the gradients of K losses into p.grad, for any training loop and torch optimizer:
 
         losses = model_losses(batch)                 # K scalars (a [K] tensor or a sequence)
@@ -136,6 +137,29 @@ def backward(losses, params, aggregator: Aggregator, *, shared=None, strategy: s
     of Σ_k λ_k ℓ_k writes p.grad. Needs a GramWeighting. The weights then come from the
     representation's gradients (MGDA-UB's upper bound), not the parameters'.
 
+    Across ranks (``process_group``, e.g. ``torch.distributed.group.WORLD``; None: one process,
+    nothing added), for the Gram-based aggregators, MoCo, MoDo and Mean/Linear:
+
+    * FSDP2 (``fully_shard``; `params` are DTensors): one backward pass per objective (FSDP
+      reduce-scatters each into the sharded p.grad), the local shards in one [K, D_local] buffer,
+      the sharded Gram (one K×K all_reduce), and each rank writes its shard of the direction into
+      p.grad (a DTensor like p). Parameters of the model outside `params` accumulate the sum of the
+      K gradients.
+    * Sharded plain tensors (model parallelism: `params` are this rank's parameters, the losses
+      the global ones): the gradients as without process_group, the Gram summed over the group with
+      one K×K all_reduce.
+    * ``replicated=True`` (DDP-style: every rank holds all of `params` and the losses of its own
+      batch): the [K, D] gradients of this rank's losses are averaged over the ranks with one
+      reduce_scatter, the step runs on this rank's columns with the sharded Gram, and one
+      all_gather writes the full direction into p.grad on every rank
+      (molkernels.distributed.ReplicatedGradients). Run the forward outside DDP's gradient hooks
+      (the plain module, or ``ddp.no_sync()``).
+
+    In the data-parallel modes (FSDP2, replicated), MoCo's normalize='loss'/'loss+' uses the losses
+    averaged over the ranks (one more all_reduce of K numbers). A MoCo state holds this rank's shard
+    of Y: each rank checkpoints its own. FAMO and the shared-representation mode have no
+    distributed path.
+
     Raises ValueError naming the argument for empty or non-scalar losses, parameters that do not
     require grad, or K not matching the aggregator.
     """
@@ -143,6 +167,11 @@ def backward(losses, params, aggregator: Aggregator, *, shared=None, strategy: s
         raise TypeError(f"aggregator: expected a molkernels.mol.Aggregator, got {type(aggregator).__name__}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    if process_group is not None:
+        return _distributed_backward(losses, params, aggregator, process_group, replicated=replicated,
+                                     shared=shared, strategy=strategy, retain_graph=retain_graph, backend=backend)
+    if replicated:
+        raise ValueError("replicated: needs a process_group")
     params = _check_params(params)
 
     if aggregator.loss_based:
@@ -185,4 +214,66 @@ def backward(losses, params, aggregator: Aggregator, *, shared=None, strategy: s
     grads = torch.autograd.grad(total, params, retain_graph=retain_graph, allow_unused=True)
     for p, g in zip(params, grads):
         p.grad = torch.zeros_like(p) if g is None else g
+    return lam
+
+
+def _distributed_backward(losses, params, aggregator: Aggregator, process_group, *, replicated: bool, shared,
+                          strategy: str, retain_graph: bool, backend: str) -> Optional[torch.Tensor]:
+    """mol.backward across the ranks of process_group (see backward's docstring)."""
+    from .. import distributed
+
+    if aggregator.loss_based:
+        raise ValueError(f"process_group: {type(aggregator).__name__} weighs the losses, not their gradients: "
+                         "it has no distributed path")
+    if shared is not None:
+        raise ValueError("shared: the shared-representation mode has no distributed path")
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    sharded = [distributed.is_dtensor(p) for p in params]
+    fsdp = any(sharded)
+    if fsdp and not all(sharded):
+        raise ValueError("params: mixes DTensor (FSDP2) and plain parameters")
+    if fsdp and replicated:
+        raise ValueError("replicated: FSDP2 parameters are sharded, not replicated")
+    params = _check_params(params)
+
+    if aggregator.samples > 1:
+        if not isinstance(losses, (list, tuple)) or len(losses) != aggregator.samples:
+            raise ValueError(f"losses: {type(aggregator).__name__} needs a list of {aggregator.samples} loss vectors")
+        lists = [_loss_list(item, f"losses[{i}]") for i, item in enumerate(losses)]
+        for i, item in enumerate(lists[1:], start=1):
+            if len(item) != len(lists[0]):
+                raise ValueError(f"losses[{i}]: has {len(item)} losses, losses[0] has {len(lists[0])}")
+    else:
+        lists = [_loss_list(losses, "losses")]
+    aggregator.check_num_objectives(len(lists[0]), "losses")
+    loss_values = lists[0]
+
+    if fsdp:
+        samples = [distributed.fsdp_objective_gradients(item, params, retain_graph=retain_graph) for item in lists]
+        locals_ = [view[0] for view in samples[0][1]]
+        holders = [torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape) for t in locals_]
+    elif replicated:
+        rep = distributed.ReplicatedGradients(params, process_group)
+        samples = []
+        for item in lists:
+            flat, _ = objective_gradients(item, params, strategy=strategy, retain_graph=retain_graph)
+            local = rep.reduce_scatter(flat)
+            samples.append((local, [local]))
+        holders = rep.shard
+    else:
+        samples = [objective_gradients(item, params, strategy=strategy, retain_graph=retain_graph) for item in lists]
+        holders = params
+
+    if (fsdp or replicated) and getattr(aggregator, "normalize", "none") in ("loss", "loss+"):
+        values = torch.stack([loss.detach().reshape(()) for loss in loss_values]).to(torch.float64)
+        torch.distributed.all_reduce(values, group=process_group)
+        values = values / torch.distributed.get_world_size(process_group)
+        loss_values = list(values.to(loss_values[0].dtype).unbind(0))
+
+    lam = aggregator._write_grads(holders, samples, loss_values, backend, process_group=process_group)
+    if fsdp:
+        for p, h in zip(params, holders):
+            p.grad = distributed._as_sharded_like(p, h.grad)
+    elif replicated:
+        rep.write(holders[0].grad)
     return lam

@@ -64,7 +64,13 @@ class Aggregator:
 
     # mol.backward's hook: the per-objective gradients are in flat [K, D] buffers (one per sample),
     # with per-parameter views; write the direction into p.grad and return the weights (or None).
-    def _write_grads(self, params: List[torch.Tensor], samples, losses, backend: str) -> Optional[torch.Tensor]:
+    # process_group (not None): the buffers hold this rank's shard of the parameter dimension, and
+    # the K×K matrices the weights come from are summed over the group (molkernels.distributed).
+    def _write_grads(self, params: List[torch.Tensor], samples, losses, backend: str,
+                     process_group=None) -> Optional[torch.Tensor]:
+        if process_group is not None:
+            raise ValueError(f"process_group: {type(self).__name__} has no distributed path (the Gram-based "
+                             "aggregators, MoCo and MoDo have one)")
         flat, views = samples[0]
         direction = self.aggregate(views)
         for p, d in zip(params, direction):
@@ -93,9 +99,13 @@ class GramWeighting(Aggregator):
         w = self.weights(G)
         return combine(grads, w, backend=backend)
 
-    def _write_grads(self, params, samples, losses, backend):
+    def _write_grads(self, params, samples, losses, backend, process_group=None):
         flat, views = samples[0]
         G = gram(flat, backend=backend)
+        if process_group is not None:
+            from ..distributed import all_reduce_gram
+
+            G = all_reduce_gram(G, process_group)
         w = self.weights(G)
         write_direction(params, views, w, backend)
         return w

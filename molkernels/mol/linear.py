@@ -54,8 +54,8 @@ class Linear(GramWeighting):
         self._check_k(blocks[0].shape[0], "grads")
         return combine(grads, self._on(blocks[0].device, accum_dtype(blocks[0].dtype)), backend=backend)
 
-    def _write_grads(self, params, samples, losses, backend):
-        flat, views = samples[0]
+    def _write_grads(self, params, samples, losses, backend, process_group=None):
+        flat, views = samples[0]  # fixed weights: no Gram, so nothing to reduce across ranks
         self._check_k(flat.shape[0], "losses")
         w = self._on(flat.device, accum_dtype(flat.dtype))
         write_direction(params, views, w, backend)
@@ -81,8 +81,8 @@ class Mean(GramWeighting):
         w = self._uniform(blocks[0].shape[0], blocks[0].device, accum_dtype(blocks[0].dtype))
         return combine(grads, w, backend=backend)
 
-    def _write_grads(self, params, samples, losses, backend):
-        flat, views = samples[0]
+    def _write_grads(self, params, samples, losses, backend, process_group=None):
+        flat, views = samples[0]  # no Gram, so nothing to reduce across ranks
         w = self._uniform(flat.shape[0], flat.device, accum_dtype(flat.dtype))
         write_direction(params, views, w, backend)
         return w

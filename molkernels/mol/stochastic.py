@@ -82,11 +82,11 @@ class MoCo(Aggregator):
         if self.state is not None and self.state.num_objectives != K:
             raise ValueError(f"{name}: has K = {K} objectives, the MoCo state has {self.state.num_objectives}")
 
-    def _step(self, params, grads, K, dtype, losses, backend):
+    def _step(self, params, grads, K, dtype, losses, backend, process_group=None):
         state = self._state_for(params, K, dtype)
         return moco_step(params, grads, state, beta=self.beta, gamma=self.gamma, rho=self.rho, lr=None,
                          beta_decay=self.beta_decay, gamma_decay=self.gamma_decay, normalize=self.normalize,
-                         losses=losses, backend=backend)
+                         losses=losses, backend=backend, process_group=process_group)
 
     def aggregate(self, grads: Stack, *, losses=None, backend: str = "auto"):
         """One MoCo step on this stack: updates Y and λ, returns d = Yᵀλ in the stack's structure."""
@@ -96,10 +96,10 @@ class MoCo(Aggregator):
         out = [h.grad for h in holders]
         return out[0] if isinstance(grads, torch.Tensor) else out
 
-    def _write_grads(self, params, samples, losses, backend):
+    def _write_grads(self, params, samples, losses, backend, process_group=None):
         flat, views = samples[0]
         values = torch.stack([loss.detach().reshape(()) for loss in losses]) if self.normalize in ("loss", "loss+") else None
-        return self._step(params, flat, flat.shape[0], flat.dtype, values, backend).clone()
+        return self._step(params, flat, flat.shape[0], flat.dtype, values, backend, process_group).clone()
 
     def state_dict(self) -> dict:
         if self.state is None:
@@ -175,9 +175,14 @@ class MoDo(Aggregator):
         if self.lam is not None and self.lam.shape != (K,):
             raise ValueError(f"{name}: has K = {K} objectives, the MoDo state has {self.lam.shape[0]}")
 
-    def _write_grads(self, params, samples, losses, backend):
+    def _write_grads(self, params, samples, losses, backend, process_group=None):
         (f1, _), (f2, _), (f3, views3) = samples
-        lam = self.weights(cross_gram(f1, f2, backend=backend))
+        matrix = cross_gram(f1, f2, backend=backend)
+        if process_group is not None:
+            from ..distributed import all_reduce_gram
+
+            matrix = all_reduce_gram(matrix, process_group)
+        lam = self.weights(matrix)
         write_direction(params, views3, lam, backend)
         return lam
 

@@ -1,0 +1,86 @@
+"""molkernels.distributed and the process_group paths of the steps and mol.backward, in gloo worlds
+of 2 and 3 CPU processes (torch.multiprocessing, spawn).
+
+One world is spawned per size and runs every case of distributed_cases.CASES (spawning costs
+seconds, the cases milliseconds); each test below reports one case's outcome on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distributed_cases
+
+WORLD_SIZES = (2, 3)
+TIMEOUT_S = 240
+
+_results = {}
+
+
+def _unavailable_reason():
+    if not dist.is_available():
+        return "torch.distributed is not available in this torch build"
+    if not dist.is_gloo_available():
+        return "torch.distributed has no gloo backend in this build"
+    return None
+
+
+def _run_world(world: int):
+    """Spawn `world` ranks running every case; returns {case: [(status, detail) per rank]}."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        names = list(distributed_cases.CASES)
+        context = mp.start_processes(distributed_cases.main, args=(world, init_file, tmp, names), nprocs=world,
+                                     join=False, start_method="spawn")
+        try:
+            import time
+
+            deadline = time.monotonic() + TIMEOUT_S
+            while not context.join(timeout=5):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the {world}-rank world did not finish in {TIMEOUT_S} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+        outcomes = {}
+        for rank in range(world):
+            path = os.path.join(tmp, f"rank{rank}.pt")
+            if os.path.exists(path):
+                outcomes.update(torch.load(path, weights_only=False))
+        return outcomes
+
+
+def world_outcomes(world: int):
+    reason = _unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    if world not in _results:
+        try:
+            _results[world] = _run_world(world)
+        except Exception as error:  # a crashed world fails every case, once each, with the cause
+            _results[world] = error
+    if isinstance(_results[world], Exception):
+        raise _results[world]
+    return _results[world]
+
+
+@pytest.mark.parametrize("name", list(distributed_cases.CASES))
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_case(world, name):
+    outcomes = world_outcomes(world)
+    assert name in outcomes, f"case {name} did not report (an earlier case may have hung or crashed the world)"
+    statuses = outcomes[name]
+    print(f"{name} in a {world}-rank world: " + ", ".join(f"{s[2]:.2f} s" for s in statuses))
+    failures = [f"rank {r}:\n{detail}" for r, (status, detail, _) in enumerate(statuses) if status == "fail"]
+    assert not failures, "\n".join(failures)
+    skips = {detail for status, detail, _ in statuses if status == "skip"}
+    if skips:
+        pytest.skip("; ".join(sorted(skips)))
