@@ -20,6 +20,8 @@ helper), measured in the same run as the baselines it is compared with, interlea
   floor (torch's own streaming passes over the same bytes).
 - backward: mol.backward + MGDA end to end on an MLP against torchjd's autojac.backward +
   jac_to_grad(MGDA()).
+- fl_round: one round of the federated simulator with C = 1000 clients (K column), D = 1000, local
+  Adam batched over all clients against a Python loop of per-client torch.optim.Adam.
 
 Errors ("rel err") are max |result − exact| / max |exact| against a float64 computation.
 
@@ -61,6 +63,11 @@ DEFAULT_D = {"gram": [12_500_000], "combine": [12_500_000], "min_norm": [0], "mg
              "moco": [10_000_000], "backward": [1024]}
 DEFAULT_BLOCKS = 100
 REFERENCE_MAX_ELEMENTS = 1 << 22  # the float64 reference backend is benchmarked only up to K·d = 4M
+# fl_round: a full round of molkernels.federated's simulator; its K column is the number of client
+# slots C, its d the model dimension D.
+OPS += ("fl_round",)
+DEFAULT_K["fl_round"], DEFAULT_D["fl_round"] = [1000], [1000]
+FL_ROUND_LOCAL_STEPS = 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,6 +640,32 @@ def bench_backward(K: int, width: int, *, device, dtype, repeats: int = 10) -> R
     return out
 
 
+def bench_fl_round(C: int, D: int, *, device, dtype, repeats: int = 5, local_steps: int = FL_ROUND_LOCAL_STEPS
+                   ) -> Result:
+    """One full round of the open-system simulator (Bernoulli churn 0.1/0.1, so about C/2 active
+    clients; the quadratic problem with a diagonal basis, σ = 1; local Adam, E local steps; the
+    server average; not the simulator's measurement of x*_t): all clients in one batched kernel call per local step, against the same round
+    with the local steps as a Python loop over clients, one torch.optim.Adam per client
+    (federated.baseline.PerClientLoopSimulator: same churn, gradients and average)."""
+    from .federated import FLConfig, OpenFLSimulator
+    from .federated.baseline import PerClientLoopSimulator
+
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"fl_round: float32 or float64, got {dtype}")
+    config = FLConfig(algorithm="local_adam", clients=C, dim=D, local_steps=local_steps, device=str(device),
+                      dtype=_dtype_name(dtype), problem_options={"basis": "identity"}, track_optimum=False)
+    batched, looped = OpenFLSimulator(config), PerClientLoopSimulator(config)
+    timings = measure({"loop": looped.round, "batched": batched.round}, device, repeats=repeats, warmup=1)
+    active = sum(r["active"] for r in batched.history) / len(batched.history)
+    row = functools.partial(_row, "fl_round", K=C, device=device, dtype=dtype, d=D, blocks=0, nbytes=0, flops=0)
+    base = row(impl=f"Python loop over clients, torch.optim.Adam each (E={local_steps})", timing=timings["loop"],
+               note=f"{active:.0f} active clients on average")
+    mine = row(impl=f"batched_adam_step over all clients (E={local_steps} calls)", timing=timings["batched"],
+               note=f"{active:.0f} active clients on average")
+    mine.speedup, mine.speedup_vs = base.median_s / mine.median_s, "loop"
+    return Result(rows=[base, mine])
+
+
 def run_op(op: str, *, Ks, ds, device, dtype, repeats, blocks) -> Result:
     result = Result()
     if op == "min_norm":
@@ -650,6 +683,8 @@ def run_op(op: str, *, Ks, ds, device, dtype, repeats, blocks) -> Result:
                 result.extend(bench_backward(K, d, device=device, dtype=dtype, repeats=repeats))
             elif op == "moco":
                 result.extend(bench_moco(K, d, device=device, dtype=dtype, repeats=repeats, blocks=blocks))
+            elif op == "fl_round":
+                result.extend(bench_fl_round(K, d, device=device, dtype=dtype, repeats=min(repeats, 5)))
             else:
                 raise ValueError(f"op: unknown {op!r}; expected one of {', '.join(OPS)} or all")
     return result

@@ -79,7 +79,8 @@ class Problem:
         raise NotImplementedError
 
     def renew(self, joined: torch.Tensor, generator: torch.Generator) -> None:
-        """Fresh objectives for the slots in the bool mask `joined` (draws for all slots, keeps those)."""
+        """Fresh objectives for the slots in the bool mask `joined` (one host synchronisation: the
+        number of new clients; draws only for them, in slot order)."""
         raise NotImplementedError
 
     def sizes(self) -> torch.Tensor:
@@ -160,9 +161,12 @@ class QuadraticProblem(Problem):
         self.renew(torch.ones(self.clients, dtype=torch.bool, device=self.device), generator)
 
     def renew(self, joined: torch.Tensor, generator: torch.Generator) -> None:
-        C, D = self.clients, self.dim
+        rows = torch.nonzero(joined).flatten()
+        k, D = rows.numel(), self.dim
+        if k == 0:
+            return
         f64 = dict(device=self.device, dtype=torch.float64)
-        u = torch.rand(C, D, generator=generator, **f64)
+        u = torch.rand(k, D, generator=generator, **f64)
         base = torch.linspace(0.0, 1.0, D, **f64) if D > 1 else torch.zeros(1, **f64)
         s = (1.0 - self.curvature_spread) * base + self.curvature_spread * u
         span = s.amax(1, keepdim=True) - s.amin(1, keepdim=True)
@@ -172,13 +176,12 @@ class QuadraticProblem(Problem):
             s.scatter_(1, lo, 0.0)
             s.scatter_(1, hi, 1.0)
         lam = torch.pow(self.kappa, -s)
-        b = self.b_mean.double() + self.heterogeneity * torch.randn(C, D, generator=generator, **f64) / math.sqrt(D)
-        bq = b @ self.Q64
-        n = _uniform_ints(self.min_size, self.max_size, C, generator, self.device).to(torch.float64)
-        keep = joined.unsqueeze(1)
-        self.lam.copy_(torch.where(keep, lam.to(self.dtype), self.lam))
-        self.bq.copy_(torch.where(keep, bq.to(self.dtype), self.bq))
-        self.n.copy_(torch.where(joined, n.to(self.dtype), self.n))
+        b = self.b_mean.double() + self.heterogeneity * torch.randn(k, D, generator=generator, **f64) / math.sqrt(D)
+        bq = b @ self.Q64 if self.basis == "random" else b
+        n = _uniform_ints(self.min_size, self.max_size, k, generator, self.device)
+        self.lam.index_copy_(0, rows, lam.to(self.dtype))
+        self.bq.index_copy_(0, rows, bq.to(self.dtype))
+        self.n.index_copy_(0, rows, n.to(self.dtype))
 
     def sizes(self) -> torch.Tensor:
         return self.n
@@ -282,33 +285,34 @@ class LogRegProblem(Problem):
         self.x_warm.zero_()
         self.renew(torch.ones(self.clients, dtype=torch.bool, device=self.device), generator)
 
-    def _proportions(self, generator: torch.Generator) -> torch.Tensor:
-        """[C, K] Dirichlet(α) class proportions, from numpy seeded by the torch generator."""
+    def _proportions(self, k: int, generator: torch.Generator) -> torch.Tensor:
+        """[k, K] Dirichlet(α) class proportions, from numpy seeded by the torch generator."""
         import numpy as np
 
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=self.device))
         rng = np.random.default_rng(seed)
-        p = rng.dirichlet(np.full(self.classes, self.label_skew), size=self.clients)
+        p = rng.dirichlet(np.full(self.classes, self.label_skew), size=k)
         return torch.from_numpy(p).to(self.device)
 
     def renew(self, joined: torch.Tensor, generator: torch.Generator) -> None:
-        C, M = self.clients, self.max_size
-        p = self._proportions(generator)
-        n = _uniform_ints(self.min_size, self.max_size, C, generator, self.device)
-        u = torch.rand(C, M, generator=generator, device=self.device, dtype=torch.float64)
-        v = torch.rand(C, M, generator=generator, device=self.device, dtype=torch.float64)
+        rows = torch.nonzero(joined).flatten()
+        k, M = rows.numel(), self.max_size
+        if k == 0:
+            return
+        p = self._proportions(k, generator)
+        n = _uniform_ints(self.min_size, self.max_size, k, generator, self.device)
+        u = torch.rand(k, M, generator=generator, device=self.device, dtype=torch.float64)
+        v = torch.rand(k, M, generator=generator, device=self.device, dtype=torch.float64)
         cdf = torch.cumsum(p, 1)
         cls = (u.unsqueeze(2) > cdf.unsqueeze(1)).sum(2).clamp(max=self.classes - 1)
-        j = (v * self.pool_counts[cls]).long().clamp(max=self.pools.shape[1] - 1)
-        j = torch.minimum(j, self.pool_counts[cls] - 1)
+        j = torch.minimum((v * self.pool_counts[cls]).long(), self.pool_counts[cls] - 1)
         idx = self.pools[cls, j]
-        mask = (torch.arange(M, device=self.device).unsqueeze(0) < n.unsqueeze(1))
-        keep = joined.unsqueeze(1)
-        self.idx.copy_(torch.where(keep, idx, self.idx))
-        self.mask.copy_(torch.where(keep, mask.to(self.dtype), self.mask))
-        self.n.copy_(torch.where(joined, n.to(self.dtype), self.n))
-        self.X.copy_(self.A_all[self.idx].to(self.dtype))
-        self.y.copy_(self.y_all[self.idx].to(self.dtype))
+        mask = torch.arange(M, device=self.device).unsqueeze(0) < n.unsqueeze(1)
+        self.idx.index_copy_(0, rows, idx)
+        self.mask.index_copy_(0, rows, mask.to(self.dtype))
+        self.n.index_copy_(0, rows, n.to(self.dtype))
+        self.X.index_copy_(0, rows, self.A_all[idx].to(self.dtype))
+        self.y.index_copy_(0, rows, self.y_all[idx].to(self.dtype))
 
     def sizes(self) -> torch.Tensor:
         return self.n

@@ -23,7 +23,8 @@ One round t (`OpenFLSimulator.round`):
    the number of active clients, joins and departures.
 
 A round in which no client is active (possible under bernoulli churn) leaves x unchanged and has
-no optimum: its distance and gap are NaN and summaries skip it.
+no optimum: its distance and gap are NaN and summaries skip it. track_optimum=False skips x*_t and
+the metrics that need it (they are NaN): the benchmark's setting, which times the FL round alone.
 
 The server model starts at x_0 = x*_0, the optimum of the round-0 population (init="optimum", the
 default: the run measures stability, not the approach from far away), or at 0 (init="zero").
@@ -90,6 +91,7 @@ class FLConfig:
     state_on_join: str = "reset"
     weighting: str = "size"
     init: str = "optimum"
+    track_optimum: bool = True
     seed: int = 0
     backend: str = "auto"
     device: str = "cpu"
@@ -222,7 +224,7 @@ class OpenFLSimulator:
         active = self.population.active
         weights = self.weights()
         n_active = int(active.sum())
-        x_star = self.problem.optimum(active, weights) if n_active else None
+        x_star = self.problem.optimum(active, weights) if n_active and c.track_optimum else None
         if n_active:
             self.client_params.copy_(self.x.expand_as(self.client_params))
             for _ in range(c.local_steps):
