@@ -10,6 +10,8 @@ Runs on a 2-core CPU in well under two minutes, with no network. The demo is a l
    torch.mm, plotted to DIR/gram_throughput.png;
 4. mol: a short run of the noisy CAGrad/MoCo toy (`python -m molkernels toy --experiment bias`):
    stochastic MGDA against MoCo, trajectories and direction-error curves in DIR/toy_bias.png.
+- fl: open federated learning under churn, local SGD and local Adam (`python -m molkernels fl`):
+  the stability radius against κ and against σ, plotted to DIR/fl_radius.png.
 
 Later features add a section: a function `section(ctx) -> dict` and one line in SECTIONS.
 """
@@ -352,12 +354,23 @@ def section_mol(ctx: Context) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Open federated learning: the stability radius under churn, short (`python -m molkernels fl`).
+
+
+def section_fl(ctx: Context) -> dict:
+    from .federated import cli
+
+    return cli.demo(ctx.out)
+
+
+# ----------------------------------------------------------------------------------------------
 
 SECTIONS: List[Section] = [
     Section("correctness", "1. every backend against molkernels.reference", section_correctness),
     Section("speed", "2. speed against torch (K = 8, d = 2M; MGDA d = 1M)", section_speed),
     Section("gram_throughput", "3. Gram throughput against d", section_gram_throughput),
     Section("mol", "4. stochastic MGDA vs MoCo on the noisy CAGrad toy (short run)", section_mol),
+    Section("fl", "open federated learning: the stability radius against κ and σ (short run)", section_fl),
 ]
 
 
