@@ -1,0 +1,69 @@
+"""`python -m molkernels posttrain` end to end at tiny sizes: the offline default and a local HF
+model directory with JSONL data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from molkernels.__main__ import main
+from molkernels.posttrain.experiment import claims
+from molkernels.posttrain.synthetic import make_data, tiny_llama
+
+FIELDS = ("sft_loss", "dpo_loss", "sft_gap", "dpo_gap", "ideal_distance", "seconds_per_step", "peak_mem_bytes")
+TINY = ["--steps", "4", "--eval-every", "2", "--train-records", "16", "--eval-records", "6", "--batch-size", "4"]
+
+
+def test_default_run_writes_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["posttrain", "--out", str(out), "--seed", "3", *TINY]) == 0
+    result = json.loads((out / "posttrain.json").read_text())
+    assert (out / "posttrain.png").stat().st_size > 10_000
+    assert list(result["methods"]) == ["sequential", "mix", "alright", "maxright", "mgda", "moco"]
+    for method, r in result["methods"].items():
+        for field in FIELDS:
+            assert isinstance(r[field], (int, float)) and r[field] == r[field], (method, field)
+        assert r["sft_gap"] == pytest.approx(r["sft_loss"] - result["ideal"]["sft_loss"])
+        assert r["ideal_distance"] == pytest.approx((r["sft_gap"] ** 2 + r["dpo_gap"] ** 2) ** 0.5)
+        assert [p["step"] for p in r["path"]] == [0, 2, 4]
+    assert result["methods"]["sequential"]["dpo_step_fraction"] == 0.5
+    assert result["methods"]["mix"]["dpo_step_fraction"] == 1.0
+    assert len(result["methods"]["mgda"]["final_weights"]) == 2
+    assert set(result["claims"]) >= {"alright_closer_than_sequential", "alright_within_5pct_of_one_objective"}
+    assert "ideal point" in capsys.readouterr().out
+
+
+def test_local_model_directory_and_jsonl_data(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_llama(0, hidden_size=16, layers=1, heads=2).save_pretrained(model_dir)
+    sft, pref = make_data(12, 12, seed=4)
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    (tmp_path / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pref))
+    args = ["posttrain", "--model", str(model_dir), "--tokenizer", "byte", "--sft-data", str(tmp_path / "sft.jsonl"),
+            "--pref-data", str(tmp_path / "pref.jsonl"), "--methods", "alright,mgda", "--steps", "2",
+            "--eval-every", "1", "--batch-size", "2", "--eval-fraction", "0.25", "--json", str(tmp_path / "r.json"),
+            "--plot", str(tmp_path / "r.png"), "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert list(result["methods"]) == ["alright", "mgda"] and result["model"] == str(model_dir)
+    assert result["claims"]["alright_closer_than_sequential"] is None   # sequential was not run
+
+
+def test_bad_command_lines(tmp_path):
+    with pytest.raises(SystemExit, match="--methods: unknown \\['dpo'\\]"):
+        main(["posttrain", "--methods", "alright,dpo", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--model: also give --sft-data and --pref-data"):
+        main(["posttrain", "--model", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_claims_from_results():
+    results = {"sequential": {"ideal_distance": 3.0, "seconds_per_step": 1.0},
+               "alright": {"ideal_distance": 1.0, "seconds_per_step": 1.04},
+               "maxright": {"ideal_distance": 4.0, "seconds_per_step": 1.0},
+               "mix": {"ideal_distance": 0.5, "seconds_per_step": 2.0}}
+    verdict = claims(results, one_objective=1.0)
+    assert verdict["alright_closer_than_sequential"] is True
+    assert verdict["maxright_closer_than_sequential"] is False
+    assert verdict["alright_within_5pct_of_one_objective"] is True
+    assert verdict["mix_costs_more_than_alright"] is True
