@@ -72,10 +72,11 @@ if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
 march = os.environ.get("MOLKERNELS_MARCH", "native")
-cxx_flags = ["-O3", "-fopenmp", "-DMOLKERNELS_VERSION=\"%s\"" % VERSION] + (
+# -fno-math-errno: sqrt in a loop vectorises (no errno branch); nothing here reads errno.
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-DMOLKERNELS_VERSION=\"%s\"" % VERSION] + (
     ["-march=" + march] if march else [])
 sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/mol_ops.cpp", "csrc/core/cpu_kernels.cpp",
-           "csrc/core/mol_cpu_kernels.cpp"]
+           "csrc/core/mol_cpu_kernels.cpp", "csrc/fl_ops.cpp", "csrc/core/fl_cpu_kernels.cpp"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 extra_link_args = ["-fopenmp"]
 
@@ -86,7 +87,7 @@ if with_cuda:
     extension = CUDAExtension(
         "molkernels._C",
         sources + ["csrc/ops_cuda.cpp", "csrc/mol_ops_cuda.cpp", "csrc/core/cuda_kernels.cu",
-                   "csrc/core/mol_cuda_kernels.cu"],
+                   "csrc/core/mol_cuda_kernels.cu", "csrc/fl_ops_cuda.cpp", "csrc/core/fl_cuda_kernels.cu"],
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
         extra_link_args=extra_link_args,

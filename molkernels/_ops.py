@@ -58,6 +58,10 @@ def _fake_in_place(*args) -> None:
     return None
 
 
+def _fake_fl_weighted_mean(x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[1:])
+
+
 _FAKES = {
     "gram": _fake_products,
     "cross_gram": _fake_products,
@@ -68,6 +72,9 @@ _FAKES = {
     "moco_track_gram": _fake_track_gram,
     "joint_gram": _fake_joint_gram,
     "moco_track_combine": _fake_in_place,
+    "fl_adam_step": _fake_in_place,
+    "fl_sgd_step": _fake_in_place,
+    "fl_weighted_mean": _fake_fl_weighted_mean,
 }
 
 if _C is not None:
@@ -151,6 +158,11 @@ _TRITON_SCHEMAS = {
     "joint_gram": "(Tensor[] y, Tensor[] g) -> Tensor",
     "moco_track_combine": "(Tensor(a!)[] y, Tensor[] g, Tensor scale, float beta, Tensor weights, "
                           "Tensor(b!)[] out, float alpha, bool accumulate) -> ()",
+    "fl_adam_step": "(Tensor(a!) params, Tensor grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) step, "
+                    "Tensor active, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()",
+    "fl_sgd_step": "(Tensor(a!) params, Tensor grads, Tensor(b!)? momentum_buffer, Tensor active, float lr, "
+                   "float momentum, float weight_decay) -> ()",
+    "fl_weighted_mean": "(Tensor x, Tensor weights, Tensor active) -> Tensor",
 }
 
 

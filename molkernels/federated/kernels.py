@@ -84,15 +84,6 @@ def _check_number(value, name: str, *, low: float = 0.0, below: Optional[float] 
     return float(value)
 
 
-def _backend(backend: str, device: torch.device) -> str:
-    # Interim: until the compiled and Triton kernels land, "auto" runs the reference.
-    if backend == "auto":
-        return "reference"
-    if backend != "reference":
-        raise RuntimeError(f"backend={backend!r}: the federated kernels are not built yet; use 'reference' or 'auto'")
-    return backend
-
-
 def batched_adam_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                       step: torch.Tensor, active: torch.Tensor, *, lr: float, beta1: float = 0.9,
                       beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
@@ -128,7 +119,7 @@ def batched_adam_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.
     beta2 = _check_number(beta2, "beta2", below=1.0)
     eps = _check_number(eps, "eps")
     weight_decay = _check_number(weight_decay, "weight_decay")
-    backend = _backend(backend, params.device)
+    backend = _ops.resolve_backend(backend, params.device)
     with nvtx_range("batched_adam_step"):
         _ops.op("fl_adam_step", backend)(params, grads, exp_avg, exp_avg_sq, step, active, lr, beta1, beta2, eps,
                                          weight_decay)
@@ -164,7 +155,7 @@ def batched_sgd_step(params: torch.Tensor, grads: torch.Tensor, active: torch.Te
         _check_like(momentum_buffer, "momentum_buffer", params, accum_dtype(params.dtype))
     else:
         momentum_buffer = None
-    backend = _backend(backend, params.device)
+    backend = _ops.resolve_backend(backend, params.device)
     with nvtx_range("batched_sgd_step"):
         _ops.op("fl_sgd_step", backend)(params, grads, momentum_buffer, active, lr, momentum, weight_decay)
 
@@ -198,7 +189,7 @@ def masked_weighted_mean(x: torch.Tensor, weights: torch.Tensor, active: torch.T
     _check_vector(active, "active", C, torch.bool, x.device, "the mask of clients averaged")
     if check:
         _raise_unless_averageable(weights, active)
-    backend = _backend(backend, x.device)
+    backend = _ops.resolve_backend(backend, x.device)
     w = weights.to(accum_dtype(x.dtype)).contiguous()
     with nvtx_range("masked_weighted_mean"):
         return _ops.op("fl_weighted_mean", backend)(x, w, active)

@@ -1,0 +1,209 @@
+"""The federated learning kernels in Triton (the CPU/CUDA ones are in csrc/core/fl_*): client-stacked
+[C, D] Adam and SGD steps in place, and the masked weighted mean. They take the already checked
+arguments of molkernels.federated.
+
+The element math follows csrc/core/federated.h (torch.optim's CPU order of operations, with fma
+where torch fuses a multiply-add); the kernels are compiled without fp fusion and with IEEE sqrt
+and division, so that no other rounding changes. The per-client bias corrections are computed on
+the device with torch from the step counts, in float64 as torch.optim computes them, before the
+launch. Inactive rows are masked out of every load and store: never read, never written.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._stack import accum_dtype
+from ._launch import interpreted
+
+MEAN_GROUP = 32  # federated.h's kMeanGroup: the clients of one partial sum
+
+
+def _acc_tl(dtype: torch.dtype):
+    return tl.float64 if accum_dtype(dtype) == torch.float64 else tl.float32
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A hyperparameter as a one-element tensor in the accumulation dtype (a Python float would
+    reach the kernel as float32, which rounds it for float64 parameters)."""
+    return torch.full((1,), value, dtype=accum_dtype(like.dtype), device=like.device)
+
+
+def _block(device: torch.device) -> int:
+    # The interpreter pays per operation, so it gets long blocks; a GPU gets a register-sized one.
+    return 4096 if interpreted(device) else 1024
+
+
+def _row_programs(D: int, block: int, device: torch.device) -> int:
+    """Programs per client row (each loops over its share of the row's blocks)."""
+    if interpreted(device):
+        return 1
+    return min(triton.cdiv(D, block), 65535)
+
+
+@triton.jit
+def _sqrt(x, IS_FP64: tl.constexpr):
+    # float32 sqrt and division are approximate by default on a GPU; float64 ones are IEEE.
+    if IS_FP64:
+        return tl.sqrt(x)
+    return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _div(a, b, IS_FP64: tl.constexpr):
+    if IS_FP64:
+        return a / b
+    return tl.div_rn(a, b)
+
+
+@triton.jit
+def _adam_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, active_ptr, neg_step_size_ptr, bc2_sqrt_ptr, D, span,
+    wd_ptr, lerp_weight_ptr, beta2_ptr, one_minus_beta2_ptr, eps_ptr,
+    HAS_WD: tl.constexpr, LERP_FROM_START: tl.constexpr, ACC: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    active = tl.load(active_ptr + c) != 0
+    neg_step_size = tl.load(neg_step_size_ptr + c)
+    bc2_sqrt = tl.load(bc2_sqrt_ptr + c)
+    wd = tl.load(wd_ptr)
+    lerp_weight = tl.load(lerp_weight_ptr)
+    beta2 = tl.load(beta2_ptr)
+    one_minus_beta2 = tl.load(one_minus_beta2_ptr)
+    eps = tl.load(eps_ptr)
+    start = tl.program_id(1).to(tl.int64) * span
+    for offset in range(0, span, BLOCK):
+        col = start + offset + tl.arange(0, BLOCK)
+        mask = (col < D) & active
+        at = c * D + col
+        p = tl.load(p_ptr + at, mask=mask).to(ACC)
+        g = tl.load(g_ptr + at, mask=mask).to(ACC)
+        m = tl.load(m_ptr + at, mask=mask)
+        v = tl.load(v_ptr + at, mask=mask)
+        if HAS_WD:
+            g = tl.fma(p, wd, g)
+        if LERP_FROM_START:
+            m = tl.fma(lerp_weight, g - m, m)
+        else:
+            m = tl.fma(lerp_weight - 1, g - m, g)
+        v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+        denom = _div(_sqrt(v, IS_FP64), bc2_sqrt, IS_FP64) + eps
+        p = p + _div(neg_step_size * m, denom, IS_FP64)
+        tl.store(p_ptr + at, p.to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + at, m, mask=mask)
+        tl.store(v_ptr + at, v, mask=mask)
+
+
+def fl_adam_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 step: torch.Tensor, active: torch.Tensor, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float) -> None:
+    C = params.shape[0]
+    D = params.numel() // C
+    acc = accum_dtype(params.dtype)
+    # Bias corrections at each client's next step, in float64 as torch.optim computes them.
+    t = (step + 1).to(torch.float64)
+    neg_step_size = (-(lr / (1.0 - torch.pow(beta1, t)))).to(acc)
+    bc2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt().to(acc)
+    lerp_weight = float(torch.tensor(1.0 - beta1, dtype=acc))
+    block = _block(params.device)
+    programs = _row_programs(D, block, params.device)
+    span = triton.cdiv(triton.cdiv(D, block), programs) * block
+    if D > 0:
+        _adam_kernel[(C, programs)](
+            params, grads, exp_avg, exp_avg_sq, active, neg_step_size, bc2_sqrt, D, span,
+            _scalar(weight_decay, params), _scalar(1.0 - beta1, params), _scalar(beta2, params),
+            _scalar(1.0 - beta2, params), _scalar(eps, params),
+            HAS_WD=weight_decay != 0, LERP_FROM_START=abs(lerp_weight) < 0.5, ACC=_acc_tl(params.dtype),
+            IS_FP64=acc == torch.float64, BLOCK=block,
+            enable_fp_fusion=False,
+        )
+    step.add_(active)
+
+
+@triton.jit
+def _sgd_kernel(
+    p_ptr, g_ptr, buf_ptr, active_ptr, D, span, wd_ptr, momentum_ptr, neg_lr_ptr,
+    HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    active = tl.load(active_ptr + c) != 0
+    wd = tl.load(wd_ptr)
+    momentum = tl.load(momentum_ptr)
+    neg_lr = tl.load(neg_lr_ptr)
+    start = tl.program_id(1).to(tl.int64) * span
+    for offset in range(0, span, BLOCK):
+        col = start + offset + tl.arange(0, BLOCK)
+        mask = (col < D) & active
+        at = c * D + col
+        p = tl.load(p_ptr + at, mask=mask).to(ACC)
+        g = tl.load(g_ptr + at, mask=mask).to(ACC)
+        if HAS_WD:
+            g = tl.fma(p, wd, g)
+        if HAS_MOMENTUM:
+            g = tl.load(buf_ptr + at, mask=mask) * momentum + g
+            tl.store(buf_ptr + at, g, mask=mask)
+        p = tl.fma(g, neg_lr, p)
+        tl.store(p_ptr + at, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+def fl_sgd_step(params: torch.Tensor, grads: torch.Tensor, momentum_buffer: Optional[torch.Tensor],
+                active: torch.Tensor, lr: float, momentum: float, weight_decay: float) -> None:
+    C = params.shape[0]
+    D = params.numel() // C
+    if D == 0:
+        return
+    block = _block(params.device)
+    programs = _row_programs(D, block, params.device)
+    span = triton.cdiv(triton.cdiv(D, block), programs) * block
+    has_momentum = momentum != 0
+    _sgd_kernel[(C, programs)](
+        params, grads, momentum_buffer if has_momentum else params, active, D, span,
+        _scalar(weight_decay, params), _scalar(momentum, params), _scalar(-lr, params),
+        HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum, ACC=_acc_tl(params.dtype), BLOCK=block,
+        enable_fp_fusion=False,
+    )
+
+
+@triton.jit
+def _weighted_mean_kernel(
+    x_ptr, w_ptr, active_ptr, out_ptr, C, D,
+    GROUP: tl.constexpr, ACC: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    col = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_row = col < D
+    total = tl.zeros((), dtype=ACC)
+    group_sums = tl.zeros((BLOCK,), dtype=ACC)
+    client0 = tl.zeros((), dtype=tl.int64)  # the loop indices as int64: c * D may pass 2^31
+    for first in range(0, C, GROUP):
+        partial = tl.zeros((BLOCK,), dtype=ACC)
+        for i in range(0, GROUP):
+            c = client0 + first + i
+            active = (tl.load(active_ptr + c, mask=c < C, other=0) != 0) & (c < C)
+            w = tl.load(w_ptr + c, mask=active, other=0.0)
+            x = tl.load(x_ptr + c * D + col, mask=in_row & active, other=0.0).to(ACC)
+            # where, not a zero term: an inactive client leaves a -0 partial as it is.
+            partial = tl.where(active, tl.fma(w, x, partial), partial)
+            total = tl.where(active, total + w, total)
+        group_sums += partial
+    nan = tl.full((BLOCK,), float("nan"), dtype=ACC)
+    mean = tl.where(total != 0, _div(group_sums, tl.where(total != 0, total, 1.0), IS_FP64), nan)
+    tl.store(out_ptr + col, mean.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+def fl_weighted_mean(x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    C = x.shape[0]
+    D = x.numel() // C
+    out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+    if D == 0:
+        return out
+    block = 1024 if interpreted(x.device) else 256
+    _weighted_mean_kernel[(triton.cdiv(D, block),)](
+        x, weights, active, out, C, D, GROUP=MEAN_GROUP, ACC=_acc_tl(x.dtype), IS_FP64=x.dtype == torch.float64,
+        BLOCK=block, enable_fp_fusion=False,
+    )
+    return out
