@@ -266,6 +266,20 @@ class ReplicatedGradients:
         # A zero-storage stand-in for this rank's c columns: the steps write the direction's shard
         # into its .grad.
         self.shard = [torch.zeros((), dtype=dtype, device=device).expand(self.chunk)]
+        # The rank-major send buffer of reduce_scatter and the all_gather's output, kept between
+        # steps (fresh ones cost page faults on every step).
+        self._send = None
+        self._gathered = None
+
+    def _send_buffer(self, K: int, dtype, device) -> torch.Tensor:
+        key = (K, dtype, device)
+        if self._send is None or self._send[0] != key:
+            send = torch.empty(self.world, K, self.chunk, dtype=dtype, device=device)
+            for r in range(self.world):  # the padding past D, never written by the copies: zero
+                lo, hi = shard_bounds(self.D, self.world, r)
+                send[r, :, hi - lo:].zero_()
+            self._send = (key, send)
+        return self._send[1]
 
     # ---- the two collectives around a step ----
 
@@ -275,11 +289,7 @@ class ReplicatedGradients:
         (the last rank's padding) are zero."""
         blocks = self._blocks(grads)
         K, n, c = blocks[0].shape[0], self.world, self.chunk
-        send = torch.empty(n, K, c, dtype=blocks[0].dtype, device=blocks[0].device)
-        for r in range(n):  # the padding past D: the tail of the last ranks' rows
-            lo, hi = shard_bounds(self.D, n, r)
-            if hi - lo < c:
-                send[r, :, hi - lo:].zero_()
+        send = self._send_buffer(K, blocks[0].dtype, blocks[0].device)
         offset = 0
         for block in blocks:  # copy each block's columns into the rank-major layout
             cols = block.reshape(K, -1)
@@ -303,7 +313,10 @@ class ReplicatedGradients:
         direction into p.grad (lr=None, overwritten) or apply p ← p − lr·d."""
         if local_direction.shape != (self.chunk,):
             raise ValueError(f"local_direction: expected shape ({self.chunk},), got {tuple(local_direction.shape)}")
-        full = torch.empty(self.world * self.chunk, dtype=local_direction.dtype, device=local_direction.device)
+        key = (local_direction.dtype, local_direction.device)
+        if self._gathered is None or self._gathered[0] != key:
+            self._gathered = (key, torch.empty(self.world * self.chunk, dtype=key[0], device=key[1]))
+        full = self._gathered[1]
         with nvtx_range("all_gather_direction"):
             _all_gather_into(full, local_direction.contiguous(), self.process_group)
         offset = 0
