@@ -141,8 +141,15 @@ def growth(values: Sequence[float], radii: Sequence[float]) -> dict:
     v, r = np.array(values, dtype=float), np.array(radii, dtype=float)
     keep = (v > 0) & (r > 0) & np.isfinite(r)
     slope = float(np.polyfit(np.log(v[keep]), np.log(r[keep]), 1)[0]) if keep.sum() >= 2 else float("nan")
-    return {"increasing": bool(increasing), "loglog_slope": slope,
-            "ratio_last_first": float(radii[-1] / radii[0]) if radii[0] > 0 else float("nan")}
+    out = {"increasing": bool(increasing), "loglog_slope": slope,
+           "ratio_last_first": float(radii[-1] / radii[0]) if radii[0] > 0 else float("nan")}
+    if len(v) >= 3:  # radius² = a + b·value² (for σ: the noise floor grows linearly in σ²), and its R²
+        b_, a_ = np.polyfit(v ** 2, r ** 2, 1)
+        fitted = a_ + b_ * v ** 2
+        ss = float(((r ** 2 - (r ** 2).mean()) ** 2).sum())
+        out["squared_fit"] = {"intercept": float(a_), "slope": float(b_),
+                              "r2": float(1 - ((r ** 2 - fitted) ** 2).sum() / ss) if ss > 0 else float("nan")}
+    return out
 
 
 def run_sweep(config, parameter: str, values: Sequence, algorithms: Sequence[str], seeds: Sequence[int],
@@ -221,8 +228,12 @@ def print_sweep(config, sweep: dict) -> None:
     for line in [header, ["-" * w for w in widths]] + rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
     for a, c in sweep["claims"].items():
+        fit = ""
+        if p == "sigma" and "squared_fit" in c:
+            f = c["squared_fit"]
+            fit = f"; radius² ≈ {f['intercept']:.3g} + {f['slope']:.3g}·σ² (R² {f['r2']:.3f})"
         print(f"  {LABELS[a]}: radius {'grows' if c['increasing'] else 'does NOT grow monotonically'} with {p} "
-              f"(last/first {c['ratio_last_first']:.2f}×, log-log slope {c['loglog_slope']:.2f}); "
+              f"(last/first {c['ratio_last_first']:.2f}×, log-log slope {c['loglog_slope']:.2f}{fit}); "
               f"{'bounded in every run' if c['bounded'] else 'NOT bounded in some run'}")
 
 
