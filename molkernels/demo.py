@@ -357,6 +357,27 @@ def section_mol(ctx: Context) -> dict:
 # Open federated learning: the stability radius under churn, short (`python -m molkernels fl`).
 
 
+def section_posttrain(ctx: Context) -> dict:
+    from .posttrain import experiment
+    from .posttrain.synthetic import make_data, tiny_llama
+    from .posttrain.data import ByteTokenizer
+
+    steps = 60
+    sft_train, pref_train = make_data(256, 256, seed=1)
+    sft_eval, pref_eval = make_data(48, 48, seed=2)
+    result = experiment.run_methods(tiny_llama(0), ByteTokenizer(), sft_train, pref_train, sft_eval, pref_eval,
+                                    methods=experiment.DEFAULT_METHODS, steps=steps, seed=0, lam=0.5, beta=0.1,
+                                    lr=3e-3, batch_size=16, eval_every=20, max_length=256, max_eval_steps=10,
+                                    progress=False)
+    experiment.print_result(result)
+    path = os.path.join(ctx.out, "posttrain_pareto.png")
+    experiment.plot_result(result, path)
+    print(f"wrote {path} (the full run: python -m molkernels posttrain)")
+    keys = ("sft_loss", "dpo_loss", "ideal_distance", "seconds_per_step")
+    return {"png": path, "steps": steps, "ideal": result["ideal"], "claims": result["claims"],
+            "methods": {m: {k: r[k] for k in keys} for m, r in result["methods"].items()}}
+
+
 def section_fl(ctx: Context) -> dict:
     from .federated import cli
 
@@ -370,6 +391,8 @@ SECTIONS: List[Section] = [
     Section("speed", "2. speed against torch (K = 8, d = 2M; MGDA d = 1M)", section_speed),
     Section("gram_throughput", "3. Gram throughput against d", section_gram_throughput),
     Section("mol", "4. stochastic MGDA vs MoCo on the noisy CAGrad toy (short run)", section_mol),
+    Section("posttrain", "5. joint SFT + DPO post-training of a tiny Llama: every method, Pareto plot (short run)",
+            section_posttrain),
     Section("fl", "open federated learning: the stability radius against κ and σ (short run)", section_fl),
 ]
 
