@@ -752,7 +752,7 @@ def bench_fl_adam(C: int, D: int, *, device, dtype, repeats: int = 10, targets: 
 def bench_fl_round(C: int, D: int, *, device, dtype, repeats: int = 5, local_steps: int = FL_ROUND_LOCAL_STEPS
                    ) -> Result:
     """One full round of the open-system simulator (Bernoulli churn 0.1/0.1, so about C/2 active
-    clients; the quadratic problem with a diagonal basis, σ = 1 and σ = 0; local Adam, E local steps; the
+    clients; the quadratic problem with a diagonal basis, σ = 1; local Adam, E local steps; the
     server average; not the simulator's measurement of x*_t): all clients in one batched kernel call per local step, against the same round
     with the local steps as a Python loop over clients, one torch.optim.Adam per client
     (federated.baseline.PerClientLoopSimulator: same churn, gradients and average)."""
@@ -761,24 +761,171 @@ def bench_fl_round(C: int, D: int, *, device, dtype, repeats: int = 5, local_ste
 
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"fl_round: float32 or float64, got {dtype}")
+    config = FLConfig(algorithm="local_adam", clients=C, dim=D, local_steps=local_steps, device=str(device),
+                      dtype=_dtype_name(dtype), problem_options={"basis": "identity"}, track_optimum=False)
+    batched, looped = OpenFLSimulator(config), PerClientLoopSimulator(config)
+    timings = measure({"loop": looped.round, "batched": batched.round}, device, repeats=repeats, warmup=1)
+    active = sum(r["active"] for r in batched.history) / len(batched.history)
+    row = functools.partial(_row, "fl_round", K=C, device=device, dtype=dtype, d=D, blocks=0, nbytes=0, flops=0)
+    base = row(impl=f"Python loop over clients, torch.optim.Adam each (E={local_steps})", timing=timings["loop"],
+               note=f"{active:.0f} active clients on average")
+    mine = row(impl=f"batched_adam_step over all clients (E={local_steps} calls)", timing=timings["batched"],
+               note=f"{active:.0f} active clients on average")
+    mine.speedup, mine.speedup_vs = base.median_s / mine.median_s, "loop"
+    return Result(rows=[base, mine])
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed: bytes communicated and step time against the number of ranks.
+
+# (key, what runs on each rank per step). The replicated paths start from each rank's own [K, D]
+# gradients; the sharded path from this rank's [K, D/n] shard of already-reduced gradients (FSDP).
+DISTRIBUTED_PATHS = (
+    ("sharded", "sharded Gram: mgda_step(process_group=) on a [K, D/n] shard (FSDP-style)"),
+    ("reduce_scatter", "replicated: reduce_scatter + sharded Gram + all_gather (ReplicatedGradients)"),
+    ("all_reduce_stack", "replicated: one all_reduce of the [K, D] stack + local mgda_step"),
+    ("per_objective", "replicated: K all_reduces (one per objective) + local mgda_step"),
+)
+DISTRIBUTED_RANKS = (1, 2, 4)
+
+
+def _ring_wire_bytes(name: str, tensors: Sequence[torch.Tensor], world: int) -> Tuple[int, int]:
+    """(message bytes, bytes each rank sends on a ring) of one collective: all_reduce of S bytes
+    sends 2(n−1)/n·S, reduce_scatter of an S-byte input and all_gather into an S-byte output
+    (n−1)/n·S."""
+    if name == "all_reduce":
+        size = tensors[0].numel() * tensors[0].element_size()
+        return size, 2 * (world - 1) * size // world
+    size = tensors[0].numel() * tensors[0].element_size()  # the output, all_gather's larger tensor
+    if name.startswith("reduce_scatter"):
+        size = tensors[1].numel() * tensors[1].element_size()  # the input
+    return size, (world - 1) * size // world
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, out_path: str, K: int, d: int, dtype_name: str,
+                        device_type: str, repeats: int) -> None:
+    import torch.distributed as dist
+
+    from . import distributed as mkd
+
+    cuda = device_type == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        torch.set_num_threads(1)  # the ranks share the machine's cores
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    group = dist.group.WORLD
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(rank)
+    grads = torch.randn(K, d, generator=generator).to(device=device, dtype=dtype)  # this rank's batch
+    lo, hi = mkd.shard_bounds(d, world, rank)
+    shard_grads = grads[:, lo:hi].contiguous()
+    shard_params = [torch.zeros(hi - lo, dtype=dtype, device=device)]
+    params = [torch.zeros(d, dtype=dtype, device=device)]
+    rep = mkd.ReplicatedGradients(params, group)
+    stack, rows = grads.clone(), grads.clone()  # reduced in place, so each path has its own
+
+    def per_objective():
+        for k in range(K):
+            dist.all_reduce(rows[k], group=group)
+            rows[k].div_(world)
+        return molkernels.mgda_step(params, rows)
+
+    fns = {
+        "sharded": lambda: molkernels.mgda_step(shard_params, shard_grads, process_group=group),
+        "reduce_scatter": lambda: rep.mgda_step(grads),
+        "all_reduce_stack": lambda: molkernels.mgda_step(params, mkd.all_reduce_stack(stack, group)),
+        "per_objective": per_objective,
+    }
+    names = ("all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "all_gather_single",
+             "all_gather_into_tensor")
+    results = {}
+    for key, fn in fns.items():
+        # One counted step: each collective's message and ring bytes.
+        calls = []
+        originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+        depth = [0]
+
+        def wrap(n, f):
+            def counted(*args, **kwargs):
+                if depth[0] == 0:
+                    calls.append(_ring_wire_bytes(n, [a for a in args if isinstance(a, torch.Tensor)], world))
+                depth[0] += 1
+                try:
+                    return f(*args, **kwargs)
+                finally:
+                    depth[0] -= 1
+            return counted
+
+        for n, f in originals.items():
+            setattr(dist, n, wrap(n, f))
+        try:
+            fn()
+        finally:
+            for n, f in originals.items():
+                setattr(dist, n, f)
+        synchronize(device)
+        times = []
+        for i in range(2 + repeats):
+            dist.barrier(group=group)
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        everyone = [None] * world
+        dist.all_gather_object(everyone, times, group=group)
+        slowest = [max(t[i] for t in everyone) for i in range(repeats)]  # a step ends with its slowest rank
+        results[key] = {"times": slowest, "collectives": len(calls), "message_bytes": sum(c[0] for c in calls),
+                        "wire_bytes": sum(c[1] for c in calls)}
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def bench_distributed(K: int, d: int, *, device, dtype, repeats: int = 10, ranks: Sequence[int] = DISTRIBUTED_RANKS
+                      ) -> Result:
+    """Spawns worlds of 1, 2, 4 ranks (gloo on CPU, one thread each; NCCL on CUDA, one GPU each,
+    as many as there are) and times one MGDA step per path of DISTRIBUTED_PATHS (the slowest
+    rank's time, median over repeats); the note gives the collectives of a step, their message
+    bytes and the bytes each rank sends on a ring. Speedups are against the K all_reduces."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
     out = Result()
-    # σ = 1: the gradient noise (C·D normal draws per local step) is part of both rounds and costs
-    # more than the optimiser; σ = 0 shows the optimiser's share.
-    for sigma in (1.0, 0.0):
-        config = FLConfig(algorithm="local_adam", clients=C, dim=D, local_steps=local_steps, sigma=sigma,
-                          device=str(device), dtype=_dtype_name(dtype), problem_options={"basis": "identity"},
-                          track_optimum=False)
-        batched, looped = OpenFLSimulator(config), PerClientLoopSimulator(config)
-        timings = measure({"loop": looped.round, "batched": batched.round}, device, repeats=repeats, warmup=1)
-        active = sum(r["active"] for r in batched.history) / len(batched.history)
-        note = f"σ={sigma:g}; {active:.0f} active clients on average"
-        row = functools.partial(_row, "fl_round", K=C, device=device, dtype=dtype, d=D, blocks=0, nbytes=0, flops=0)
-        base = row(impl=f"Python loop over clients, torch.optim.Adam each (E={local_steps})", timing=timings["loop"],
-                   note=note)
-        mine = row(impl=f"batched_adam_step over all clients (E={local_steps} calls)", timing=timings["batched"],
-                   note=note)
-        mine.speedup, mine.speedup_vs = base.median_s / mine.median_s, "loop"
-        out.rows += [base, mine]
+    if device.type == "cuda":
+        ranks = [n for n in ranks if n <= torch.cuda.device_count()]
+    for world in ranks:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "result.pt")
+            mp.start_processes(_distributed_worker, args=(world, os.path.join(tmp, "init"), path, K, d,
+                                                          _dtype_name(dtype), device.type, repeats),
+                               nprocs=world, join=True, start_method="spawn")
+            results = torch.load(path)
+        rows = {}
+        for key, label in DISTRIBUTED_PATHS:
+            r = results[key]
+            timing = {"median": statistics.median(r["times"]), "min": min(r["times"]), "repeats": len(r["times"])}
+            rows[key] = _row("distributed", impl=f"{label} [{world} rank{'s' if world > 1 else ''}]", K=K,
+                             device=device, dtype=dtype, d=d, blocks=0, timing=timing, nbytes=0, flops=0,
+                             note=f"{r['collectives']} collectives, messages {_fmt_bytes(r['message_bytes'])}, "
+                                  f"ring bytes sent per rank {_fmt_bytes(r['wire_bytes'])}")
+        for key, row in rows.items():
+            if key != "per_objective":
+                row.speedup, row.speedup_vs = rows["per_objective"].median_s / row.median_s, "K all_reduces"
+        out.rows += list(rows.values())
     return out
 
 
