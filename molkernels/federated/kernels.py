@@ -6,8 +6,12 @@ optimiser states are rows of [C, D] tensors, and one call steps every active cli
     server = masked_weighted_mean(params, num_samples, active)
     reset_client_state(joined, exp_avg, exp_avg_sq, step)
 
-Each active row gets exactly the update torch.optim gives that client alone (its own step count,
-so its own bias correction); inactive rows, their state and their step stay bitwise unchanged.
+Each active row gets the update torch.optim gives that client alone (its own step count, so its
+own bias correction), in torch's order of operations: bit for bit for SGD and for Adam's moments
+where torch's CPU kernels fuse the same multiply-adds (AVX2/AVX-512 builds), and for Adam's
+parameters to within an ulp of the update, because the kernels take the correctly rounded square
+root and torch's vectorised CPU sqrt is off by an ulp in about a fifth of the elements. Inactive
+rows, their state and their step stay bitwise unchanged.
 The kernels read p, g and the state once and write p and the state once, and read the step counts
 on the device: no host synchronisation. A [C, *shape] tensor is treated as [C, D] with D the
 product of *shape.
@@ -98,8 +102,8 @@ def batched_adam_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.
         v ← β₂ v + (1 − β₂) g²                        (exp_avg_sq.mul_(β₂).addcmul_(g, g, 1 − β₂))
         p ← p − lr / (1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
 
-    which is what torch.optim.Adam([p], lr, (β₁, β₂), eps, weight_decay) does for that client
-    alone, in the same order of operations. Rows with active[c] False (and their step) are left
+    which is what torch.optim.Adam([p], lr, (β₁, β₂), eps, weight_decay, foreach=False) does for
+    that client alone, in the same order of operations (see the module docstring for the bits). Rows with active[c] False (and their step) are left
     bitwise unchanged. A fresh client starts from m = v = 0, step = 0 (see reset_client_state).
 
     params, grads: [C, D] (or [C, *shape]), float32/float64, or float16/bfloat16 with float32
