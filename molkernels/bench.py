@@ -825,7 +825,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_path: str, K:
     shard_grads = grads[:, lo:hi].contiguous()
     shard_params = [torch.zeros(hi - lo, dtype=dtype, device=device)]
     params = [torch.zeros(d, dtype=dtype, device=device)]
-    rep = mkd.ReplicatedGradients(params, group)
+    rep = mkd.ReplicatedGradients(params, group, reduce="reduce_scatter")
     stack, rows = grads.clone(), grads.clone()  # reduced in place, so each path has its own
 
     def per_objective():
