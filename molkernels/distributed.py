@@ -219,30 +219,46 @@ def all_reduce_stack(grads: Stack, process_group=None, *, average: bool = True) 
     return grads
 
 
+REPLICATED_REDUCTIONS = ("auto", "reduce_scatter", "all_reduce")
+
+
+def _default_reduction(process_group) -> str:
+    """reduce_scatter where the collective library has a real one (NCCL: half an all_reduce's ring
+    traffic); all_reduce on gloo, whose reduce_scatter measured about twice as slow as its
+    all_reduce of the same buffer (README, Distributed)."""
+    backend = str(dist.get_backend(process_group)).lower()
+    return "reduce_scatter" if "nccl" in backend else "all_reduce"
+
+
 class ReplicatedGradients:
     """Multi-objective steps for replicated parameters (DDP-style data parallelism) with one
-    reduction of the per-objective gradients per step:
+    reduction of the per-objective gradients per step, never one per objective:
 
         rep = ReplicatedGradients(params, group)              # the parameters, identical on all ranks
-        state = rep.moco_state(K)                             # MoCo's Y holds this rank's shard only
+        state = rep.moco_state(K)                             # MoCo's state for rep.shard
         grads, _ = mol.objective_gradients(losses, params)    # [K, D], this rank's batch
         lam = rep.moco_step(grads, state, beta=0.5, gamma=0.1)   # p.grad = the averaged direction
         optimizer.step()
 
-    A step: (1) one reduce_scatter of the [K, D] stack: rank r receives the sum over ranks of its
-    columns [r·c, (r+1)·c), c = ⌈D/n⌉ (divided by n when `average`); (2) the step on that shard
-    with the sharded Gram (one K×K all_reduce); (3) one all_gather of the direction's shards, written
-    into p.grad (lr=None) or applied p ← p − lr·d. Three collectives whatever K; ring traffic per rank
-    (n−1)/n·(K+1)·D elements plus K², against (n−1)/n·2K·D for all-reducing the stack
-    (all_reduce_stack) and K all_reduces of D for reducing each objective separately. The
-    gradients are copied once into the rank-major layout the reduce_scatter needs.
+    reduce="reduce_scatter": (1) one reduce_scatter of the [K, D] stack: rank r receives the sum over
+    ranks of its columns [r·c, (r+1)·c), c = ⌈D/n⌉ (divided by n when `average`); (2) the step on
+    that shard with the sharded Gram (one K×K all_reduce); (3) one all_gather of the direction's
+    shards, written into p.grad (lr=None) or applied p ← p − lr·d. Three collectives whatever K;
+    ring traffic per rank (n−1)/n·(K+1)·D elements plus K², and the Gram and combine on D/n columns.
+    The gradients are copied once into the rank-major layout the reduce_scatter needs. `shard` is a
+    one-tensor parameter list standing for this rank's c columns, and a MoCo state holds this
+    rank's [K, c] shard of Y (each rank checkpoints its own, for the same world size).
 
-    `shard` is a one-tensor parameter list standing for this rank's columns (c elements): pass it to
-    the states (moco_state / modo_state build them). A checkpoint of a MoCo state holds this rank's
-    shard of Y; each rank saves and loads its own, with the same world size.
+    reduce="all_reduce": one all_reduce of the [K, D] stack ((n−1)/n·2K·D on a ring; a flat stack
+    is reduced in place), then the ordinary single-process step on it on every rank, no other
+    collective; `shard` is then the parameters themselves and a MoCo state the full one.
+
+    reduce="auto" (default): reduce_scatter on NCCL, all_reduce on gloo (see _default_reduction).
+    Either way far less than K all_reduces of D, one per objective.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], process_group=None, *, average: bool = True):
+    def __init__(self, params: Sequence[torch.Tensor], process_group=None, *, average: bool = True,
+                 reduce: str = "auto"):
         params = list(params)
         if not params:
             raise ValueError("params: expected at least one parameter")
@@ -254,22 +270,35 @@ class ReplicatedGradients:
                                 "mol.backward instead, ReplicatedGradients is for replicated parameters")
             if p.dtype != params[0].dtype or p.device != params[0].device:
                 raise ValueError(f"params[{j}]: all parameters need one dtype and device")
+        if reduce not in REPLICATED_REDUCTIONS:
+            raise ValueError(f"reduce: expected one of {REPLICATED_REDUCTIONS}, got {reduce!r}")
         self.params = params
         self.process_group = process_group
         self.average = average
         self.rank, self.world = _group_rank_world(process_group)
+        self.reduce_mode = _default_reduction(process_group) if reduce == "auto" else reduce
         self.sizes = [p.numel() for p in params]
         self.D = sum(self.sizes)
         self.chunk = -(-self.D // self.world) if self.D else 0
         self.start, self.stop = shard_bounds(self.D, self.world, self.rank)
         dtype, device = params[0].dtype, params[0].device
-        # A zero-storage stand-in for this rank's c columns: the steps write the direction's shard
-        # into its .grad.
-        self.shard = [torch.zeros((), dtype=dtype, device=device).expand(self.chunk)]
-        # The rank-major send buffer of reduce_scatter and the all_gather's output, kept between
-        # steps (fresh ones cost page faults on every step).
+        if self.reduce_mode == "reduce_scatter":
+            # A zero-storage stand-in for this rank's c columns: the steps write the direction's
+            # shard into its .grad.
+            self.shard = [torch.zeros((), dtype=dtype, device=device).expand(self.chunk)]
+        else:
+            self.shard = params
+        # Buffers kept between steps (fresh ones cost page faults on every step): the rank-major
+        # send buffer of reduce_scatter, the all_gather's output, all_reduce's flat stack.
         self._send = None
         self._gathered = None
+        self._flat = None
+
+    @property
+    def step_group(self):
+        """The process_group the step on `shard` takes: the group for the sharded Gram
+        (reduce_scatter), None for the full, identical stack (all_reduce)."""
+        return self.process_group if self.reduce_mode == "reduce_scatter" else None
 
     def _send_buffer(self, K: int, dtype, device) -> torch.Tensor:
         key = (K, dtype, device)
@@ -281,7 +310,46 @@ class ReplicatedGradients:
             self._send = (key, send)
         return self._send[1]
 
-    # ---- the two collectives around a step ----
+    # ---- the collectives around a step ----
+
+    def reduce(self, grads: Stack, *, in_place: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The averaged (summed when not `average`) gradients the step on `shard` takes: (flat,
+        views aligned with `shard`). reduce_scatter: this rank's [K, c] columns (a new tensor);
+        all_reduce: the whole [K, D] stack, in a buffer kept between calls, or, with in_place=True,
+        in `grads` itself when it is one contiguous flat [K, D] tensor (saves a copy of K·D)."""
+        if self.reduce_mode == "reduce_scatter":
+            local = self.reduce_scatter(grads)
+            return local, [local]
+        blocks = self._blocks(grads)
+        if (in_place and len(blocks) == 1 and blocks[0].dim() == 2 and blocks[0].shape[1] == self.D
+                and blocks[0].is_contiguous()):
+            flat = blocks[0]
+        else:
+            K, dtype, device = blocks[0].shape[0], blocks[0].dtype, blocks[0].device
+            if self._flat is None or self._flat.shape[0] != K or self._flat.dtype != dtype or self._flat.device != device:
+                self._flat = torch.empty(K, self.D, dtype=dtype, device=device)
+            flat, offset = self._flat, 0
+            for block in blocks:
+                cols = block.reshape(K, -1)
+                flat[:, offset:offset + cols.shape[1]].copy_(cols)
+                offset += cols.shape[1]
+        all_reduce_stack(flat, self.process_group, average=self.average)
+        views, offset = [], 0
+        for p, size in zip(self.params, self.sizes):
+            views.append(flat[:, offset:offset + size].view(flat.shape[0], *p.shape))
+            offset += size
+        return flat, views
+
+    def step_lr(self, lr: Optional[float]) -> Optional[float]:
+        """The lr the step on `shard` takes: None with reduce_scatter (finish applies lr to the
+        gathered direction), lr itself with all_reduce (the step updates the parameters)."""
+        return None if self.reduce_mode == "reduce_scatter" else lr
+
+    def finish(self, lr: Optional[float] = None) -> None:
+        """After the step on `shard` (with lr=step_lr(lr)): reduce_scatter: all-gather the
+        direction's shards into p.grad (lr=None) or apply them (lr); all_reduce: nothing left."""
+        if self.reduce_mode == "reduce_scatter":
+            self.write(self.shard[0].grad, lr)
 
     def reduce_scatter(self, grads: Stack) -> torch.Tensor:
         """This rank's [K, c] shard of the sum (mean when `average`) over ranks of `grads` (a flat
@@ -334,7 +402,7 @@ class ReplicatedGradients:
     # ---- states and steps on the shard ----
 
     def moco_state(self, num_objectives: int, **kwargs):
-        """A MoCoState for this rank's shard (Y is [K, c])."""
+        """A MoCoState for `shard` (Y is [K, c] with reduce_scatter, [K, D] with all_reduce)."""
         from .steps import MoCoState
 
         return MoCoState(self.shard, num_objectives, **kwargs)
@@ -345,33 +413,38 @@ class ReplicatedGradients:
         return MoDoState(self.shard, num_objectives, **kwargs)
 
     def mgda_step(self, grads: Stack, lr: Optional[float] = None, **kwargs) -> torch.Tensor:
-        """molkernels.mgda_step with this rank's gradients, averaged over the ranks (3 collectives)."""
+        """molkernels.mgda_step on this rank's gradients averaged over the ranks."""
         from .steps import mgda_step
 
-        lam = mgda_step(self.shard, self.reduce_scatter(grads), process_group=self.process_group, **kwargs)
-        self.write(self.shard[0].grad, lr)
+        flat, _ = self.reduce(grads)
+        lam = mgda_step(self.shard, flat, self.step_lr(lr), process_group=self.step_group, **kwargs)
+        self.finish(lr)
         return lam
 
     def moco_step(self, grads: Stack, state, beta: float = 0.5, gamma: float = 0.1, rho: float = 0.0,
                   lr: Optional[float] = None, **kwargs) -> torch.Tensor:
-        """molkernels.moco_step on the averaged gradients, `state` from moco_state (3 collectives).
-        With normalize='loss'/'loss+', pass the losses averaged over the ranks."""
+        """molkernels.moco_step on the averaged gradients, `state` from moco_state. With
+        normalize='loss'/'loss+', pass the losses averaged over the ranks."""
         from .steps import moco_step
 
-        lam = moco_step(self.shard, self.reduce_scatter(grads), state, beta, gamma, rho,
-                        process_group=self.process_group, **kwargs)
-        self.write(self.shard[0].grad, lr)
+        flat, _ = self.reduce(grads)
+        lam = moco_step(self.shard, flat, state, beta, gamma, rho, self.step_lr(lr), process_group=self.step_group,
+                        **kwargs)
+        self.finish(lr)
         return lam
 
     def modo_step(self, grads1: Stack, grads2: Stack, grads3: Stack, state, gamma: float = 0.1, rho: float = 0.0,
                   lr: Optional[float] = None, **kwargs) -> torch.Tensor:
-        """molkernels.modo_step on the three averaged samples (3 reduce_scatters, the K×K all_reduce,
-        one all_gather)."""
+        """molkernels.modo_step on the three averaged samples (three reductions)."""
         from .steps import modo_step
 
-        shards = [self.reduce_scatter(g) for g in (grads1, grads2, grads3)]
-        lam = modo_step(self.shard, *shards, state, gamma, rho, process_group=self.process_group, **kwargs)
-        self.write(self.shard[0].grad, lr)
+        flats = []
+        for g in (grads1, grads2, grads3):
+            flat, _ = self.reduce(g)
+            flats.append(flat.clone() if flat is self._flat else flat)  # the kept buffer is reused
+        lam = modo_step(self.shard, *flats, state, gamma, rho, self.step_lr(lr), process_group=self.step_group,
+                        **kwargs)
+        self.finish(lr)
         return lam
 
     def _blocks(self, grads: Stack) -> List[torch.Tensor]:

@@ -372,45 +372,56 @@ def _losses(model, x, y):
     return ((model(x) - y) ** 2).mean(0)
 
 
+# The collectives of one mol.backward(replicated=mode) step: a reduction of the [K, D] buffer
+# per sample, the K losses' all_reduce for MoCo's loss normalisation, then with reduce_scatter the
+# K×K all_reduce (not for Mean: no Gram) and the all_gather of the direction.
+RS, AR, AG = "reduce_scatter_single", "all_reduce", "all_gather_single"
+REPLICATED_CALLS = {
+    "reduce_scatter": {"MGDA": [RS, AR, AG], "UPGrad": [RS, AR, AG], "Mean": [RS, AG],
+                       "MoCo-loss+": [RS, AR, AR, AG], "MoDo": [RS, RS, RS, AR, AG]},
+    "all_reduce": {"MGDA": [AR], "UPGrad": [AR], "Mean": [AR], "MoCo-loss+": [AR, AR], "MoDo": [AR, AR, AR]},
+}
+
+
 @case
 def mol_backward_replicated(rank, world):
-    for name, factory in [("MGDA", lambda: mol.MGDA()), ("UPGrad", lambda: mol.UPGrad()),
-                          ("Mean", lambda: mol.Mean()), ("MoCo-loss+", lambda: mol.MoCo(0.6, 0.2, normalize="loss+"))]:
+    assert mkd.ReplicatedGradients([torch.zeros(3)], WORLD).reduce_mode == "all_reduce"  # gloo's default
+    for mode in ("reduce_scatter", True):
+        calls_of = REPLICATED_CALLS["all_reduce" if mode is True else mode]
+        for name, factory in [("MGDA", lambda: mol.MGDA()), ("UPGrad", lambda: mol.UPGrad()),
+                              ("Mean", lambda: mol.Mean()),
+                              ("MoCo-loss+", lambda: mol.MoCo(0.6, 0.2, normalize="loss+"))]:
+            model, model1 = _mlp(), _mlp()
+            agg, agg1 = factory(), factory()
+            params, params1 = list(model.parameters()), list(model1.parameters())
+            for step in range(2):
+                with count_collectives() as calls:
+                    lam = mol.backward(_losses(model, *_batch(rank, step)), params, agg, process_group=WORLD,
+                                       replicated=mode)
+                assert names(calls) == calls_of[name], (mode, name, calls)
+                mean_losses = sum(_losses(model1, *_batch(r, step)) for r in range(world)) / world
+                lam1 = mol.backward(mean_losses, params1, agg1)
+                what = f"replicated={mode} {name}"
+                close(lam, lam1, LAMBDA_TOL, f"{what} λ step {step}")
+                assert_same_on_all_ranks(lam, f"{what} λ")
+                for p, q in zip(params, params1):
+                    close(p.grad, q.grad, DIRECTION_TOL, f"{what} p.grad step {step}")
+                    assert_same_on_all_ranks(p.grad, f"{what} p.grad")
+                with torch.no_grad():
+                    for p in params + params1:
+                        p -= 0.1 * p.grad
+        # MoDo: three loss vectors, three reductions.
         model, model1 = _mlp(), _mlp()
-        agg, agg1 = factory(), factory()
-        params, params1 = list(model.parameters()), list(model1.parameters())
-        for step in range(2):
-            with count_collectives() as calls:
-                lam = mol.backward(_losses(model, *_batch(rank, step)), params, agg, process_group=WORLD,
-                                   replicated=True)
-            expected = ["reduce_scatter_single", "all_reduce", "all_gather_single"]
-            if name == "Mean":
-                expected = ["reduce_scatter_single", "all_gather_single"]
-            if name.startswith("MoCo"):
-                expected = ["reduce_scatter_single", "all_reduce", "all_reduce", "all_gather_single"]
-            assert names(calls) == expected, (name, calls)
-            mean_losses = sum(_losses(model1, *_batch(r, step)) for r in range(world)) / world
-            lam1 = mol.backward(mean_losses, params1, agg1)
-            close(lam, lam1, LAMBDA_TOL, f"replicated {name} λ step {step}")
-            assert_same_on_all_ranks(lam, f"replicated {name} λ")
-            for p, q in zip(params, params1):
-                close(p.grad, q.grad, DIRECTION_TOL, f"replicated {name} p.grad step {step}")
-                assert_same_on_all_ranks(p.grad, f"replicated {name} p.grad")
-            with torch.no_grad():
-                for p in params + params1:
-                    p -= 0.1 * p.grad
-    # MoDo: three reduce_scatters, one all_reduce, one all_gather.
-    model, model1 = _mlp(), _mlp()
-    agg, agg1 = mol.MoDo(0.2), mol.MoDo(0.2)
-    with count_collectives() as calls:
-        lam = mol.backward([_losses(model, *_batch(rank, s)) for s in range(3)], list(model.parameters()), agg,
-                           process_group=WORLD, replicated=True)
-    assert names(calls) == ["reduce_scatter_single"] * 3 + ["all_reduce", "all_gather_single"], calls
-    lam1 = mol.backward([sum(_losses(model1, *_batch(r, s)) for r in range(world)) / world for s in range(3)],
-                        list(model1.parameters()), agg1)
-    close(lam, lam1, LAMBDA_TOL, "replicated MoDo λ")
-    for p, q in zip(model.parameters(), model1.parameters()):
-        close(p.grad, q.grad, DIRECTION_TOL, "replicated MoDo p.grad")
+        agg, agg1 = mol.MoDo(0.2), mol.MoDo(0.2)
+        with count_collectives() as calls:
+            lam = mol.backward([_losses(model, *_batch(rank, s)) for s in range(3)], list(model.parameters()), agg,
+                               process_group=WORLD, replicated=mode)
+        assert names(calls) == calls_of["MoDo"], (mode, calls)
+        lam1 = mol.backward([sum(_losses(model1, *_batch(r, s)) for r in range(world)) / world for s in range(3)],
+                            list(model1.parameters()), agg1)
+        close(lam, lam1, LAMBDA_TOL, f"replicated={mode} MoDo λ")
+        for p, q in zip(model.parameters(), model1.parameters()):
+            close(p.grad, q.grad, DIRECTION_TOL, f"replicated={mode} MoDo p.grad")
 
 
 @case
@@ -423,10 +434,11 @@ def replicated_steps_and_all_reduce_stack(rank, world):
         g = torch.Generator().manual_seed(6)
         init = [torch.randn(s, generator=g) for s in shapes]
         per_rank = [[[torch.randn(K, *s, generator=g) for s in shapes] for _ in range(world)] for _ in range(3)]
-        for backend in BACKENDS:
+        for backend, mode in [(b, m) for b in BACKENDS for m in ("reduce_scatter", "all_reduce")]:
             params = [t.clone() for t in init]
-            rep = mkd.ReplicatedGradients(params, WORLD)
-            assert rep.shard[0].shape == (-(-D // world),)
+            rep = mkd.ReplicatedGradients(params, WORLD, reduce=mode)
+            if mode == "reduce_scatter":
+                assert rep.shard[0].shape == (-(-D // world),)
             state = rep.moco_state(K)
             params1 = [t.clone() for t in init]
             state1 = mk.MoCoState(params1, K)
@@ -434,22 +446,25 @@ def replicated_steps_and_all_reduce_stack(rank, world):
                 mean = [sum(per_rank[t][r][j] for r in range(world)) / world for j in range(len(shapes))]
                 with count_collectives() as calls:
                     lam = rep.moco_step(per_rank[t][rank], state, beta=0.6, gamma=0.3, lr=0.1, backend=backend)
-                assert names(calls) == ["reduce_scatter_single", "all_reduce", "all_gather_single"], calls
+                assert names(calls) == ([RS, AR, AG] if mode == "reduce_scatter" else [AR]), calls
                 lam1 = mk.moco_step(params1, mean, state1, beta=0.6, gamma=0.3, lr=0.1, backend=backend)
                 close(lam, lam1, LAMBDA_TOL, f"replicated moco λ D={D} step {t} [{backend}]")
                 for p, q in zip(params, params1):
                     close(p, q, DIRECTION_TOL, f"replicated moco params D={D} step {t} [{backend}]")
                     assert_same_on_all_ranks(p, "replicated params")
-            lo, hi = mkd.shard_bounds(D, world, rank)
-            close(state.y_flat[:, :hi - lo], state1.y_flat[:, lo:hi], DIRECTION_TOL, "replicated moco Y")
-            assert not state.y_flat[:, hi - lo:].any()  # the padding stays zero
+            if mode == "reduce_scatter":
+                lo, hi = mkd.shard_bounds(D, world, rank)
+                close(state.y_flat[:, :hi - lo], state1.y_flat[:, lo:hi], DIRECTION_TOL, "replicated moco Y")
+                assert not state.y_flat[:, hi - lo:].any()  # the padding stays zero
+            else:
+                close(state.y_flat, state1.y_flat, DIRECTION_TOL, "replicated moco Y")
             if backend not in MGDA_BACKENDS:
                 continue
             # MGDA through the reduce_scatter path and through one all_reduce of the stack. With
             # D < K the min-norm weights are not unique: only the direction is compared.
             params, params1 = [t.clone() for t in init], [t.clone() for t in init]
             mean = [sum(per_rank[0][r][j] for r in range(world)) / world for j in range(len(shapes))]
-            lam = mkd.ReplicatedGradients(params, WORLD).mgda_step(per_rank[0][rank], backend=backend)
+            lam = mkd.ReplicatedGradients(params, WORLD, reduce=mode).mgda_step(per_rank[0][rank], backend=backend)
             lam1 = mk.mgda_step(params1, mean, backend=backend)
             if D >= K:
                 close(lam, lam1, LAMBDA_TOL, "replicated mgda λ")

@@ -109,7 +109,7 @@ def objective_gradients(losses: Sequence[torch.Tensor], inputs: Sequence[torch.T
 
 def backward(losses, params, aggregator: Aggregator, *, shared=None, strategy: str = "auto",
              retain_graph: bool = False, backend: str = "auto", process_group=None,
-             replicated: bool = False) -> Optional[torch.Tensor]:
+             replicated=False) -> Optional[torch.Tensor]:
     """Aggregate the gradients of K losses into p.grad, for any training loop and torch optimizer:
 
         losses = model_losses(batch)                 # K scalars (a [K] tensor or a sequence)
@@ -149,11 +149,13 @@ def backward(losses, params, aggregator: Aggregator, *, shared=None, strategy: s
       the global ones): the gradients as without process_group, the Gram summed over the group with
       one K×K all_reduce.
     * ``replicated=True`` (DDP-style: every rank holds all of `params` and the losses of its own
-      batch): the [K, D] gradients of this rank's losses are averaged over the ranks with one
-      reduce_scatter, the step runs on this rank's columns with the sharded Gram, and one
-      all_gather writes the full direction into p.grad on every rank
-      (molkernels.distributed.ReplicatedGradients). Run the forward outside DDP's gradient hooks
-      (the plain module, or ``ddp.no_sync()``).
+      batch): the [K, D] gradients of this rank's losses are averaged over the ranks once
+      (molkernels.distributed.ReplicatedGradients): "reduce_scatter" (NCCL's default) reduce-
+      scatters them, runs the step on this rank's columns with the sharded Gram, and all-gathers
+      the direction into p.grad; "all_reduce" (gloo's default) all-reduces the buffer and runs the
+      single-process step on every rank. ``replicated=True`` picks by backend; pass either name to
+      choose. Run the forward outside DDP's gradient hooks (the plain module, or
+      ``ddp.no_sync()``).
 
     In the data-parallel modes (FSDP2, replicated), MoCo's normalize='loss'/'loss+' uses the losses
     averaged over the ranks (one more all_reduce of K numbers). A MoCo state holds this rank's shard
@@ -253,12 +255,12 @@ def _distributed_backward(losses, params, aggregator: Aggregator, process_group,
         locals_ = [view[0] for view in samples[0][1]]
         holders = [torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape) for t in locals_]
     elif replicated:
-        rep = distributed.ReplicatedGradients(params, process_group)
+        rep = distributed.ReplicatedGradients(params, process_group,
+                                              reduce="auto" if replicated is True else replicated)
         samples = []
         for item in lists:
             flat, _ = objective_gradients(item, params, strategy=strategy, retain_graph=retain_graph)
-            local = rep.reduce_scatter(flat)
-            samples.append((local, [local]))
+            samples.append(rep.reduce(flat, in_place=True))  # each sample's own fresh buffer
         holders = rep.shard
     else:
         samples = [objective_gradients(item, params, strategy=strategy, retain_graph=retain_graph) for item in lists]
@@ -270,10 +272,11 @@ def _distributed_backward(losses, params, aggregator: Aggregator, process_group,
         values = values / torch.distributed.get_world_size(process_group)
         loss_values = list(values.to(loss_values[0].dtype).unbind(0))
 
-    lam = aggregator._write_grads(holders, samples, loss_values, backend, process_group=process_group)
+    step_group = rep.step_group if replicated else process_group
+    lam = aggregator._write_grads(holders, samples, loss_values, backend, process_group=step_group)
     if fsdp:
         for p, h in zip(params, holders):
             p.grad = distributed._as_sharded_like(p, h.grad)
     elif replicated:
-        rep.write(holders[0].grad)
+        rep.finish()
     return lam
