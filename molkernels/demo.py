@@ -354,13 +354,13 @@ def section_mol(ctx: Context) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Open federated learning: the stability radius under churn, short (`python -m molkernels fl`).
+# 5. Joint post-training: every method on a tiny Llama, short (`python -m molkernels posttrain`).
 
 
 def section_posttrain(ctx: Context) -> dict:
     from .posttrain import experiment
-    from .posttrain.synthetic import make_data, tiny_llama
     from .posttrain.data import ByteTokenizer
+    from .posttrain.synthetic import make_data, tiny_llama
 
     steps = 60
     sft_train, pref_train = make_data(256, 256, seed=1)
@@ -378,6 +378,10 @@ def section_posttrain(ctx: Context) -> dict:
             "methods": {m: {k: r[k] for k in keys} for m, r in result["methods"].items()}}
 
 
+# ----------------------------------------------------------------------------------------------
+# 6. Open federated learning: the stability radius under churn, short (`python -m molkernels fl`).
+
+
 def section_fl(ctx: Context) -> dict:
     from .federated import cli
 
@@ -393,7 +397,7 @@ SECTIONS: List[Section] = [
     Section("mol", "4. stochastic MGDA vs MoCo on the noisy CAGrad toy (short run)", section_mol),
     Section("posttrain", "5. joint SFT + DPO post-training of a tiny Llama: every method, Pareto plot (short run)",
             section_posttrain),
-    Section("fl", "open federated learning: the stability radius against κ and σ (short run)", section_fl),
+    Section("fl", "6. open federated learning: the stability radius against κ and σ (short run)", section_fl),
 ]
 
 
