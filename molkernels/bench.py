@@ -893,6 +893,10 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_path: str, K:
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
+    # gloo's worker threads can abort the interpreter's finalisation (SIGABRT, pytorch/pytorch#179291)
+    # once everything is done: leave without it.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _fmt_bytes(n: float) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -39,23 +40,27 @@ def _run_world(world: int):
         names = list(distributed_cases.CASES)
         context = mp.start_processes(distributed_cases.main, args=(world, init_file, tmp, names), nprocs=world,
                                      join=False, start_method="spawn")
+        crash = None
         try:
-            import time
-
             deadline = time.monotonic() + TIMEOUT_S
             while not context.join(timeout=5):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the {world}-rank world did not finish in {TIMEOUT_S} s")
+        except Exception as error:  # noqa: BLE001 - reported below with what the ranks finished
+            crash = error
         finally:
             for process in context.processes:
                 if process.is_alive():
                     process.terminate()
-        outcomes = {}
+        reports = {}
         for rank in range(world):
             path = os.path.join(tmp, f"rank{rank}.pt")
-            if os.path.exists(path):
-                outcomes.update(torch.load(path, weights_only=False))
-        return outcomes
+            reports[rank] = torch.load(path, weights_only=False) if os.path.exists(path) else {}
+        if crash is not None:
+            done = {rank: len(r) for rank, r in reports.items()}
+            raise RuntimeError(f"the {world}-rank world crashed ({crash!r}) after the ranks had finished "
+                               f"{done} of {len(names)} cases") from crash
+        return reports[0]
 
 
 def world_outcomes(world: int):
