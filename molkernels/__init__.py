@@ -4,7 +4,8 @@
     lam = molkernels.min_norm(G)        # MGDA weights on the simplex, on the device
     d = molkernels.combine(grads, lam)  # Σ_k λ_k g_k, one more pass
 
-Multi-objective steps in two passes: moco_step (with MoCoState), modo_step (MoDoState), mgda_step.
+Multi-objective steps in two passes: moco_step (with MoCoState), modo_step (MoDoState), mgda_step;
+across ranks with process_group= (molkernels.distributed: one K×K all_reduce per step).
 
 Backends: reference (plain torch), cpu (C++/OpenMP), triton, cuda; see molkernels.backends().
 """
@@ -15,6 +16,7 @@ from .ops import combine, cross_gram, gram, min_norm, project_simplex
 from .profiling import disable_nvtx, enable_nvtx
 from .steps import MoCoState, MoDoState, mgda_step, moco_step, modo_step
 from . import mol  # noqa: E402  (aggregators and mol.backward)
+from . import distributed  # noqa: E402  (the sharded Gram across ranks: one K×K all_reduce)
 
 __version__ = "0.1.0"
 
@@ -43,6 +45,7 @@ __all__ = [
     "combine",
     "cross_gram",
     "disable_nvtx",
+    "distributed",
     "enable_nvtx",
     "flat_buffer",
     "gram",
