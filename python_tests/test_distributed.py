@@ -89,3 +89,24 @@ def test_case(world, name):
     skips = {detail for status, detail, _ in statuses if status == "skip"}
     if skips:
         pytest.skip("; ".join(sorted(skips)))
+
+
+def test_bench_distributed_counts_the_bytes():
+    """`bench distributed` at a tiny size: the sharded Gram's message is K² float64 whatever D and
+    the number of ranks; reducing the gradients moves K·D floats."""
+    reason = _unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from molkernels import bench
+
+    K, d = 3, 1000
+    result = bench.bench_distributed(K, d, device=torch.device("cpu"), dtype=torch.float32, repeats=1, ranks=(1, 2))
+    rows = {row.impl: row for row in result.rows}
+    assert len(rows) == 2 * len(bench.DISTRIBUTED_PATHS)
+    for world in (1, 2):
+        suffix = f"[{world} rank{'s' if world > 1 else ''}]"
+        sharded = next(r for name, r in rows.items() if name.startswith("sharded Gram") and name.endswith(suffix))
+        stack = next(r for name, r in rows.items() if "one all_reduce" in name and name.endswith(suffix))
+        assert f"1 collectives, messages {K * K * 8} B" in sharded.note, sharded.note
+        assert "1 collectives, messages 12 kB" in stack.note, stack.note  # K·D·4 = 12000 bytes
+        assert sharded.median_s > 0 and stack.median_s > 0
