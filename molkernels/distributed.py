@@ -18,12 +18,14 @@ Which path (see the README's "Distributed" section for a worked example):
 * **Replicated gradients** (DDP-style data parallelism: every rank holds the whole model and the
   per-objective gradients of its own batch): the K gradients must be averaged across ranks once per
   step, as one [K, D] buffer, never with K separate all_reduces. :class:`ReplicatedGradients`
-  reduce-scatters the flat buffer (rank r owns columns [r·c, (r+1)·c), c = ⌈D/n⌉), runs the step on
-  its shard with the sharded Gram, and all-gathers the direction: ring traffic per rank
-  (n−1)/n·(K+1)·D elements plus K², with the Gram and the combine on D/n columns per rank.
-  :func:`all_reduce_stack` is the simpler alternative: one all_reduce of the [K, D] buffer
-  ((n−1)/n·2K·D on a ring), after which every rank runs the ordinary single-process step on the
-  full, identical buffer with no further collective.
+  (and ``mol.backward(..., replicated=True)``) does it one of two ways: reduce="reduce_scatter"
+  (the default on NCCL) reduce-scatters the flat buffer (rank r owns columns [r·c, (r+1)·c),
+  c = ⌈D/n⌉), runs the step on its shard with the sharded Gram, and all-gathers the direction: ring
+  traffic per rank (n−1)/n·(K+1)·D elements plus K², with the Gram and the combine on D/n columns
+  per rank; reduce="all_reduce" (the default on gloo, whose reduce_scatter is slower than its
+  all_reduce) is one all_reduce of the [K, D] buffer ((n−1)/n·2K·D on a ring, :func:`all_reduce_stack`),
+  after which every rank runs the ordinary single-process step on the full, identical buffer with no
+  further collective.
 
 Process groups: the functions of this module take ``process_group=None`` as torch.distributed does
 (None: the default group). The steps and ``mol.backward`` take ``process_group=None`` to mean "not
