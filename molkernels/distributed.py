@@ -50,6 +50,8 @@ import torch.distributed as dist
 
 from ._stack import Stack, as_blocks, flat_buffer
 from .profiling import nvtx_range
+from . import steps
+from .steps import _check_params
 
 REDUCTIONS = ("all_reduce", "gather")
 
@@ -261,12 +263,8 @@ class ReplicatedGradients:
 
     def __init__(self, params: Sequence[torch.Tensor], process_group=None, *, average: bool = True,
                  reduce: str = "auto"):
-        params = list(params)
-        if not params:
-            raise ValueError("params: expected at least one parameter")
+        params = _check_params(params)
         for j, p in enumerate(params):
-            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-                raise TypeError(f"params[{j}]: expected a floating-point tensor")
             if is_dtensor(p):
                 raise TypeError(f"params[{j}]: is a DTensor (sharded): pass process_group to the steps or "
                                 "mol.backward instead, ReplicatedGradients is for replicated parameters")
@@ -405,21 +403,15 @@ class ReplicatedGradients:
 
     def moco_state(self, num_objectives: int, **kwargs):
         """A MoCoState for `shard` (Y is [K, c] with reduce_scatter, [K, D] with all_reduce)."""
-        from .steps import MoCoState
-
-        return MoCoState(self.shard, num_objectives, **kwargs)
+        return steps.MoCoState(self.shard, num_objectives, **kwargs)
 
     def modo_state(self, num_objectives: int, **kwargs):
-        from .steps import MoDoState
-
-        return MoDoState(self.shard, num_objectives, **kwargs)
+        return steps.MoDoState(self.shard, num_objectives, **kwargs)
 
     def mgda_step(self, grads: Stack, lr: Optional[float] = None, **kwargs) -> torch.Tensor:
         """molkernels.mgda_step on this rank's gradients averaged over the ranks."""
-        from .steps import mgda_step
-
         flat, _ = self.reduce(grads)
-        lam = mgda_step(self.shard, flat, self.step_lr(lr), process_group=self.step_group, **kwargs)
+        lam = steps.mgda_step(self.shard, flat, self.step_lr(lr), process_group=self.step_group, **kwargs)
         self.finish(lr)
         return lam
 
@@ -427,24 +419,20 @@ class ReplicatedGradients:
                   lr: Optional[float] = None, **kwargs) -> torch.Tensor:
         """molkernels.moco_step on the averaged gradients, `state` from moco_state. With
         normalize='loss'/'loss+', pass the losses averaged over the ranks."""
-        from .steps import moco_step
-
         flat, _ = self.reduce(grads)
-        lam = moco_step(self.shard, flat, state, beta, gamma, rho, self.step_lr(lr), process_group=self.step_group,
-                        **kwargs)
+        lam = steps.moco_step(self.shard, flat, state, beta, gamma, rho, self.step_lr(lr),
+                              process_group=self.step_group, **kwargs)
         self.finish(lr)
         return lam
 
     def modo_step(self, grads1: Stack, grads2: Stack, grads3: Stack, state, gamma: float = 0.1, rho: float = 0.0,
                   lr: Optional[float] = None, **kwargs) -> torch.Tensor:
         """molkernels.modo_step on the three averaged samples (three reductions)."""
-        from .steps import modo_step
-
         flats = []
         for g in (grads1, grads2, grads3):
             flat, _ = self.reduce(g)
             flats.append(flat.clone() if flat is self._flat else flat)  # the kept buffer is reused
-        lam = modo_step(self.shard, *flats, state, gamma, rho, self.step_lr(lr), process_group=self.step_group,
+        lam = steps.modo_step(self.shard, *flats, state, gamma, rho, self.step_lr(lr), process_group=self.step_group,
                         **kwargs)
         self.finish(lr)
         return lam

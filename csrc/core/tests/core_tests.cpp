@@ -5,6 +5,7 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "convert.h"
 #include "cpu_kernels.h"
 #include "min_norm.h"
@@ -12,18 +13,6 @@
 #include "simplex.h"
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond, ...)                                     \
-  do {                                                       \
-    if (!(cond)) {                                           \
-      ++failures;                                            \
-      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                              \
-      std::printf("\n");                                     \
-    }                                                        \
-  } while (0)
 
 std::mt19937_64 rng(12345);
 
