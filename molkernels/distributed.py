@@ -432,8 +432,8 @@ class ReplicatedGradients:
         for g in (grads1, grads2, grads3):
             flat, _ = self.reduce(g)
             flats.append(flat.clone() if flat is self._flat else flat)  # the kept buffer is reused
-        lam = steps.modo_step(self.shard, *flats, state, gamma, rho, self.step_lr(lr), process_group=self.step_group,
-                        **kwargs)
+        lam = steps.modo_step(self.shard, *flats, state, gamma, rho, self.step_lr(lr),
+                              process_group=self.step_group, **kwargs)
         self.finish(lr)
         return lam
 
