@@ -121,7 +121,8 @@ def run_methods(model, tokenizer, sft_train, pref_train, sft_eval, pref_eval, *,
 
 
 def claims(results: Dict[str, dict], one_objective: float) -> dict:
-    """The paper's claims checked on this run (None where a method was not run)."""
+    """The paper's claims checked on this run (None where a method was not run). ALRIGHT's cost is
+    compared with `one_objective`, the λ-weighted mean of the single-objective steps' times."""
     def get(method, key):
         return results[method][key] if method in results else None
 
@@ -134,8 +135,8 @@ def claims(results: Dict[str, dict], one_objective: float) -> dict:
     return {"alright_closer_than_sequential": closer("alright"),
             "maxright_closer_than_sequential": closer("maxright"),
             "alright_step_cost_ratio": None if alright_cost is None else alright_cost / one_objective,
-            "alright_within_5pct_of_one_objective": None if alright_cost is None else
-            abs(alright_cost / one_objective - 1) <= 0.05,
+            "alright_at_most_5pct_above_one_objective": None if alright_cost is None else
+            alright_cost / one_objective <= 1.05,
             "mix_costs_more_than_alright": None if alright_cost is None or "mix" not in results else
             get("mix", "seconds_per_step") > alright_cost}
 
@@ -168,7 +169,8 @@ def plot_result(result: dict, path: str) -> None:
     for name, run in result["single_objective"].items():
         xs = [p["sft_loss"] for p in run["path"]]
         ys = [p["dpo_loss"] for p in run["path"]]
-        ax.plot(xs, ys, linestyle=":", color="gray", linewidth=1)
+        ax.plot(xs, ys, linestyle=":", color="gray", linewidth=1,
+                label="single objective (SFT only, DPO only)" if name == "sft" else None)
     ideal = result["ideal"]
     ax.plot(ideal["sft_loss"], ideal["dpo_loss"], marker="*", markersize=14, color="black", linestyle="none",
             label="ideal point")
