@@ -113,6 +113,7 @@ def test_dpo_loss_gradient_flows_to_the_policy_only():
     (dict(beta=0.0), "beta"), (dict(beta=-1.0), "beta"), (dict(beta=float("nan")), "beta"),
     (dict(label_smoothing=0.5), "label_smoothing"), (dict(label_smoothing=-0.1), "label_smoothing"),
     (dict(loss_type="kto"), "loss_type"),
+    (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing: defined for loss_type='sigmoid' only"),
 ])
 def test_dpo_loss_bad_options(kwargs, match):
     x = torch.zeros(2)
