@@ -143,6 +143,9 @@ class JointTrainer:
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
         self.label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 0.5)
+        if self.label_smoothing == 0.5 or (self.label_smoothing and loss_type != "sigmoid"):
+            raise ValueError(f"label_smoothing: expected a value in [0, 0.5) and only with loss_type='sigmoid', got "
+                             f"{label_smoothing} with {loss_type!r}")
         self.optima = {"sft": 0.0 if sft_opt is None else _check_number(sft_opt, "sft_opt", -math.inf),
                        "dpo": 0.0 if dpo_opt is None else _check_number(dpo_opt, "dpo_opt", -math.inf)}
         self.max_eval_steps = _check_count(max_eval_steps, "max_eval_steps")

@@ -259,6 +259,8 @@ def test_bfloat16_policy_with_the_fused_steps():
     (dict(reference="precomputed"), "reference: 'precomputed' needs"),
     (dict(reference="frozen"), "reference: expected None, a module"),
     (dict(loss_type="kto"), "loss_type"),
+    (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing"),
+    (dict(label_smoothing=0.5), "label_smoothing"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
