@@ -58,7 +58,10 @@ import torch
 
 import molkernels
 
-OPS = ("gram", "combine", "min_norm", "mgda", "moco", "backward")
+# fl_round and fl_adam: a full round of molkernels.federated's simulator and the batched Adam step
+# alone; their K column is the number of client slots C, their d the model dimension D.
+# distributed: spawned worlds of 1, 2, 4 ranks (gloo on CPU), one MGDA step per path.
+OPS = ("gram", "combine", "min_norm", "mgda", "moco", "backward", "fl_round", "fl_adam", "distributed")
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -66,23 +69,15 @@ DTYPES = {
     "float16": torch.float16,
 }
 # Defaults that reproduce the targets on a 2-core CPU (and are sensible on a GPU).
-DEFAULT_K = {"gram": [8], "combine": [8], "min_norm": [2, 4, 8, 16, 32, 64], "mgda": [8], "moco": [4], "backward": [4]}
+DEFAULT_K = {"gram": [8], "combine": [8], "min_norm": [2, 4, 8, 16, 32, 64], "mgda": [8], "moco": [4], "backward": [4],
+             "fl_round": [1000], "fl_adam": [1000], "distributed": [4]}
 DEFAULT_D = {"gram": [12_500_000], "combine": [12_500_000], "min_norm": [0], "mgda": [5_000_000],
-             "moco": [10_000_000], "backward": [1024]}
+             "moco": [10_000_000], "backward": [1024], "fl_round": [1000], "fl_adam": [1000],
+             "distributed": [4_000_000]}
 DEFAULT_BLOCKS = 100
 REFERENCE_MAX_ELEMENTS = 1 << 22  # the float64 reference backend is benchmarked only up to K·d = 4M
-# fl_round: a full round of molkernels.federated's simulator; its K column is the number of client
-# slots C, its d the model dimension D.
-OPS += ("fl_round",)
-DEFAULT_K["fl_round"], DEFAULT_D["fl_round"] = [1000], [1000]
 FL_ROUND_LOCAL_STEPS = 5
-# fl_adam: the batched Adam step alone; its K column is the number of clients C, its d the dimension D.
-OPS += ("fl_adam",)
-DEFAULT_K["fl_adam"], DEFAULT_D["fl_adam"] = [1000], [1000]
 FL_ADAM_ACTIVE = 0.9  # fraction of clients stepping (the others have left the round)
-# distributed: spawned worlds of 1, 2, 4 ranks (gloo on CPU), one MGDA step per path.
-OPS += ("distributed",)
-DEFAULT_K["distributed"], DEFAULT_D["distributed"] = [4], [4_000_000]
 
 
 # ----------------------------------------------------------------------------------------------
