@@ -287,10 +287,15 @@ def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoSt
     return state.lam
 
 
-def mgda_step(params, grads: Stack, lr: Optional[float] = None, *, check_finite: bool = False,
-              backend: str = "auto", process_group=None) -> torch.Tensor:
+def mgda_step(params, grads: Stack, lr: Optional[float] = None, *, normalize: str = "none", losses=None,
+              check_finite: bool = False, backend: str = "auto", process_group=None) -> torch.Tensor:
     """One MGDA step (Désidéri, 2012; Sener & Koltun, 2018): λ = argmin_{λ ∈ Δ} λᵀ G Gᵀ λ (exact,
     on the device), d = Gᵀ λ, the min-norm point of the convex hull of the gradients.
+
+    normalize ('l2', 'loss', 'loss+'; see _normalization_scale) takes the min-norm point of the
+    rescaled gradients s_k g_k instead (MGDA-UB's normalisations), so that an objective whose
+    gradient is short does not take all the weight: λ = argmin λᵀ S G Gᵀ S λ, d = Σ_k λ_k s_k g_k.
+    The norms come from the Gram's diagonal, so this costs no extra pass. Returns λ.
 
     process_group: the stack holds this rank's shard; the Gram is summed over the group with one
     K×K all_reduce (the only collective), and every rank solves the same λ."""
@@ -301,14 +306,24 @@ def mgda_step(params, grads: Stack, lr: Optional[float] = None, *, check_finite:
         K = as_blocks(grads, "grads")[0].shape[0]
     blocks = _aligned_blocks(params, grads, K, "grads")
     _check_scalar(lr, "lr", allow_none=True)
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
+    if normalize in ("loss", "loss+") and losses is None:
+        raise ValueError(f"losses: normalize={normalize!r} needs the K loss values")
     backend = _ops.resolve_backend(backend, blocks[0].device)
     outs, alpha, accumulate = _outputs(params, lr)
     with nvtx_range("mgda_step"):
         gram = _ops.op("gram", backend)(blocks)
         if process_group is not None:
             gram = _all_reduce(gram, process_group)
-        lam = _ops.op("min_norm", backend)(gram)
+        if normalize == "none":
+            lam = _ops.op("min_norm", backend)(gram)
+            weights = lam
+        else:
+            scale = _normalization_scale(normalize, torch.diagonal(gram), losses, K, gram.device)
+            lam = _ops.op("min_norm", backend)(scale[:, None] * gram * scale)
+            weights = lam * scale
         if check_finite:
             _raise_if_not_finite(gram, lam)
-        _ops.op("combine_into", backend)(blocks, lam, outs, alpha, accumulate)
+        _ops.op("combine_into", backend)(blocks, weights, outs, alpha, accumulate)
     return lam

@@ -172,6 +172,27 @@ def test_mgda_step_is_min_norm_direction(be, dtype):
     assert (d - expected).abs().max().item() <= PARAM_TOL[dtype] * max(1.0, expected.abs().max().item())
 
 
+@pytest.mark.parametrize("be", backend_params(), indirect=True)
+@pytest.mark.parametrize("normalize", ["l2", "loss", "loss+"])
+def test_mgda_step_normalized(be, normalize):
+    K = 3
+    params = make_params(torch.float32, be.device)
+    grads = make_grads(params, K)
+    grads[0] = 100 * grads[0]          # one long gradient: without normalisation it gets no weight
+    losses = torch.tensor([0.5, 2.0, 1.5], device=be.device)
+    lam = mk.mgda_step(params, grads, normalize=normalize, losses=losses, backend=be.backend)
+    g64 = flat64(grads)
+    norms = g64.norm(dim=1)
+    f64 = losses.double().cpu()
+    scale = {"l2": 1 / norms, "loss": 1 / f64, "loss+": f64 / norms}[normalize]
+    scaled = scale[:, None] * g64
+    lam_ref = mk.reference.min_norm(scaled @ scaled.T)
+    assert torch.allclose(lam.double().cpu(), lam_ref, atol=2e-5)
+    d = flat64([p.grad.unsqueeze(0) for p in params])[0]
+    expected = scaled.T @ lam_ref
+    assert (d - expected).abs().max().item() <= 1e-4 * max(1.0, expected.abs().max().item())
+
+
 def test_steps_with_every_optimizer_step_after_grad():
     """lr=None leaves p.grad for any torch optimizer."""
     K = 2
@@ -217,6 +238,8 @@ def test_check_finite_raises_on_nan():
         (lambda p, g, s: mk.MoCoState(p, 0), "num_objectives: expected an integer >= 1"),
         (lambda p, g, s: mk.MoCoState(p, 3, y_init="ones"), "y_init: expected"),
         (lambda p, g, s: mk.mgda_step([], g), "params: expected at least one parameter"),
+        (lambda p, g, s: mk.mgda_step(p, g, normalize="max"), "normalize: expected one of"),
+        (lambda p, g, s: mk.mgda_step(p, g, normalize="loss+"), "losses: normalize='loss\\+' needs"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):

@@ -66,7 +66,8 @@ def _local_setup(args):
 
 def run_methods(model, tokenizer, sft_train, pref_train, sft_eval, pref_eval, *, methods, steps: int, seed: int,
                 lam: float, beta: float, lr: float, batch_size: int, eval_every: int, max_length: int,
-                max_eval_steps: int, device: str = "cpu", backend: str = "auto", progress: bool = True) -> dict:
+                max_eval_steps: int, normalize: str = "none", device: str = "cpu", backend: str = "auto",
+                progress: bool = True) -> dict:
     """Run the single-objective references and then each method from the same initial weights."""
     device = torch.device(device)
     model = model.to(device)
@@ -83,7 +84,8 @@ def run_methods(model, tokenizer, sft_train, pref_train, sft_eval, pref_eval, *,
         trainer = JointTrainer(model, optimizer, sft_train, pref_train, reference=reference, method=method,
                                lam=method_lam, beta=beta, sft_opt=optima[0], dpo_opt=optima[1],
                                max_eval_steps=max_eval_steps, total_steps=steps, batch_size=batch_size, seed=seed,
-                               backend=backend, progress=progress)
+                               normalize=normalize if method in ("mgda", "moco") else "none", backend=backend,
+                               progress=progress)
         path = [{"step": 0, **trainer.evaluate(sft_eval, pref_eval)}]
         while trainer.step_count < steps:
             trainer.train(min(eval_every, steps - trainer.step_count))
@@ -113,6 +115,7 @@ def run_methods(model, tokenizer, sft_train, pref_train, sft_eval, pref_eval, *,
     # A one-objective-per-step method costs the λ-weighted mean of the two single-objective steps.
     one_objective = (1 - lam) * single["sft"]["seconds_per_step"] + lam * single["dpo"]["seconds_per_step"]
     return {"steps": steps, "seed": seed, "lam": lam, "beta": beta, "lr": lr, "batch_size": batch_size,
+            "normalize": normalize,
             "ideal": ideal, "one_objective_seconds_per_step": one_objective,
             "single_objective": {k: {"seconds_per_step": v["seconds_per_step"], "peak_mem_bytes": v["peak_mem_bytes"],
                                      "path": v["path"]} for k, v in single.items()},
@@ -195,6 +198,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=20, help="held-out evaluation period in steps")
     parser.add_argument("--max-eval-steps", type=int, default=10, help="MAXRIGHT's gap refresh period")
+    parser.add_argument("--normalize", choices=("none", "l2", "loss", "loss+"), default="none",
+                        help="gradient normalisation of the mgda and moco methods (default none)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--train-records", type=int, default=512, help="synthetic training records per objective")
     parser.add_argument("--eval-records", type=int, default=64, help="synthetic held-out records per objective")
@@ -225,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
     setup = _local_setup(args) if args.model else _synthetic_setup(args)
     result = run_methods(*setup, methods=methods, steps=args.steps, seed=args.seed, lam=args.lam, beta=args.beta,
                          lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
-                         max_length=args.max_length, max_eval_steps=args.max_eval_steps, device=args.device,
+                         max_length=args.max_length, max_eval_steps=args.max_eval_steps,
+                         normalize=args.normalize, device=args.device,
                          backend=args.backend)
     result["model"] = args.model or "tiny random Llama (synthetic translation data)"
     print_result(result)

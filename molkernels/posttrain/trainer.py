@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._stack import flat_buffer
-from ..steps import MoCoState, mgda_step, moco_step
+from ..steps import NORMALIZATIONS, MoCoState, mgda_step, moco_step
 from .data import BatchStream, ByteTokenizer, PreferenceDataset, SFTDataset
 from .losses import LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
 
@@ -124,7 +124,8 @@ class JointTrainer:
     sft_opt / dpo_opt: the optimal values f* of MAXRIGHT's gaps (default 0, a lower bound of every
     loss here); single-objective runs estimate them. total_steps: the step budget that
     `sequential` splits. grad_accum: micro-batches of batch_size per objective per step.
-    moco_beta / moco_gamma: MoCo's tracking and λ step sizes. seed fixes the data order and
+    moco_beta / moco_gamma: MoCo's tracking and λ step sizes. normalize: the gradient normalisation
+    of mgda and moco ('none', 'l2', 'loss', 'loss+'; see molkernels.moco_step). seed fixes the data order and
     ALRIGHT's draws; with a deterministic model the run is reproducible and state_dict() /
     load_state_dict() resume it identically.
     """
@@ -134,8 +135,8 @@ class JointTrainer:
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, sft_opt: Optional[float] = None,
                  dpo_opt: Optional[float] = None, max_eval_steps: int = 10, total_steps: Optional[int] = None,
                  batch_size: int = 8, grad_accum: int = 1, tokenizer=None, max_length: int = 512,
-                 moco_beta: float = 0.5, moco_gamma: float = 0.1, seed: int = 0, backend: str = "auto",
-                 progress: bool = True):
+                 moco_beta: float = 0.5, moco_gamma: float = 0.1, normalize: str = "none", seed: int = 0,
+                 backend: str = "auto", progress: bool = True):
         if method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
         self.lam = _check_number(lam, "lam", 0.0, 1.0)
@@ -159,6 +160,11 @@ class JointTrainer:
         self.total_steps = total_steps
         self.moco_beta = _check_number(moco_beta, "moco_beta", 0.0, 1.0)
         self.moco_gamma = _check_number(moco_gamma, "moco_gamma", 0.0)
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
+        if normalize != "none" and method not in ("mgda", "moco"):
+            raise ValueError(f"normalize: applies to the mgda and moco methods, not {method!r}")
+        self.normalize = normalize
 
         self.policy, self.optimizer, self.method, self.loss_type = policy, optimizer, method, loss_type
         self.backend, self.progress, self.seed = backend, progress, seed
@@ -299,11 +305,15 @@ class JointTrainer:
                 (total / self.grad_accum).backward()
             for o in weights:
                 losses[o] += values[o].detach() / self.grad_accum
-        if self.method == "mgda":
-            record["weights"] = mgda_step(self.params, self.grads_flat, backend=self.backend)
-        elif self.method == "moco":
-            record["weights"] = moco_step(self.params, self.grads_flat, self.moco_state, beta=self.moco_beta,
-                                          gamma=self.moco_gamma, backend=self.backend)
+        if self.method in ("mgda", "moco"):
+            both = torch.stack([losses[o] for o in OBJECTIVES])
+            if self.method == "mgda":
+                record["weights"] = mgda_step(self.params, self.grads_flat, normalize=self.normalize, losses=both,
+                                              backend=self.backend)
+            else:
+                record["weights"] = moco_step(self.params, self.grads_flat, self.moco_state, beta=self.moco_beta,
+                                              gamma=self.moco_gamma, normalize=self.normalize, losses=both,
+                                              backend=self.backend)
         self.optimizer.step()
         for o, value in losses.items():
             record[f"{o}_loss"] = value.item()

@@ -41,12 +41,13 @@ def test_local_model_directory_and_jsonl_data(tmp_path):
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     (tmp_path / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pref))
     args = ["posttrain", "--model", str(model_dir), "--tokenizer", "byte", "--sft-data", str(tmp_path / "sft.jsonl"),
-            "--pref-data", str(tmp_path / "pref.jsonl"), "--methods", "alright,mgda", "--steps", "2",
+            "--pref-data", str(tmp_path / "pref.jsonl"), "--methods", "alright,mgda", "--normalize", "loss+", "--steps", "2",
             "--eval-every", "1", "--batch-size", "2", "--eval-fraction", "0.25", "--json", str(tmp_path / "r.json"),
             "--plot", str(tmp_path / "r.png"), "--out", str(tmp_path)]
     assert main(args) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert list(result["methods"]) == ["alright", "mgda"] and result["model"] == str(model_dir)
+    assert result["normalize"] == "loss+"
     assert result["claims"]["alright_closer_than_sequential"] is None   # sequential was not run
 
 

@@ -120,6 +120,18 @@ def test_mix_and_mgda_directions(method):
     assert torch.allclose((before - after).double(), direction, rtol=1e-4, atol=1e-6)
 
 
+def test_normalized_mgda_direction():
+    trainer = make_trainer("mgda", normalize="l2", optimizer=torch.optim.SGD, lr=1.0)
+    G = _objective_grads(trainer, _peek_batches(trainer)).double()
+    unit = G / G.norm(dim=1, keepdim=True)
+    lam = ref.min_norm(unit @ unit.T)
+    before = torch.cat([p.detach().reshape(-1) for p in trainer.params]).clone()
+    trainer.step()
+    after = torch.cat([p.detach().reshape(-1) for p in trainer.params])
+    assert trainer.history[-1]["weights"] == pytest.approx(lam.tolist(), abs=1e-5)
+    assert torch.allclose((before - after).double(), lam @ unit, rtol=1e-4, atol=1e-6)
+
+
 def test_mgda_and_moco_call_the_fused_steps_with_two_objectives(monkeypatch):
     calls = []
     for name in ("mgda_step", "moco_step"):
@@ -261,6 +273,8 @@ def test_bfloat16_policy_with_the_fused_steps():
     (dict(loss_type="kto"), "loss_type"),
     (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing"),
     (dict(label_smoothing=0.5), "label_smoothing"),
+    (dict(method="mgda", normalize="max"), "normalize: expected one of"),
+    (dict(method="mix", normalize="l2"), "normalize: applies to the mgda and moco methods, not 'mix'"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
