@@ -233,9 +233,10 @@ def test_resume_continues_identically(method):
     assert strip(straight.history) == strip(resumed.history)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["sequential", "mix", "alright", "maxright", "mgda", "moco"])
-def test_every_method_trains_a_tiny_llama(method):
-    model = tiny_llama(1, hidden_size=16, layers=1, heads=2)
+def test_every_method_trains_a_tiny_llama(method, dtype):
+    model = tiny_llama(1, hidden_size=16, layers=1, heads=2, dtype=dtype)
     trainer = make_trainer(method, model=model, lr=3e-3, total_steps=4, backend="cpu")
     records = trainer.train(4)
     for r in records:
