@@ -344,6 +344,9 @@ class JointTrainer:
     @torch.no_grad()
     def evaluate(self, sft_data: SFTDataset, pref_data: PreferenceDataset, *, batch_size: int = 32) -> Dict[str, float]:
         """Held-out f_SFT (token mean over the whole set) and f_DPO (mean over pairs), no grad."""
+        if self.reference == "precomputed" and pref_data.reference_logps is None:
+            raise ValueError("pref_data: this trainer's reference is precomputed log-probabilities; compute them for "
+                             "the evaluation pairs too (precompute_reference_logps)")
         was_training = self.policy.training
         self.policy.eval()
         totals = {"sft": 0.0, "dpo": 0.0}

@@ -188,6 +188,8 @@ def test_reference_variants_agree():
     precomputed = JointTrainer(policy, torch.optim.Adam(policy.parameters(), lr=1e-2), SFT, data, method="sequential",
                                lam=1.0, total_steps=10, batch_size=4, progress=False)
     assert precomputed.reference == "precomputed"
+    with pytest.raises(ValueError, match="pref_data: this trainer's reference is precomputed"):
+        precomputed.evaluate(frozen.sft_data, PreferenceDataset(PREF[:4], ByteTokenizer()))
     runs = [t.train(3) for t in (frozen, explicit, precomputed)]
     for other in runs[1:]:
         assert [r["dpo_loss"] for r in other] == pytest.approx([r["dpo_loss"] for r in runs[0]], rel=1e-5)
