@@ -51,13 +51,16 @@ def make_data(n_sft: int, n_pref: int, *, seed: int, words: int = 3, dictionary_
     return sft, pref
 
 
-def tiny_llama(seed: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4, dtype=torch.float32):
-    """A randomly initialised Llama-style causal LM over ByteTokenizer's vocabulary (about 0.1M
-    parameters at the defaults), built from a transformers LlamaConfig with no download."""
+def tiny_llama(seed: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4, dtype=torch.float32,
+               tokenizer=None):
+    """A randomly initialised Llama-style causal LM over `tokenizer`'s vocabulary (ByteTokenizer's
+    by default: about 0.1M parameters at the defaults), built from a transformers LlamaConfig with
+    no download. A transformers tokenizer gives its len() as the vocabulary size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = ByteTokenizer()
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+    tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
+    vocab_size = tokenizer.vocab_size if isinstance(tokenizer, ByteTokenizer) else len(tokenizer)  # + added tokens
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                          max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
