@@ -294,9 +294,8 @@ class JointTrainer:
                 batch = first_batches.pop(o) if o in first_batches else self._batch(o)
                 values[o] = self.objective(o, batch)
             if self.method in ("mgda", "moco"):
-                for row, o in enumerate(OBJECTIVES):
-                    grads = torch.autograd.grad(values[o] / self.grad_accum, self.params, allow_unused=True,
-                                                retain_graph=row == 0)
+                for row, o in enumerate(OBJECTIVES):  # two forward passes, so two independent graphs
+                    grads = torch.autograd.grad(values[o] / self.grad_accum, self.params, allow_unused=True)
                     for view, g in zip(self.grads, grads):
                         if g is not None:
                             view[row].add_(g)

@@ -177,6 +177,21 @@ def test_gradient_accumulation_averages_micro_batches():
     assert record["sft_loss"] > 0
 
 
+def test_mgda_with_gradient_accumulation_uses_the_mean_gradients():
+    trainer = make_trainer("mgda", grad_accum=2, optimizer=torch.optim.SGD, lr=1.0)
+    saved = {o: s.position for o, s in trainer.streams.items()}
+    micro = [_objective_grads(trainer, {o: trainer._batch(o) for o in ("sft", "dpo")}).double() for _ in range(2)]
+    for o, position in saved.items():
+        trainer.streams[o].position = position
+    G = (micro[0] + micro[1]) / 2
+    lam = ref.min_norm(G @ G.T)
+    before = torch.cat([p.detach().reshape(-1) for p in trainer.params]).clone()
+    trainer.step()
+    after = torch.cat([p.detach().reshape(-1) for p in trainer.params])
+    assert trainer.history[-1]["weights"] == pytest.approx(lam.tolist(), abs=1e-5)
+    assert torch.allclose((before - after).double(), lam @ G, rtol=1e-4, atol=1e-6)
+
+
 def test_reference_variants_agree():
     model = TinyLM(seed=4)
     frozen = make_trainer("sequential", model=copy.deepcopy(model), lam=1.0)
