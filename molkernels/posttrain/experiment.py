@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import statistics
 import time
 from typing import Dict, List
 
@@ -28,13 +29,13 @@ DEFAULT_METHODS = ("sequential", "mix", "alright", "maxright", "mgda", "moco")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _synthetic_setup(args):
+def _synthetic_setup(args, seed: int):
     from .synthetic import make_data, tiny_llama
 
     tokenizer = ByteTokenizer()
-    sft_train, pref_train = make_data(args.train_records, args.train_records, seed=args.seed + 1)
-    sft_eval, pref_eval = make_data(args.eval_records, args.eval_records, seed=args.seed + 2)
-    model = tiny_llama(args.seed, dtype=DTYPES[args.dtype])
+    sft_train, pref_train = make_data(args.train_records, args.train_records, seed=seed + 1)
+    sft_eval, pref_eval = make_data(args.eval_records, args.eval_records, seed=seed + 2)
+    model = tiny_llama(seed, dtype=DTYPES[args.dtype])
     return model, tokenizer, sft_train, pref_train, sft_eval, pref_eval
 
 
@@ -47,7 +48,7 @@ def _split(records: List[dict], fraction: float, seed: int):
     return records[n_eval:], records[:n_eval]
 
 
-def _local_setup(args):
+def _local_setup(args, seed: int):
     from transformers import AutoModelForCausalLM
 
     if not (args.sft_data and args.pref_data):
@@ -59,8 +60,8 @@ def _local_setup(args):
 
         tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(args.model, local_files_only=True))
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=DTYPES[args.dtype])
-    sft_train, sft_eval = _split(load_records(args.sft_data, "--sft-data"), args.eval_fraction, args.seed)
-    pref_train, pref_eval = _split(load_records(args.pref_data, "--pref-data"), args.eval_fraction, args.seed)
+    sft_train, sft_eval = _split(load_records(args.sft_data, "--sft-data"), args.eval_fraction, seed)
+    pref_train, pref_eval = _split(load_records(args.pref_data, "--pref-data"), args.eval_fraction, seed)
     return model, tokenizer, sft_train, pref_train, sft_eval, pref_eval
 
 
@@ -123,6 +124,36 @@ def run_methods(model, tokenizer, sft_train, pref_train, sft_eval, pref_eval, *,
             "seconds": time.perf_counter() - started}
 
 
+SUMMARY_FIELDS = ("sft_loss", "dpo_loss", "sft_gap", "dpo_gap", "ideal_distance", "seconds_per_step",
+                  "peak_mem_bytes", "dpo_step_fraction")
+
+
+def combine_seeds(results: List[dict]) -> dict:
+    """Several seeds' results as one: each method's final fields are the means over seeds (with
+    `<field>_std` and the `per_seed` values), the claims are checked on the means and counted per
+    seed, and the paths and ideal point drawn are the first seed's."""
+    if len(results) == 1:
+        return results[0]
+    combined = dict(results[0])
+    combined["seeds"] = [r["seed"] for r in results]
+    combined["ideal_per_seed"] = [r["ideal"] for r in results]
+    combined["one_objective_seconds_per_step"] = statistics.mean(r["one_objective_seconds_per_step"] for r in results)
+    combined["methods"] = {}
+    for method, first in results[0]["methods"].items():
+        entry = dict(first)
+        entry["per_seed"] = {}
+        for field in SUMMARY_FIELDS:
+            values = [r["methods"][method][field] for r in results]
+            entry[field], entry[f"{field}_std"] = statistics.mean(values), statistics.stdev(values)
+            entry["per_seed"][field] = values
+        combined["methods"][method] = entry
+    combined["claims"] = claims(combined["methods"], combined["one_objective_seconds_per_step"])
+    combined["claims_held_in_seeds"] = {key: sum(r["claims"][key] is True for r in results)
+                                        for key, value in combined["claims"].items() if isinstance(value, bool)}
+    combined["seconds"] = sum(r["seconds"] for r in results)
+    return combined
+
+
 def claims(results: Dict[str, dict], one_objective: float) -> dict:
     """The paper's claims checked on this run (None where a method was not run). ALRIGHT's cost is
     compared with `one_objective`, the λ-weighted mean of the single-objective steps' times."""
@@ -146,6 +177,9 @@ def claims(results: Dict[str, dict], one_objective: float) -> dict:
 
 def print_result(result: dict) -> None:
     ideal = result["ideal"]
+    seeds = result.get("seeds")
+    if seeds:
+        print(f"means over seeds {seeds}; ideal point of seed {seeds[0]}:", end=" ")
     print(f"ideal point (single-objective runs): f*_SFT = {ideal['sft_loss']:.3f}, f*_DPO = {ideal['dpo_loss']:.4f}; "
           f"one-objective step {result['one_objective_seconds_per_step'] * 1e3:.1f} ms")
     header = f"{'method':<11}{'SFT loss':>10}{'DPO loss':>10}{'SFT gap':>10}{'DPO gap':>10}{'distance':>10}" \
@@ -155,6 +189,9 @@ def print_result(result: dict) -> None:
         print(f"{method:<11}{r['sft_loss']:>10.3f}{r['dpo_loss']:>10.4f}{r['sft_gap']:>10.3f}{r['dpo_gap']:>10.4f}"
               f"{r['ideal_distance']:>10.3f}{r['seconds_per_step'] * 1e3:>9.1f}{r['peak_mem_bytes'] / 2**20:>10.0f}")
     print("claims:", ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result["claims"].items()))
+    if seeds:
+        print(f"claims held in seeds (of {len(seeds)}):",
+              ", ".join(f"{k}={v}" for k, v in result["claims_held_in_seeds"].items()))
 
 
 def plot_result(result: dict, path: str) -> None:
@@ -192,6 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per method (default 200)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run seeds seed, seed+1, ...; the JSON reports means, stds and per-seed claims")
     parser.add_argument("--lam", type=float, default=0.5, help="weight λ of the DPO objective (default 0.5)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO β (default 0.1)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
@@ -222,17 +261,20 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
-    if args.steps < 1 or args.eval_every < 1:
-        raise SystemExit("--steps and --eval-every: at least 1")
+    if args.steps < 1 or args.eval_every < 1 or args.seeds < 1:
+        raise SystemExit("--steps, --eval-every and --seeds: at least 1")
     os.makedirs(args.out, exist_ok=True)
     json_path = args.json or os.path.join(args.out, "posttrain.json")
     plot_path = args.plot or os.path.join(args.out, "posttrain.png")
-    setup = _local_setup(args) if args.model else _synthetic_setup(args)
-    result = run_methods(*setup, methods=methods, steps=args.steps, seed=args.seed, lam=args.lam, beta=args.beta,
-                         lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
-                         max_length=args.max_length, max_eval_steps=args.max_eval_steps,
-                         normalize=args.normalize, device=args.device,
-                         backend=args.backend)
+    results = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        setup = _local_setup(args, seed) if args.model else _synthetic_setup(args, seed)
+        results.append(run_methods(*setup, methods=methods, steps=args.steps, seed=seed, lam=args.lam,
+                                   beta=args.beta, lr=args.lr, batch_size=args.batch_size,
+                                   eval_every=args.eval_every, max_length=args.max_length,
+                                   max_eval_steps=args.max_eval_steps, normalize=args.normalize,
+                                   device=args.device, backend=args.backend))
+    result = combine_seeds(results)
     result["model"] = args.model or "tiny random Llama (synthetic translation data)"
     print_result(result)
     plot_result(result, plot_path)

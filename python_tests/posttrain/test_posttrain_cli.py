@@ -34,6 +34,21 @@ def test_default_run_writes_json_and_plot(tmp_path, capsys):
     assert "ideal point" in capsys.readouterr().out
 
 
+def test_several_seeds_report_means_and_per_seed_claims(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    assert main(["posttrain", "--out", str(out), "--seed", "5", "--seeds", "2", "--methods", "sequential,alright",
+                 *TINY]) == 0
+    result = json.loads((out / "posttrain.json").read_text())
+    assert result["seeds"] == [5, 6] and len(result["ideal_per_seed"]) == 2
+    for r in result["methods"].values():
+        for field in FIELDS:
+            values = r["per_seed"][field]
+            assert len(values) == 2 and r[field] == pytest.approx(sum(values) / 2)
+            assert r[f"{field}_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    assert 0 <= result["claims_held_in_seeds"]["alright_closer_than_sequential"] <= 2
+    assert "claims held in seeds (of 2)" in capsys.readouterr().out
+
+
 def test_local_model_directory_and_jsonl_data(tmp_path):
     model_dir = tmp_path / "model"
     tiny_llama(0, hidden_size=16, layers=1, heads=2).save_pretrained(model_dir)
@@ -94,6 +109,8 @@ def test_hf_tokenizer_wrapper(tmp_path):
 def test_bad_command_lines(tmp_path):
     with pytest.raises(SystemExit, match="--methods: unknown \\['dpo'\\]"):
         main(["posttrain", "--methods", "alright,dpo", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--seeds: at least 1"):
+        main(["posttrain", "--seeds", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--model: also give --sft-data and --pref-data"):
         main(["posttrain", "--model", str(tmp_path), "--out", str(tmp_path)])
 
