@@ -426,6 +426,41 @@ def mol_backward_replicated(rank, world):
 
 
 @case
+def mol_backward_under_ddp(rank, world):
+    """A DistributedDataParallel model, its per-objective gradients computed outside DDP's reducer
+    (forward under no_sync(), or through ddp.module): mol.backward(replicated=True) reduces the
+    [K, D] buffer with one all_reduce, and the result equals the single process on the mean of the
+    ranks' losses (a second reduction by DDP's reducer would show there); a torch optimizer then
+    keeps the replicas identical."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for forward in ("no_sync", "module"):
+        ddp = DistributedDataParallel(_mlp(), process_group=WORLD)   # broadcasts rank 0's weights
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        model1 = _mlp()
+        optimizer1 = torch.optim.SGD(model1.parameters(), lr=0.1)
+        agg, agg1 = mol.UPGrad(), mol.UPGrad()
+        for step in range(2):
+            x, y = _batch(rank, step)
+            with count_collectives() as calls:
+                if forward == "no_sync":
+                    with ddp.no_sync():
+                        losses = _losses(ddp, x, y)
+                else:
+                    losses = _losses(ddp.module, x, y)
+                lam = mol.backward(losses, list(ddp.parameters()), agg, process_group=WORLD, replicated=True)
+            assert names(calls) == [AR], (forward, calls)
+            optimizer.step()
+            mean_losses = sum(_losses(model1, *_batch(r, step)) for r in range(world)) / world
+            lam1 = mol.backward(mean_losses, list(model1.parameters()), agg1)
+            optimizer1.step()
+            close(lam, lam1, LAMBDA_TOL, f"DDP ({forward}) λ step {step}")
+            for p, q in zip(ddp.module.parameters(), model1.parameters()):
+                close(p, q, DIRECTION_TOL, f"DDP ({forward}) parameters after step {step}")
+                assert_same_on_all_ranks(p.detach(), f"DDP ({forward}) parameters")
+
+
+@case
 def replicated_steps_and_all_reduce_stack(rank, world):
     """ReplicatedGradients' steps (reduce_scatter, K×K all_reduce, all_gather) and the one
     all_reduce path, against the single-process step on the mean of the ranks' gradients; a
