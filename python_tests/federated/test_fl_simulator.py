@@ -185,3 +185,22 @@ def test_uniform_weighting_and_server_lr():
     assert torch.allclose(sim.weights(), torch.ones(SMALL.clients))
     mean = sim.client_params[sim.population.active].mean(0)
     assert torch.allclose(sim.x, x_prev + 0.5 * (mean - x_prev), atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("problem", ["quadratic", "logreg"])
+@pytest.mark.parametrize("algorithm", ["local_adam", "local_sgd"])
+def test_cuda_simulator_equals_a_loop_of_torch_optimizers(problem, algorithm):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device is visible (torch.cuda.is_available() is False)")
+    config = dataclasses.replace(SMALL, problem=problem, algorithm=algorithm, rounds=6, device="cuda")
+    batched, looped = OpenFLSimulator(config), PerClientLoopSimulator(config)
+    batched.run(), looped.run()
+    assert batched.x.device.type == "cuda"
+    assert torch.allclose(batched.x, looped.x, rtol=1e-5, atol=1e-6)
+    for a, b in zip(batched.history, looped.history):
+        assert a["active"] == b["active"] and a["distance"] == pytest.approx(b["distance"], rel=1e-4, abs=1e-6)
+    resumed = OpenFLSimulator(config)
+    resumed.load_state_dict(OpenFLSimulator(config).state_dict())
+    resumed.run()
+    assert _same(resumed.history, batched.history)

@@ -323,3 +323,21 @@ def test_mgda_backend_choice_is_forwarded():
     with pytest.raises(ValueError, match="backend"):
         make_trainer("mgda", backend="nope").train(1)
     assert "cpu" in molkernels.backends()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["alright", "mgda", "moco"])
+def test_cuda_policy(method):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device is visible (torch.cuda.is_available() is False)")
+    cpu = make_trainer(method, model=TinyLM(seed=2))
+    gpu = make_trainer(method, model=TinyLM(seed=2).cuda())
+    cpu_records, gpu_records = cpu.train(3), gpu.train(3)
+    for a, b in zip(cpu_records, gpu_records):
+        assert a["trained"] == b["trained"]
+        for key in ("sft_loss", "dpo_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-3)
+        assert 0 < b["peak_mem_bytes"] < 1 << 30      # the CUDA allocator's peak, not the process's RSS
+    for p, q in zip(cpu.policy.parameters(), gpu.policy.parameters()):
+        assert torch.allclose(p, q.cpu(), rtol=1e-3, atol=1e-4)
