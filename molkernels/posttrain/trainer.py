@@ -272,7 +272,8 @@ class JointTrainer:
     # ----------------------------------------------------------------------------- steps
 
     def step(self) -> dict:
-        """One training step; returns (and appends to self.history) its metrics."""
+        """One training step; returns (and appends to self.history) its metrics. A non-finite loss
+        raises FloatingPointError before anything is updated."""
         self.memory.reset()
         start = time.perf_counter()
         record = {"step": self.step_count}
@@ -304,6 +305,11 @@ class JointTrainer:
                 (total / self.grad_accum).backward()
             for o in weights:
                 losses[o] += values[o].detach() / self.grad_accum
+        for o, value in losses.items():
+            record[f"{o}_loss"] = value.item()
+            if not math.isfinite(record[f"{o}_loss"]):
+                raise FloatingPointError(f"step {self.step_count}: the {o.upper()} loss is {record[f'{o}_loss']}; "
+                                         f"the parameters, the optimizer and MoCo's state were not updated")
         if self.method in ("mgda", "moco"):
             both = torch.stack([losses[o] for o in OBJECTIVES])
             if self.method == "mgda":
@@ -314,8 +320,7 @@ class JointTrainer:
                                               gamma=self.moco_gamma, normalize=self.normalize, losses=both,
                                               backend=self.backend)
         self.optimizer.step()
-        for o, value in losses.items():
-            record[f"{o}_loss"] = value.item()
+        for o in losses:
             self.gaps[o] = self._gap(o, record[f"{o}_loss"])
         if "weights" in record:
             record["weights"] = record["weights"].tolist()

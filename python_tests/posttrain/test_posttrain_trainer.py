@@ -311,6 +311,25 @@ def test_bad_data():
         JointTrainer(frozen, optimizer, SFT, PREF)
 
 
+@pytest.mark.parametrize("method", ["mix", "moco"])
+def test_a_non_finite_loss_stops_before_any_update(method):
+    trainer = make_trainer(method)
+    trainer.train(1)
+    with torch.no_grad():
+        trainer.policy.out.bias[7] = float("nan")
+    params = [p.detach().clone() for p in trainer.params]
+    optimizer_state = copy.deepcopy(trainer.optimizer.state_dict())
+    tracked = trainer.moco_state.y_flat.clone() if method == "moco" else None
+    with pytest.raises(FloatingPointError, match="step 1: the SFT loss is nan"):
+        trainer.step()
+    for p, q in zip(trainer.params, params):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(trainer.optimizer.state_dict()["state"], optimizer_state["state"], rtol=0, atol=0)
+    assert trainer.step_count == 1
+    if method == "moco":
+        assert torch.equal(trainer.moco_state.y_flat, tracked) and trainer.moco_state.step == 1
+
+
 def test_load_state_dict_refuses_another_method():
     state = make_trainer("mix").state_dict()
     with pytest.raises(ValueError, match="saved by method 'mix'"):
