@@ -3,7 +3,8 @@
 Labels follow the transformers convention: position t of `labels` is the token at position t of the
 input, prompt and padding positions hold `ignore_index`, and the logits at position t predict the
 token at t + 1 (the one-token shift happens here). Log-probabilities are computed in float32 (bf16
-and fp16 logits are upcast) as logit − logsumexp(logits), without materialising log_softmax.
+and fp16 logits are upcast chunk by chunk) as logit − logsumexp(logits), by one autograd function
+that never materialises log_softmax or a float32 copy of the logits, forward or backward.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .._stack import accum_dtype
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -27,13 +30,58 @@ def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
         raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
 
 
+# Rows of the [B·T, V] logits handled at once: bounds the float32 temporaries at 2^24 elements
+# (64 MB) per chunk, whatever the batch, the length and the vocabulary.
+CHUNK_ELEMENTS = 1 << 24
+
+
+class _TargetLogProbs(torch.autograd.Function):
+    """log softmax(x_r)[y_r] for every row r of logits viewed as [R, V], computed in float32
+    (float64 for float64 logits) chunk by chunk: neither the forward nor the backward materialises a
+    float32 (or log_softmax) copy of the logits, and only the [R] log-normalisers are saved (the logits are the model's output, alive
+    anyway). Backward: ∂/∂x_r = g_r (onehot(y_r) − softmax(x_r)), written in the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = logits.reshape(-1, logits.shape[-1])
+        flat_targets = targets.reshape(-1, 1)
+        compute = accum_dtype(logits.dtype)
+        out = torch.empty(rows.shape[0], dtype=compute, device=logits.device)
+        lse = torch.empty_like(out)
+        step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            x = rows[start:start + step].to(compute)
+            lse[start:start + step] = torch.logsumexp(x, dim=-1)
+            out[start:start + step] = x.gather(-1, flat_targets[start:start + step]).squeeze(-1) - lse[start:start + step]
+        ctx.save_for_backward(logits, targets, lse)
+        return out.view(targets.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        rows = logits.reshape(-1, logits.shape[-1])
+        flat_targets = targets.reshape(-1, 1)
+        g = grad_out.reshape(-1, 1).to(lse.dtype)
+        grad = torch.empty_like(rows)
+        step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            end = start + step
+            chunk = torch.exp(rows[start:end].to(lse.dtype) - lse[start:end, None]).mul_(-g[start:end])
+            chunk.scatter_add_(-1, flat_targets[start:end], g[start:end])
+            grad[start:end] = chunk
+        return grad.view(logits.shape), None
+
+
 def _token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """log p(token_{t+1} | ..t) for t < T − 1 and the mask of response tokens, both [B, T − 1]."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
+    """log p(token_{t+1} | ..t) and the mask of response tokens, both [B, T]; the last position
+    predicts nothing and is masked. The shift is applied to the labels, so the (contiguous) logits
+    are read in place."""
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
     mask = targets != ignore_index
-    picked = logits.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1), mask
+    logps = _TargetLogProbs.apply(logits.contiguous(), targets.masked_fill(~mask, 0))
+    return logps, mask
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -41,13 +89,13 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -10
     −log p(y_{t+1} | y_{≤t}) (token mean, not a mean of per-sequence means). A batch without
     response tokens gives NaN (the data layer refuses such records)."""
     _check_logits_labels(logits, labels)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=ignore_index)
+    logps, mask = _token_logps(logits, labels, ignore_index)
+    return -(logps * mask).sum() / mask.sum()
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Per-sequence log-probability of the response, Σ_t log p(y_{t+1} | y_{≤t}) over response
-    tokens: a float32 [B] tensor."""
+    tokens: a float32 [B] tensor (float64 for float64 logits)."""
     _check_logits_labels(logits, labels)
     logps, mask = _token_logps(logits, labels, ignore_index)
     return (logps * mask).sum(-1)

@@ -11,7 +11,8 @@ from molkernels.__main__ import main
 from molkernels.posttrain.experiment import claims
 from molkernels.posttrain.synthetic import make_data, tiny_llama
 
-FIELDS = ("sft_loss", "dpo_loss", "sft_gap", "dpo_gap", "ideal_distance", "seconds_per_step", "peak_mem_bytes")
+FIELDS = ("sft_loss", "dpo_loss", "sft_gap", "dpo_gap", "ideal_distance", "seconds_per_step", "step_cost_ratio",
+          "peak_mem_bytes")
 TINY = ["--steps", "4", "--eval-every", "2", "--train-records", "16", "--eval-records", "6", "--batch-size", "4"]
 
 
@@ -29,6 +30,8 @@ def test_default_run_writes_json_and_plot(tmp_path, capsys):
         assert [p["step"] for p in r["path"]] == [0, 2, 4]
     assert result["methods"]["sequential"]["dpo_step_fraction"] == 0.5
     assert result["methods"]["mix"]["dpo_step_fraction"] == 1.0
+    assert result["methods"]["mix"]["step_cost_ratio"] > 0      # against an SFT step plus a DPO step
+    assert set(result["plain_step_median_seconds"]) == {"sft", "dpo", "dpo+sft"}
     assert len(result["methods"]["mgda"]["final_weights"]) == 2
     assert set(result["claims"]) >= {"alright_closer_than_sequential", "alright_at_most_5pct_above_one_objective"}
     assert "ideal point" in capsys.readouterr().out
@@ -116,14 +119,14 @@ def test_bad_command_lines(tmp_path):
 
 
 def test_claims_from_results():
-    results = {"sequential": {"ideal_distance": 3.0, "seconds_per_step": 1.0},
-               "alright": {"ideal_distance": 1.0, "seconds_per_step": 1.04},
-               "maxright": {"ideal_distance": 4.0, "seconds_per_step": 1.0},
-               "mix": {"ideal_distance": 0.5, "seconds_per_step": 2.0}}
-    verdict = claims(results, one_objective=1.0)
+    results = {"sequential": {"ideal_distance": 3.0, "seconds_per_step": 1.0, "step_cost_ratio": 1.0},
+               "alright": {"ideal_distance": 1.0, "seconds_per_step": 1.04, "step_cost_ratio": 1.04},
+               "maxright": {"ideal_distance": 4.0, "seconds_per_step": 1.0, "step_cost_ratio": 1.0},
+               "mix": {"ideal_distance": 0.5, "seconds_per_step": 2.0, "step_cost_ratio": 1.0}}
+    verdict = claims(results)
     assert verdict["alright_closer_than_sequential"] is True
     assert verdict["maxright_closer_than_sequential"] is False
     assert verdict["alright_at_most_5pct_above_one_objective"] is True
-    assert claims({**results, "alright": {"ideal_distance": 1.0, "seconds_per_step": 1.06}}, 1.0)[
-        "alright_at_most_5pct_above_one_objective"] is False
     assert verdict["mix_costs_more_than_alright"] is True
+    slow = {**results, "alright": {"ideal_distance": 1.0, "seconds_per_step": 1.06, "step_cost_ratio": 1.06}}
+    assert claims(slow)["alright_at_most_5pct_above_one_objective"] is False

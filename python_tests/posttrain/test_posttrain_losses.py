@@ -52,8 +52,55 @@ def test_losses_against_loops(dtype):
     assert sft_loss(logits, labels).item() == pytest.approx(-sum(v for _, v in terms) / len(terms), rel=tol)
     per_sequence = [sum(v for b, v in terms if b == s) for s in range(B)]
     out = sequence_logps(logits, labels)
-    assert out.dtype == torch.float32 and out.shape == (B,)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and out.shape == (B,)
     assert out.tolist() == pytest.approx(per_sequence, rel=tol)
+
+
+def _plain_token_logps(logits, labels):
+    """The textbook formula: log_softmax in float32 on the shifted logits, gathered."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logp = torch.log_softmax(logits[:, :-1].to(torch.float64 if logits.dtype == torch.float64 else torch.float32), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logp * mask, mask
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 7, 1])   # one chunk; chunks of one row (V = 11 > 7); a row each
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gradients_against_log_softmax(monkeypatch, chunk, dtype):
+    from molkernels.posttrain import losses
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(9)
+    B, T, V = 3, 6, 11
+    logits = (2 * torch.randn(B, T, V, generator=g)).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100
+    labels[2, 4:] = -100
+    weights = torch.randn(B, generator=g)
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    (sequence_logps(a, labels) * weights).sum().backward()
+    logp, _ = _plain_token_logps(b, labels)
+    (logp.sum(-1) * weights).sum().backward()
+    assert a.grad.dtype == dtype
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    assert torch.allclose(a.grad.float(), b.grad.float(), atol=tol, rtol=tol)
+    assert (a.grad[:, -1] == 0).all()                        # the last position predicts nothing
+    a.grad = None
+    sft_loss(a, labels).backward()
+    b.grad = None
+    logp, mask = _plain_token_logps(b, labels)
+    (-(logp.sum() / mask.sum())).backward()
+    assert torch.allclose(a.grad.float(), b.grad.float(), atol=tol, rtol=tol)
+
+
+def test_gradcheck_float64():
+    from molkernels.posttrain.losses import _TargetLogProbs
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 5, (2, 4), generator=g)
+    assert torch.autograd.gradcheck(lambda x: _TargetLogProbs.apply(x, targets), (logits,))
 
 
 def test_sft_loss_ignores_the_first_label_and_padding():
