@@ -843,33 +843,11 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_path: str, K:
         "all_reduce_stack": lambda: molkernels.mgda_step(params, mkd.all_reduce_stack(stack, group)),
         "per_objective": per_objective,
     }
-    names = ("all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "all_gather_single",
-             "all_gather_into_tensor")
     results = {}
     for key, fn in fns.items():
-        # One counted step: each collective's message and ring bytes.
-        calls = []
-        originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
-        depth = [0]
-
-        def wrap(n, f):
-            def counted(*args, **kwargs):
-                if depth[0] == 0:
-                    calls.append(_ring_wire_bytes(n, [a for a in args if isinstance(a, torch.Tensor)], world))
-                depth[0] += 1
-                try:
-                    return f(*args, **kwargs)
-                finally:
-                    depth[0] -= 1
-            return counted
-
-        for n, f in originals.items():
-            setattr(dist, n, wrap(n, f))
-        try:
+        with mkd.record_collectives() as recorded:   # one counted step: each collective's bytes
             fn()
-        finally:
-            for n, f in originals.items():
-                setattr(dist, n, f)
+        calls = [_ring_wire_bytes(name, tensors, world) for name, tensors in recorded]
         synchronize(device)
         times = []
         for i in range(2 + repeats):

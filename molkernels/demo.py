@@ -73,7 +73,7 @@ def stack_cases(K_values=(3, 8), small: bool = False) -> List[tuple]:
     cases = [(f"[{K},{d}]", [(K, d)], True) for K, d in zip(K_values, d_values)]
     cases.append(("[5,7,11]", [(5, 7, 11)], True))
     tail = (4, 9) if small else (64, 33)
-    cases.append((f"list of 4 (K=6)", [(6, 17), (6, 3, 5), (6, 1), (6, *tail)], False))
+    cases.append(("list of 4 (K=6)", [(6, 17), (6, 3, 5), (6, 1), (6, *tail)], False))
     return cases
 
 

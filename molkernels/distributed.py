@@ -43,7 +43,8 @@ matrices are all-gathered (n·K² numbers) and summed in rank order on every ran
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -190,6 +191,48 @@ def fsdp_objective_gradients(losses: Sequence[torch.Tensor], params: Sequence[to
                 view[k].copy_(p.grad.to_local() if is_dtensor(p.grad) else p.grad)
                 p.grad = None
     return flat, views
+
+
+# --------------------------------------------------------------------------------------------------
+# What a step communicates
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+               "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "reduce", "all_to_all",
+               "all_to_all_single", "barrier", "gather", "scatter", "send", "recv", "isend", "irecv",
+               "all_reduce_coalesced", "all_gather_coalesced", "all_gather_object", "broadcast_object_list")
+# Older torch names of the single-tensor collectives, recorded under the current ones.
+_COLLECTIVE_ALIASES = {"all_gather_into_tensor": "all_gather_single", "reduce_scatter_tensor": "reduce_scatter_single"}
+
+
+@contextlib.contextmanager
+def record_collectives() -> Iterator[List[Tuple[str, List[torch.Tensor]]]]:
+    """Records the torch.distributed collectives called from Python inside the block, in call
+    order, as (name, the tensors handed to it); only outermost calls, so an alias that calls
+    another counts once. For checking what a step sends (the tests and `bench distributed` use
+    it). FSDP2's all_gathers and reduce_scatters go through these Python functions and are seen;
+    collectives issued from C++, such as DDP's reducer, are not."""
+    calls: List[Tuple[str, List[torch.Tensor]]] = []
+    depth = [0]
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(name, fn):
+        def recorded(*args, **kwargs):
+            if depth[0] == 0:
+                calls.append((_COLLECTIVE_ALIASES.get(name, name), [a for a in args if isinstance(a, torch.Tensor)]))
+            depth[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return recorded
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -121,11 +121,7 @@ def _summary(values) -> dict:
 def run_toy(methods: Sequence[str], seeds: int, seed: int, settings: ToySettings, progress: bool = True) -> dict:
     """Runs `methods` (a subset of mgda, moco, modo; the noiseless MGDA reference is always added)
     from the three starts for seeds seed, seed+1, ..., and returns the metrics (see the module doc)."""
-    import numpy as np
     import torch
-
-    import molkernels
-    from . import toy_problems as tp
 
     if seeds < 1 or settings.steps < 10:
         raise ValueError("the toy needs at least 1 seed and 10 steps")
@@ -300,8 +296,6 @@ def toy_claims(result: dict) -> List[dict]:
         return np.array(methods[m]["final"][k]["per_seed"])
 
     if "smg_bias_on_pareto_set" in result:
-        import numpy as np
-
         b = result["smg_bias_on_pareto_set"]
         bias, err = np.array(b["bias"]), np.array(b["stderr"])
         i = int(np.argmax(bias / err))

@@ -103,47 +103,17 @@ def assert_same_on_all_ranks(t: torch.Tensor, what: str) -> None:
         assert torch.equal(other, t), f"{what}: rank {r} has {other}, this rank {t} (not bitwise equal)"
 
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
-               "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "reduce", "all_to_all",
-               "all_to_all_single", "barrier", "gather", "scatter", "send", "recv", "isend", "irecv",
-               "all_reduce_coalesced", "all_gather_coalesced", "all_gather_object", "broadcast_object_list")
-
-
 @contextlib.contextmanager
 def count_collectives():
-    """Counts the torch.distributed collectives called inside (the outermost call only, so an
-    alias calling another is one), by name, with the bytes of the tensors handed to them."""
+    """The collectives called inside, as (name, bytes of the tensors handed to them)."""
     calls: List[tuple] = []
-    depth = [0]
-    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
-
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            if depth[0] == 0:
-                tensors = [a for a in args if isinstance(a, torch.Tensor)]
-                calls.append((name, sum(t.numel() * t.element_size() for t in tensors)))
-            depth[0] += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                depth[0] -= 1
-        return counted
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
-    try:
+    with mkd.record_collectives() as recorded:
         yield calls
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-
-
-ALIASES = {"all_gather_into_tensor": "all_gather_single", "reduce_scatter_tensor": "reduce_scatter_single"}
+    calls += [(name, sum(t.numel() * t.element_size() for t in tensors)) for name, tensors in recorded]
 
 
 def names(calls) -> List[str]:
-    """The collectives' names, the pre-2.14 names of the single-tensor ones mapped to the new."""
-    return [ALIASES.get(name, name) for name, _ in calls]
+    return [name for name, _ in calls]
 
 
 WORLD = None  # set in main: torch.distributed.group.WORLD

@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 SWEEPABLE = {"kappa": float, "sigma": float, "join_rate": float, "leave_rate": float, "local_steps": int,
              "lr": float, "server_lr": float, "clients": int}
@@ -292,7 +291,6 @@ def plot_sweep(config, sweep: dict, path: str) -> None:
         ax.errorbar(values, r, yerr=[x["radius_std"] for x in rs], color=COLORS[a], marker="o", capsize=3,
                     label=f"{LABELS[a]}: mean over the second half")
         ax.plot(values, [x["radius_max"] for x in rs], color=COLORS[a], ls=":", marker=".", label=f"{LABELS[a]}: max")
-        styles = ["-", "--", "-.", ":"]
         for i, x in enumerate(rs):
             curve = x.get("mean_distance") or np.nanmean(np.array([s["history"]["distance"] for s in x["runs"]],
                                                                   dtype=float), axis=0)

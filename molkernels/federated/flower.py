@@ -36,7 +36,7 @@ flwr is imported only when this module is; molkernels does not depend on it.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Union
 
 import torch
 

@@ -1,8 +1,6 @@
 """The simulator's problems: x*_t against direct float64 solves, batched gradients against autograd
 per client, the spectrum's condition number, fresh objectives on join."""
 
-import math
-
 import pytest
 import torch
 

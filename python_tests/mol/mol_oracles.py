@@ -69,7 +69,6 @@ def cagrad_oracle(G: np.ndarray, c: float) -> np.ndarray:
 def nash_oracle(G: np.ndarray) -> np.ndarray:
     """α > 0 with Gα = 1/α, from scipy's minimisation of ½αᵀGα − Σ log α (in log coordinates, so
     α > 0 holds by construction), polished by Newton on the optimality condition."""
-    K = G.shape[0]
 
     def f(beta):
         a = np.exp(beta)
