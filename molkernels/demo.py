@@ -29,6 +29,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .toy import format_table
+
 
 @dataclasses.dataclass
 class Context:
@@ -215,7 +217,7 @@ def section_correctness(ctx: Context) -> dict:
     header = ["device", "backend", "op", "dtype", "cases", "max err", "tol", "result"]
     table = [[r["device"], r["backend"], r["op"], r["dtype"], str(r["cases"]), f"{r['max_err']:.2e}", f"{r['tol']:.0e}",
               ("PASS" if r["passed"] else "FAIL") + (f" ({r['error']})" if r["error"] else "")] for r in rows]
-    print(_format(header, table))
+    print(format_table(header, table))
     failed = [r for r in rows if not r["passed"]]
     skipped = _skipped_backends(ctx.devices)
     if skipped:
@@ -331,7 +333,7 @@ def section_gram_throughput(ctx: Context) -> dict:
         table = [[str(d)] + [f"{sweep['gbps'][lab][i]:.3g}" if sweep["gbps"][lab][i] is not None else "" for lab in labels]
                  for i, d in enumerate(sweep["d"])]
         print(f"GB/s on {sweep['device']}:")
-        print(_format(header, table))
+        print(format_table(header, table))
     print(f"wrote {path}")
     return {"png": path, "sweeps": sweeps}
 
@@ -399,14 +401,6 @@ SECTIONS: List[Section] = [
             section_posttrain),
     Section("fl", "6. open federated learning: the stability radius against κ and σ (short run)", section_fl),
 ]
-
-
-def _format(header: List[str], rows: List[List[str]]) -> str:
-    table = [header] + rows
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

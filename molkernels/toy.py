@@ -460,11 +460,11 @@ def print_toy(result: dict) -> None:
         f = r["final"]
         rows.append([LABELS[m]] + [f"{f[k]['mean']:.3g} ± {f[k]['std']:.2g}" if k in f else "" for k in keys]
                     + [f"{r['reached_valley']}/{r['runs']}", f"{r['mean_step_us']:.0f}"])
-    print(_format(header, rows))
+    print(format_table(header, rows))
     header = ["median over runs"] + [k for k in keys] + ["", ""]
     rows = [[LABELS[m]] + [f"{result['methods'][m]['final'][k]['median_over_runs']:.3g}"
                            if k in result["methods"][m]["final"] else "" for k in keys] for m in methods]
-    print(_format(header[:-2], rows))
+    print(format_table(header[:-2], rows))
     print("final = mean over the last 10% of steps and the 3 starts, then mean ± std over seeds "
           f"{result['seeds']}; in valley = runs ending with x2 < 0 (the Pareto set's valley; the others wander on the "
           "flat upper plateau, where ‖∇F‖ ≪ the noise and ‖d*‖ is small too); µs/step = one molkernels step call on "
@@ -474,7 +474,8 @@ def print_toy(result: dict) -> None:
         print(("  HOLDS  " if c["holds"] else "  FAILS  ") + c["claim"] + ": " + c["evidence"])
 
 
-def _format(header: List[str], rows: List[List[str]]) -> str:
+def format_table(header: List[str], rows: List[List[str]]) -> str:
+    """Left-aligned text columns under a dashed rule."""
     table = [header] + rows
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
@@ -686,7 +687,7 @@ def print_mtl(result: dict) -> None:
             f"{r[k]['mean']:+.3f} ± {r[k]['std']:.3f}" + (" *" if r[k]["significant"] else ""))
         rows.append([name, cell("test_mse"), delta("delta_test_mse"), cell("test_bce"), delta("delta_test_bce"),
                      cell("test_accuracy"), f"{r['ms_per_step']['mean']:.2f} ± {r['ms_per_step']['std']:.2f}"])
-    print(_format(header, rows))
+    print(format_table(header, rows))
     significant = [f"{name} ({k.split('_')[-1].upper()})" for name, r in result["table"].items()
                    for k in ("delta_test_mse", "delta_test_bce") if k in r and r[k]["significant"] and name != MTL_METHODS[0]]
     print("Δ: paired difference to Linear (mean) on the same seed; * = |mean| > 2 standard errors. "

@@ -31,7 +31,7 @@ import math
 import torch
 
 from ..ops import min_norm
-from .base import trace_normalized
+from .base import GramWeighting, as_pref_vector, check_gram, preference, sym64, trace_normalized
 
 
 def check_reg_eps(reg_eps) -> float:
@@ -65,3 +65,20 @@ def project_weights(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     Gp = 0.5 * (Gp + Gp.transpose(-1, -2))
     lam = min_norm(Gp)                                                         # [B, K+1]
     return U + S.unsqueeze(-1) * lam[:, 1:]
+
+
+class DualConeWeighting(GramWeighting):
+    """The shared part of UPGrad and DualProj: a preference vector p (1/K each by default), the
+    regularised Gram Ĝ = G/trace(G) + reg_eps·I, and projections of combinations of the gradients
+    onto their dual cone (project_weights)."""
+
+    def __init__(self, pref_vector=None, *, reg_eps: float = 1e-4):
+        self.pref_vector = as_pref_vector(pref_vector)
+        self._pref_cache = {}
+        self.reg_eps = check_reg_eps(reg_eps)
+
+    def _regularized_and_preference(self, gram: torch.Tensor):
+        """(Ĝ in float64, p) for a [K, K] Gram."""
+        K = check_gram(gram)
+        G = regularized(sym64(gram), self.reg_eps)
+        return G, preference(self.pref_vector, K, G, cache=self._pref_cache)

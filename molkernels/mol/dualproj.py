@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import GramWeighting, as_pref_vector, check_gram, preference, sym64
-from .dualcone import check_reg_eps, project_weights, regularized
+from .dualcone import DualConeWeighting, project_weights
 
 
-class DualProj(GramWeighting):
+class DualProj(DualConeWeighting):
     """DualProj (the projection of Lopez-Paz & Ranzato, 2017, "Gradient Episodic Memory for
     Continual Learning", Eq. 11, applied to the mean gradient, as in torchjd):
 
@@ -19,15 +18,8 @@ class DualProj(GramWeighting):
     call (see molkernels.mol.dualcone).
     """
 
-    def __init__(self, pref_vector=None, *, reg_eps: float = 1e-4):
-        self.pref_vector = as_pref_vector(pref_vector)
-        self._pref_cache = {}
-        self.reg_eps = check_reg_eps(reg_eps)
-
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
-        K = check_gram(gram)
-        G = regularized(sym64(gram), self.reg_eps)
-        p = preference(self.pref_vector, K, G, cache=self._pref_cache)
+        G, p = self._regularized_and_preference(gram)
         return project_weights(G, p.unsqueeze(0))[0].to(gram.dtype)
 
     def __repr__(self) -> str:

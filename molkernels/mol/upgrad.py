@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import GramWeighting, as_pref_vector, check_gram, preference, sym64
-from .dualcone import check_reg_eps, project_weights, regularized
+from .dualcone import DualConeWeighting, project_weights
 
 
-class UPGrad(GramWeighting):
+class UPGrad(DualConeWeighting):
     """UPGrad (Quinton & Rey, 2024, "Jacobian Descent for Multi-Objective Optimization"):
 
         d = Σ_i p_i π_C(g_i),    C = {x : ⟨g_k, x⟩ ≥ 0 ∀k}  (the dual cone of the gradients),
@@ -21,15 +20,8 @@ class UPGrad(GramWeighting):
     min_norm call (see molkernels.mol.dualcone).
     """
 
-    def __init__(self, pref_vector=None, *, reg_eps: float = 1e-4):
-        self.pref_vector = as_pref_vector(pref_vector)
-        self._pref_cache = {}
-        self.reg_eps = check_reg_eps(reg_eps)
-
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
-        K = check_gram(gram)
-        G = regularized(sym64(gram), self.reg_eps)
-        p = preference(self.pref_vector, K, G, cache=self._pref_cache)
+        G, p = self._regularized_and_preference(gram)
         V = project_weights(G, torch.diag(p))
         return V.sum(0).to(gram.dtype)
 

@@ -88,6 +88,11 @@ def test_maxright_trains_the_larger_weighted_gap_and_refreshes_on_schedule(monke
     assert {tuple(r["trained"]) for r in trainer.history} == {("sft",), ("dpo",)}
 
 
+def _flat_params(trainer):
+    """A copy of the trained parameters as one vector."""
+    return torch.cat([p.detach().reshape(-1) for p in trainer.params])
+
+
 def _objective_grads(trainer, batches):
     grads = []
     for name in ("sft", "dpo"):
@@ -108,9 +113,9 @@ def _peek_batches(trainer):
 def test_mix_and_mgda_directions(method):
     trainer = make_trainer(method, lam=0.3, optimizer=torch.optim.SGD, lr=1.0)
     G = _objective_grads(trainer, _peek_batches(trainer)).double()
-    before = torch.cat([p.detach().reshape(-1) for p in trainer.params]).clone()
+    before = _flat_params(trainer)
     trainer.step()
-    after = torch.cat([p.detach().reshape(-1) for p in trainer.params])
+    after = _flat_params(trainer)
     if method == "mix":
         direction = 0.7 * G[0] + 0.3 * G[1]
     else:
@@ -125,9 +130,9 @@ def test_normalized_mgda_direction():
     G = _objective_grads(trainer, _peek_batches(trainer)).double()
     unit = G / G.norm(dim=1, keepdim=True)
     lam = ref.min_norm(unit @ unit.T)
-    before = torch.cat([p.detach().reshape(-1) for p in trainer.params]).clone()
+    before = _flat_params(trainer)
     trainer.step()
-    after = torch.cat([p.detach().reshape(-1) for p in trainer.params])
+    after = _flat_params(trainer)
     assert trainer.history[-1]["weights"] == pytest.approx(lam.tolist(), abs=1e-5)
     assert torch.allclose((before - after).double(), lam @ unit, rtol=1e-4, atol=1e-6)
 
@@ -152,11 +157,11 @@ def test_mgda_and_moco_call_the_fused_steps_with_two_objectives(monkeypatch):
 def test_moco_tracks_the_gradients():
     trainer = make_trainer("moco", moco_beta=0.5, moco_gamma=0.1, optimizer=torch.optim.SGD, lr=1.0)
     G = _objective_grads(trainer, _peek_batches(trainer)).double()
-    before = torch.cat([p.detach().reshape(-1) for p in trainer.params]).clone()
+    before = _flat_params(trainer)
     trainer.step()
     Y = 0.5 * G                                        # Y starts at 0: Y ← Y − β(Y − G)
     lam = ref.project_simplex(torch.full((2,), 0.5, dtype=torch.float64) - 0.1 * (Y @ Y.T) @ torch.full((2,), 0.5, dtype=torch.float64))
-    after = torch.cat([p.detach().reshape(-1) for p in trainer.params])
+    after = _flat_params(trainer)
     assert torch.allclose((before - after).double(), lam @ Y, rtol=1e-4, atol=1e-6)
     assert torch.allclose(trainer.moco_state.y_flat.double(), Y, rtol=1e-5, atol=1e-7)
 
@@ -169,9 +174,9 @@ def test_gradient_accumulation_averages_micro_batches():
         loss = trainer.objective("sft", batch)
         expected.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, trainer.params)]))
     trainer.streams["sft"].position = 0
-    before = torch.cat([p.detach().reshape(-1) for p in trainer.params]).clone()
+    before = _flat_params(trainer)
     record = trainer.step()
-    after = torch.cat([p.detach().reshape(-1) for p in trainer.params])
+    after = _flat_params(trainer)
     assert trainer.streams["sft"].position == 12
     assert torch.allclose(before - after, sum(expected) / 3, rtol=1e-5, atol=1e-6)  # p − g rounds at ulp(p)
     assert record["sft_loss"] > 0
@@ -185,9 +190,9 @@ def test_mgda_with_gradient_accumulation_uses_the_mean_gradients():
         trainer.streams[o].position = position
     G = (micro[0] + micro[1]) / 2
     lam = ref.min_norm(G @ G.T)
-    before = torch.cat([p.detach().reshape(-1) for p in trainer.params]).clone()
+    before = _flat_params(trainer)
     trainer.step()
-    after = torch.cat([p.detach().reshape(-1) for p in trainer.params])
+    after = _flat_params(trainer)
     assert trainer.history[-1]["weights"] == pytest.approx(lam.tolist(), abs=1e-5)
     assert torch.allclose((before - after).double(), lam @ G, rtol=1e-4, atol=1e-6)
 
