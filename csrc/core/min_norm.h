@@ -83,12 +83,24 @@ MK_HD void min_norm_solve(int64_t K, LoadGram gram, Store store, double* work) {
     for (int64_t i = 0; i < K; ++i) store(i, 1.0 / double(K));
     return;
   }
+  double* lambda = work;         // K, barycentric coordinates of the current point
+  double* Glambda = work + K;    // K, (G lambda)_i = <x, g_i>
+  double* alpha = work + 2 * K;  // K, affine minimiser over the corral
+  double* corral = work + 3 * K; // K, indices of the corral (stored as doubles to keep one buffer)
+  double* system = work + 4 * K; // (K + 1) x (K + 2), the bordered system with its right-hand side
+  double* normalised = system + (K + 1) * (K + 2);  // K x K, the symmetrised G / max_i G_ii
+  // Each entry is scaled before the two are added: G_ij + G_ji overflows for entries near the
+  // largest double, while |G_ij| <= max_i G_ii for a Gram matrix.
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j) normalised[i * K + j] = 0.5 * (gram(i, j) / scale) + 0.5 * (gram(j, i) / scale);
+  auto G = [&](int64_t i, int64_t j) { return normalised[i * K + j]; };
+
   if (K == 2) {
     // min over t in [0, 1] of |t g0 + (1 - t) g1|^2.
-    const double g00 = gram(0, 0), g01 = 0.5 * (gram(0, 1) + gram(1, 0)), g11 = gram(1, 1);
+    const double g00 = G(0, 0), g01 = G(0, 1), g11 = G(1, 1);
     const double curvature = g00 - 2.0 * g01 + g11;  // |g0 - g1|^2
     double t = 0.5;
-    if (curvature > 1e-15 * scale) {
+    if (curvature > 1e-15) {
       t = (g11 - g01) / curvature;
       t = t < 0.0 ? 0.0 : (t > 1.0 ? 1.0 : t);
     }
@@ -96,17 +108,6 @@ MK_HD void min_norm_solve(int64_t K, LoadGram gram, Store store, double* work) {
     store(1, 1.0 - t);
     return;
   }
-
-  double* lambda = work;         // K, barycentric coordinates of the current point
-  double* Glambda = work + K;    // K, (G lambda)_i = <x, g_i>
-  double* alpha = work + 2 * K;  // K, affine minimiser over the corral
-  double* corral = work + 3 * K; // K, indices of the corral (stored as doubles to keep one buffer)
-  double* system = work + 4 * K; // (K + 1) x (K + 2), the bordered system with its right-hand side
-  double* normalised = system + (K + 1) * (K + 2);  // K x K, the symmetrised G / max_i G_ii
-  const double inv_scale = 1.0 / scale;
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t j = 0; j < K; ++j) normalised[i * K + j] = 0.5 * (gram(i, j) + gram(j, i)) * inv_scale;
-  auto G = [&](int64_t i, int64_t j) { return normalised[i * K + j]; };
 
   int64_t start = 0;
   for (int64_t i = 1; i < K; ++i)

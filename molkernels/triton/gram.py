@@ -81,9 +81,14 @@ def _reduce_partials_kernel(
         second = col
     tile_size = BLOCK_K * BLOCK_K
     offsets = ((first // BLOCK_K) * n_tiles + second // BLOCK_K) * tile_size + (first % BLOCK_K) * BLOCK_K + second % BLOCK_K
+    # One partial is a whole [n_tiles, n_tiles] grid of tiles; stepping the pointer (64-bit) rather
+    # than multiplying the index keeps a long run of partials clear of int32 overflow.
+    partial_size = n_tiles * n_tiles * tile_size
+    at = partial_ptr + offsets
     acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
-    for p in range(n_partials):
-        acc += tl.load(partial_ptr + p * (n_tiles * tile_size) + offsets, mask=in_range, other=0.0)
+    for _ in range(n_partials):
+        acc += tl.load(at, mask=in_range, other=0.0)
+        at += partial_size
     tl.store(out_ptr + element, acc, mask=in_range)
 
 

@@ -99,6 +99,43 @@ void test_simplex() {
   }
 }
 
+// The projection is invariant to a shift of v, and must stay exact when |v| is far above 2^53 or
+// when the sum of a finite row overflows.
+void test_simplex_large_magnitudes() {
+  std::vector<double> x = project({-1e17, -2e17});
+  CHECK(x[0] == 1.0 && x[1] == 0.0, "[-1e17, -2e17] -> [%g, %g], expected [1, 0]", x[0], x[1]);
+  x = project({1e308, -1e308});
+  CHECK(x[0] == 1.0 && x[1] == 0.0, "[1e308, -1e308] -> [%g, %g], expected [1, 0]", x[0], x[1]);
+  x = project({1.7e308, 1.7e308, 1.7e308, 1.7e308});
+  for (int64_t i = 0; i < 4; ++i) CHECK(x[i] == 0.25, "four equal entries of 1.7e308: x[%lld] = %g", (long long)i, x[i]);
+  x = project({1e300, 1e-30, -1e300, 1e300 - 1e284});
+  CHECK(x[0] == 1.0 && x[1] == 0.0 && x[2] == 0.0 && x[3] == 0.0, "mixed magnitudes: x[0] = %g", x[0]);
+  // Above 2^53 distinct entries differ by at least 2, so the projection puts equal weight on the
+  // entries equal to the maximum: 2^60 + (0, 0, -512) -> (1/2, 1/2, 0).
+  const double c = 1152921504606846976.0;
+  x = project({c, c, c - 512.0});
+  CHECK(x[0] == 0.5 && x[1] == 0.5 && x[2] == 0.0, "2^60 + (0, 0, -512): x = (%g, %g, %g)", x[0], x[1], x[2]);
+  x = project({-c, -c - 512.0, -c, -c});
+  CHECK(std::fabs(x[0] - 1.0 / 3) < 1e-16 && x[1] == 0.0 && x[0] == x[2] && x[0] == x[3], "-2^60 ties: x = (%g, %g, %g, %g)",
+        x[0], x[1], x[2], x[3]);
+  x = project({1e20, 1e20, INFINITY});
+  CHECK(std::isnan(x[0]) && std::isnan(x[1]) && std::isnan(x[2]), "an infinite entry still gives an all-NaN row");
+  std::normal_distribution<double> normal;
+  for (int trial = 0; trial < 200; ++trial) {
+    const int64_t K = 1 + trial % 17;
+    const double magnitude = std::pow(10.0, -30.0 + 330.0 * (trial / 200.0));
+    std::vector<double> v(K);
+    for (auto& e : v) e = magnitude * normal(rng);
+    x = project(v);
+    double sum = 0.0;
+    for (int64_t i = 0; i < K; ++i) {
+      CHECK(x[i] >= 0.0 && x[i] <= 1.0, "x in [0, 1] at magnitude %g: x[%lld] = %g", magnitude, (long long)i, x[i]);
+      sum += x[i];
+    }
+    CHECK(std::fabs(sum - 1.0) < 1e-14 * K, "sums to one at magnitude %g (K=%lld, sum=%.17g)", magnitude, (long long)K, sum);
+  }
+}
+
 void test_min_norm() {
   // K = 2 closed form: g0 = (1, 0), g1 = (0, 1) -> (1/2, 1/2); g1 = 2 g0 -> all on g0.
   std::vector<double> l = solve({1, 0, 0, 1}, 2);
@@ -126,6 +163,29 @@ void test_min_norm() {
     for (int64_t i = 0; i < K; ++i)
       for (int64_t j = 0; j < K; ++j) G[i * K + j] = G[(i % 2) * K + (j % 2)];
     check_min_norm_kkt(G, K, "duplicated");
+  }
+}
+
+// fp64 Grams with entries near the largest double: the symmetrisation must not overflow, and the
+// solution is that of the same Gram scaled down by an exact power of two.
+void test_min_norm_near_overflow() {
+  const double big = 1.7e308;
+  std::vector<double> l = solve({big, 0.6 * big, 0.6 * big, 0.7 * big}, 2);
+  // t = (g11 - g01) / (g00 - 2 g01 + g11) = 0.1 / 0.5
+  CHECK(std::fabs(l[0] - 0.2) < 1e-14 && std::fabs(l[1] - 0.8) < 1e-14, "K = 2 near 1.7e308: (%g, %g)", l[0], l[1]);
+  const int64_t sizes[] = {3, 4, 7, 16};
+  for (int64_t K : sizes) {
+    std::vector<double> G = random_gram(K, 2 * K + 3, K);
+    double top = 0.0;
+    for (int64_t i = 0; i < K; ++i) top = std::max(top, G[i * K + i]);
+    const double to_big = std::ldexp(1.0, std::ilogb(big / top));  // an exact power of two
+    std::vector<double> huge(G);
+    for (auto& e : huge) e *= to_big;
+    const std::vector<double> expected = solve(G, K), got = solve(huge, K);
+    for (int64_t i = 0; i < K; ++i)
+      CHECK(std::isfinite(got[i]) && std::fabs(got[i] - expected[i]) < 1e-12, "K=%lld near overflow: lambda[%lld] = %g, %g at scale 1",
+            (long long)K, (long long)i, got[i], expected[i]);
+    check_min_norm_kkt(huge, K, "near overflow");
   }
 }
 
@@ -276,7 +336,9 @@ void test_tracking_passes() {
 
 int main() {
   test_simplex();
+  test_simplex_large_magnitudes();
   test_min_norm();
+  test_min_norm_near_overflow();
   test_conversions();
   test_cpu_gram_and_combine();
   test_tracking_passes();
