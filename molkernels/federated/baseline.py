@@ -53,3 +53,8 @@ class PerClientLoopSimulator(OpenFLSimulator):
 
     def state_dict(self):
         raise NotImplementedError("PerClientLoopSimulator: no checkpoints (use OpenFLSimulator)")
+
+    def load_state_dict(self, state):
+        """Refused, as state_dict(): OpenFLSimulator's state lacks the per-client torch.optim
+        optimisers, so loading it would resume them from the wrong state."""
+        raise NotImplementedError("PerClientLoopSimulator: no checkpoints (use OpenFLSimulator)")

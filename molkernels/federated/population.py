@@ -25,18 +25,116 @@ nothing here synchronises with the host.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import math
+import numbers
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 CHURN_MODELS = ("bernoulli", "replacement")
+STATE_KEYS = ("model", "join_rate", "leave_rate", "initial_active", "active", "client_id", "age", "next_id")
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """`value` as a float: a real number (not a bool, a string or None), finite, in the interval
+    from `low` to `high` (open at an end with low_open / high_open); ValueError naming `name`."""
+    interval = f"{'(' if low_open or low == -math.inf else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        raise ValueError(f"{name}: a finite number in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_integer(name: str, value, low: int = 0) -> int:
+    """`value` as an int: an integer (not a bool, not a float such as 3.0) >= `low`; ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name}: an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_device(name: str, device) -> torch.device:
+    """`device` as a torch.device that exists here; ValueError naming `name`."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: not a torch device: {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: {str(device)!r}, but no CUDA device is visible")
+    return device
 
 
 def check_rate(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name}: a probability per round in [0, 1], got {value!r}")
+    try:
+        return check_number(name, value, 0.0, 1.0)
+    except ValueError:
+        raise ValueError(f"{name}: a probability per round in [0, 1], got {value!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint validation, shared by the simulator's state (simulator.py), the problems' states
+# (problems.py) and JointTrainer's (posttrain/trainer.py): a loader checks the whole state with
+# these first and only then writes anything, so a bad state leaves the object unchanged. `path`
+# names the entry as the caller wrote it, e.g. "state['population']['active']".
+
+
+def state_path(path: str, key) -> str:
+    return f"{path}[{key!r}]"
+
+
+def check_state_keys(state, path: str, keys: Sequence[str]) -> None:
+    """`state` is a dict with exactly `keys`: TypeError or ValueError naming the missing or unknown key."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{path}: expected a dict, got {type(state).__name__}")
+    for key in keys:
+        if key not in state:
+            raise ValueError(f"{state_path(path, key)}: missing")
+    for key in state:
+        if key not in keys:
+            raise ValueError(f"{state_path(path, key)}: unknown key (expected {', '.join(map(repr, keys))})")
+
+
+def check_state_tensor(value, path: str, like: torch.Tensor) -> torch.Tensor:
+    """`value` is a dense tensor of `like`'s shape and dtype (on any device: loading copies it).
+    Nothing is broadcast or cast: a different shape or dtype is an error."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{path}: expected a tensor, got {type(value).__name__}")
+    if value.is_nested or value.layout != torch.strided:
+        raise TypeError(f"{path}: expected a dense (strided) tensor, got {'a nested' if value.is_nested else value.layout}")
+    if value.shape != like.shape:
+        raise ValueError(f"{path}: shape {tuple(value.shape)}, expected {tuple(like.shape)}")
+    if value.dtype != like.dtype:
+        raise TypeError(f"{path}: dtype {value.dtype}, expected {like.dtype}")
     return value
+
+
+def check_state_values(value: torch.Tensor, path: str, *, low: Optional[float] = None, high: Optional[float] = None,
+                       finite: bool = False) -> None:
+    """Every entry of `value` is finite (finite=True) and within [low, high] (NaN never is)."""
+    if value.numel() == 0:
+        return
+    if finite and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{path}: has non-finite entries")
+    if low is not None and not bool((value >= low).all()):
+        raise ValueError(f"{path}: has entries below {low:g} (or NaN)")
+    if high is not None and not bool((value <= high).all()):
+        raise ValueError(f"{path}: has entries above {high:g} (or NaN)")
+
+
+def check_state_generator(value, path: str, generator: torch.Generator) -> None:
+    """`value` is a state that `generator` accepts: tried on a scratch generator of its device, so a
+    bad state raises here and the real generator is untouched."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+        raise TypeError(f"{path}: expected a torch.uint8 generator state (Generator.get_state()), got "
+                        f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}")
+    expected = generator.get_state().shape
+    if value.shape != expected:
+        raise ValueError(f"{path}: shape {tuple(value.shape)}, expected {tuple(expected)} (the state of a "
+                         f"{generator.device.type} generator)")
+    try:
+        torch.Generator(device=generator.device).set_state(value)
+    except RuntimeError as error:
+        raise ValueError(f"{path}: not a valid generator state ({error})") from None
 
 
 def stationary_fraction(model: str, join_rate: float, leave_rate: float) -> float:
@@ -54,8 +152,8 @@ class Population:
                  initial_active: Optional[float] = None, device: torch.device | str = "cpu"):
         if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
             raise ValueError(f"clients: at least 1 client slot, got {clients!r}")
-        if model not in CHURN_MODELS:
-            raise ValueError(f"churn model: unknown {model!r}; expected one of {', '.join(CHURN_MODELS)}")
+        if not isinstance(model, str) or model not in CHURN_MODELS:
+            raise ValueError(f"model: unknown churn model {model!r}; expected one of {', '.join(CHURN_MODELS)}")
         self.clients = clients
         self.model = model
         self.join_rate = check_rate("join_rate", join_rate)
@@ -63,7 +161,7 @@ class Population:
         if initial_active is None:
             initial_active = stationary_fraction(model, self.join_rate, self.leave_rate)
         self.initial_active = check_rate("initial_active", initial_active)
-        self.device = torch.device(device)
+        self.device = check_device("device", device)
         self.active = torch.zeros(clients, dtype=torch.bool, device=self.device)
         self.client_id = torch.full((clients,), -1, dtype=torch.int64, device=self.device)
         self.age = torch.zeros(clients, dtype=torch.int64, device=self.device)
@@ -114,11 +212,31 @@ class Population:
                 "initial_active": self.initial_active, "active": self.active.clone(),
                 "client_id": self.client_id.clone(), "age": self.age.clone(), "next_id": self.next_id.clone()}
 
+    def check_state_dict(self, state: Dict[str, object], path: str = "state") -> None:
+        """Raises TypeError/ValueError naming the first bad entry of `state` (`path` names the
+        state itself): exactly the keys of state_dict(), this population's churn model and rates,
+        tensors of this population's shapes and dtypes, and consistent slots (an active slot holds a
+        client id >= 0 below next_id, each id in one slot only; an empty slot holds -1; ages >= 0)."""
+        check_state_keys(state, path, STATE_KEYS)
+        for key in ("model", "join_rate", "leave_rate", "initial_active"):
+            mine = getattr(self, key)
+            if not (isinstance(state[key], type(mine)) and state[key] == mine):
+                raise ValueError(f"{state_path(path, key)}: saved {state[key]!r}, this population has {mine!r}")
+        for key in ("active", "client_id", "age", "next_id"):
+            check_state_tensor(state[key], state_path(path, key), getattr(self, key))
+        active, client_id, next_id = state["active"], state["client_id"], state["next_id"]
+        check_state_values(state["age"], state_path(path, "age"), low=0)
+        check_state_values(next_id, state_path(path, "next_id"), low=0)
+        ids = client_id[active]
+        check_state_values(ids, state_path(path, "client_id") + " of an active slot", low=0, high=int(next_id) - 1)
+        if not bool((client_id[~active] == -1).all()):
+            raise ValueError(f"{state_path(path, 'client_id')}: an empty slot must hold -1")
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError(f"{state_path(path, 'client_id')}: a client id held by two slots")
+
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        if state["active"].shape != self.active.shape:
-            raise ValueError(f"state_dict: {state['active'].shape[0]} client slots, this population has {self.clients}")
-        self.model = state["model"]
-        self.join_rate, self.leave_rate = float(state["join_rate"]), float(state["leave_rate"])
-        self.initial_active = float(state["initial_active"])
+        """Restores a state_dict() of a population with the same slots, churn model and rates:
+        checked whole first (check_state_dict), so a bad state raises and changes nothing."""
+        self.check_state_dict(state)
         for name in ("active", "client_id", "age", "next_id"):
             getattr(self, name).copy_(state[name])

@@ -47,13 +47,18 @@ LogRegProblem
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from .population import (check_device, check_integer, check_number, check_state_keys, check_state_tensor,
+                         check_state_values, state_path)
+
 PROBLEMS = ("quadratic", "logreg")
 DATASETS = ("breast_cancer", "digits")
+DTYPES = (torch.float32, torch.float64)
 
 
 def _noise(shape, sigma: float, generator: torch.Generator, device, dtype) -> Optional[torch.Tensor]:
@@ -67,12 +72,14 @@ def _uniform_ints(low: int, high: int, n: int, generator, device) -> torch.Tenso
 
 
 class Problem:
-    """The interface the simulator uses. Subclasses hold their per-slot tensors on `device`."""
+    """The interface the simulator uses. Subclasses hold their per-slot tensors on `device`; the
+    ones named in `state_names` are the problem's state (state_dict / load_state_dict)."""
 
     name = "problem"
     clients: int
     dim: int
     sigma: float
+    state_names: Optional[Tuple[str, ...]] = None
 
     def reset(self, generator: torch.Generator) -> None:
         """Draws the per-seed quantities and a fresh objective for every slot."""
@@ -100,48 +107,73 @@ class Problem:
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, object]:
-        raise NotImplementedError
+        if self.state_names is None:
+            raise NotImplementedError(f"{type(self).__name__}: no state_names, so no state_dict")
+        return {name: getattr(self, name).clone() for name in self.state_names}
+
+    def check_state_dict(self, state: Dict[str, object], path: str = "state") -> None:
+        """Raises TypeError/ValueError naming the first bad entry of `state` (`path` names the state
+        itself): exactly the keys of state_dict(), tensors of this problem's shapes and dtypes
+        (nothing broadcast or cast), and values this problem can hold (_check_state_values). A
+        subclass without state_names checks nothing here: its own load_state_dict must."""
+        if self.state_names is None:
+            return
+        check_state_keys(state, path, self.state_names)
+        for name in self.state_names:
+            check_state_tensor(state[name], state_path(path, name), getattr(self, name))
+        self._check_state_values(state, path)
+
+    def _check_state_values(self, state: Dict[str, torch.Tensor], path: str) -> None:
+        """The value ranges and consistency of a state whose keys, shapes and dtypes are right."""
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        for name, value in state.items():
-            current = getattr(self, name)
-            if isinstance(current, torch.Tensor):
-                if current.shape != value.shape:
-                    raise ValueError(f"state_dict: {name} has shape {tuple(value.shape)}, expected {tuple(current.shape)}")
-                current.copy_(value)
-            else:
-                setattr(self, name, value)
+        """Restores a state_dict() of a problem with the same slots and configuration: checked
+        whole first (check_state_dict), so a bad state raises and changes nothing."""
+        self.check_state_dict(state)
+        for name in self.state_names:
+            getattr(self, name).copy_(state[name])
 
 
-def _check_common(clients: int, sigma: float, min_size: int, max_size: int) -> None:
-    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
-        raise ValueError(f"clients: at least 1 client slot, got {clients!r}")
-    if not (sigma >= 0.0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma: the gradient noise's standard deviation, finite and >= 0, got {sigma!r}")
-    if not 1 <= min_size <= max_size:
+def _check_sizes(state: Dict[str, torch.Tensor], path: str, min_size: int, max_size: int) -> None:
+    """The data sizes n: whole numbers in [min_size, max_size]."""
+    n = state["n"]
+    check_state_values(n, state_path(path, "n"), low=min_size, high=max_size)
+    if not torch.equal(n, n.round()):
+        raise ValueError(f"{state_path(path, 'n')}: the local data sizes must be whole numbers")
+
+
+def _check_common(clients: int, sigma: float, min_size: int, max_size: int, device, dtype) -> torch.device:
+    """The arguments both problems take; returns the device."""
+    check_integer("clients", clients, low=1)
+    check_number("sigma", sigma, 0.0)
+    check_integer("min_size", min_size, low=1)
+    check_integer("max_size", max_size, low=1)
+    if min_size > max_size:
         raise ValueError(f"min_size, max_size: need 1 <= min_size <= max_size, got {min_size}, {max_size}")
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
+    return check_device("device", device)
 
 
 class QuadraticProblem(Problem):
     name = "quadratic"
+    state_names = ("Q64", "Q", "b_mean", "lam", "bq", "n")
 
     def __init__(self, clients: int, dim: int = 20, *, kappa: float = 10.0, sigma: float = 1.0,
                  heterogeneity: float = 1.0, curvature_spread: float = 0.5, basis: str = "random",
                  min_size: int = 10, max_size: int = 100, device="cpu", dtype=torch.float32):
-        _check_common(clients, sigma, min_size, max_size)
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim: at least 1, got {dim!r}")
-        if not (kappa >= 1.0 and math.isfinite(kappa)):
-            raise ValueError(f"kappa: the condition number, finite and >= 1, got {kappa!r}")
-        if not 0.0 <= curvature_spread <= 1.0:
-            raise ValueError(f"curvature_spread: in [0, 1], got {curvature_spread!r}")
+        device = _check_common(clients, sigma, min_size, max_size, device, dtype)
+        check_integer("dim", dim, low=1)
+        check_number("kappa", kappa, 1.0)
+        check_number("heterogeneity", heterogeneity, 0.0)
+        check_number("curvature_spread", curvature_spread, 0.0, 1.0)
         if basis not in ("random", "identity"):
             raise ValueError(f"basis: 'random' or 'identity', got {basis!r}")
         self.clients, self.dim = clients, dim
         self.kappa, self.sigma, self.heterogeneity = float(kappa), float(sigma), float(heterogeneity)
         self.curvature_spread, self.basis = float(curvature_spread), basis
         self.min_size, self.max_size = min_size, max_size
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype = device, dtype
         C, D = clients, dim
         self.Q64 = torch.eye(D, device=self.device, dtype=torch.float64)  # the exact basis; Q: its working copy
         self.Q = torch.eye(D, device=self.device, dtype=dtype)
@@ -217,8 +249,24 @@ class QuadraticProblem(Problem):
         f = 0.5 * (self.lam.double() * r * r).sum(1)
         return float((w * f).sum() / w.sum())
 
-    def state_dict(self) -> Dict[str, object]:
-        return {name: getattr(self, name).clone() for name in ("Q64", "Q", "b_mean", "lam", "bq", "n")}
+    def _check_state_values(self, state: Dict[str, torch.Tensor], path: str) -> None:
+        """Q64 orthogonal (the identity for basis="identity") and Q its rounding to the working
+        dtype; finite centres; every curvature in [1/κ, 1] (up to the working dtype's rounding);
+        whole data sizes in [min_size, max_size]."""
+        Q64 = state["Q64"].to(self.device)
+        check_state_values(Q64, state_path(path, "Q64"), finite=True)
+        eye = torch.eye(self.dim, dtype=torch.float64, device=self.device)
+        if self.basis == "identity" and not torch.equal(Q64, eye):
+            raise ValueError(f"{state_path(path, 'Q64')}: must be the identity (basis='identity')")
+        if not torch.allclose(Q64.T @ Q64, eye, rtol=0, atol=1e-9 * self.dim):
+            raise ValueError(f"{state_path(path, 'Q64')}: not an orthogonal matrix")
+        if not torch.equal(state["Q"].to(self.device), Q64.to(self.dtype)):
+            raise ValueError(f"{state_path(path, 'Q')}: must be {state_path(path, 'Q64')} in {self.dtype}")
+        for name in ("b_mean", "bq"):
+            check_state_values(state[name], state_path(path, name), finite=True)
+        lowest = (1.0 / self.kappa) * (1.0 - 4.0 * torch.finfo(self.dtype).eps)
+        check_state_values(state["lam"], state_path(path, "lam"), low=lowest, high=1.0)
+        _check_sizes(state, path, self.min_size, self.max_size)
 
 
 def load_dataset(name: str):
@@ -247,23 +295,28 @@ def load_dataset(name: str):
 
 class LogRegProblem(Problem):
     name = "logreg"
+    state_names = ("X", "y", "mask", "n", "idx", "x_warm")
 
     def __init__(self, clients: int, *, dataset: str = "breast_cancer", kappa: float = 10.0, sigma: float = 1.0,
                  label_skew: float = 0.5, min_size: int = 10, max_size: int = 50, batch_size: Optional[int] = None,
                  device="cpu", dtype=torch.float32):
-        _check_common(clients, sigma, min_size, max_size)
-        if not (kappa > 1.0 and math.isfinite(kappa)):
-            raise ValueError(f"kappa: the logreg problem needs a finite condition number > 1 (μ = 1/(κ−1)), got {kappa!r}")
-        if not label_skew > 0:
-            raise ValueError(f"label_skew: the Dirichlet concentration, > 0, got {label_skew!r}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size: at least 1 (or None for full local batches), got {batch_size!r}")
+        device = _check_common(clients, sigma, min_size, max_size, device, dtype)
+        try:
+            check_number("kappa", kappa, 1.0, low_open=True)
+        except ValueError:
+            raise ValueError(f"kappa: the logreg problem needs a finite condition number > 1 (μ = 1/(κ−1)), "
+                             f"got {kappa!r}") from None
+        check_number("label_skew", label_skew, 0.0, low_open=True)  # the Dirichlet concentration
+        if batch_size is not None:
+            check_integer("batch_size", batch_size, low=1)
+        if not isinstance(dataset, str) or dataset not in DATASETS:
+            raise ValueError(f"dataset: unknown {dataset!r}; expected one of {', '.join(DATASETS)}")
         A, y, classes = load_dataset(dataset)
         self.clients, self.dim = clients, A.shape[1]
         self.dataset, self.kappa, self.sigma = dataset, float(kappa), float(sigma)
         self.mu = 1.0 / (self.kappa - 1.0)
         self.label_skew, self.min_size, self.max_size, self.batch_size = float(label_skew), min_size, max_size, batch_size
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype = device, dtype
         self.A_all = A.to(self.device)
         self.y_all = y.to(self.device)
         K = int(classes.max()) + 1
@@ -390,15 +443,45 @@ class LogRegProblem(Problem):
         self.x_warm.copy_(x)
         return x
 
-    def state_dict(self) -> Dict[str, object]:
-        return {name: getattr(self, name).clone() for name in ("X", "y", "mask", "n", "idx", "x_warm")}
+    def _check_state_values(self, state: Dict[str, torch.Tensor], path: str) -> None:
+        """Sample indices into the dataset, and X, y the dataset's rows at them; a mask of the first
+        n_c samples per slot; whole data sizes in [min_size, max_size]; a finite warm start."""
+        idx = state["idx"]
+        check_state_values(idx, state_path(path, "idx"), low=0, high=self.A_all.shape[0] - 1)
+        idx = idx.to(self.device)
+        for name, data in (("X", self.A_all), ("y", self.y_all)):
+            if not torch.equal(state[name].to(self.device), data[idx].to(self.dtype)):
+                raise ValueError(f"{state_path(path, name)}: not the dataset's rows at {state_path(path, 'idx')}")
+        _check_sizes(state, path, self.min_size, self.max_size)
+        n = state["n"].to(self.device)
+        first = torch.arange(self.max_size, device=self.device).unsqueeze(0) < n.unsqueeze(1)
+        if not torch.equal(state["mask"].to(self.device), first.to(self.dtype)):
+            raise ValueError(f"{state_path(path, 'mask')}: must mark the first n_c samples of each slot "
+                             f"({state_path(path, 'n')})")
+        check_state_values(state["x_warm"], state_path(path, "x_warm"), finite=True)
+
+
+_CLASSES = {"quadratic": QuadraticProblem, "logreg": LogRegProblem}
+
+
+def problem_options(name: str) -> Tuple[str, ...]:
+    """The further options of problem `name` (the keyword arguments of its constructor that
+    make_problem does not set itself)."""
+    parameters = inspect.signature(_CLASSES[name]).parameters
+    return tuple(p for p, spec in parameters.items()
+                 if spec.kind == inspect.Parameter.KEYWORD_ONLY and p not in ("kappa", "sigma", "device", "dtype"))
 
 
 def make_problem(name: str, clients: int, *, dim: int = 20, kappa: float = 10.0, sigma: float = 1.0,
                  device="cpu", dtype=torch.float32, **options) -> Problem:
-    """`name` in PROBLEMS; options go to the problem's constructor (dim only to the quadratic)."""
+    """`name` in PROBLEMS; options (problem_options(name)) go to the problem's constructor (dim
+    only to the quadratic)."""
+    if not isinstance(name, str) or name not in PROBLEMS:
+        raise ValueError(f"problem: unknown {name!r}; expected one of {', '.join(PROBLEMS)}")
+    for option in options:
+        if option not in problem_options(name):
+            raise TypeError(f"{option}: not an option of the {name} problem; expected one of "
+                            f"{', '.join(problem_options(name))}")
     if name == "quadratic":
         return QuadraticProblem(clients, dim, kappa=kappa, sigma=sigma, device=device, dtype=dtype, **options)
-    if name == "logreg":
-        return LogRegProblem(clients, kappa=kappa, sigma=sigma, device=device, dtype=dtype, **options)
-    raise ValueError(f"problem: unknown {name!r}; expected one of {', '.join(PROBLEMS)}")
+    return LogRegProblem(clients, kappa=kappa, sigma=sigma, device=device, dtype=dtype, **options)

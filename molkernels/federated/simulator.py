@@ -23,7 +23,11 @@ One round t (`OpenFLSimulator.round`):
    the number of active clients, joins and departures.
 
 A round in which no client is active (possible under bernoulli churn) leaves x unchanged and has
-no optimum: its distance and gap are NaN and summaries skip it. track_optimum=False skips x*_t and
+no optimum: its distance and gap are NaN and summaries skip it. A round whose server model x_t is
+not finite (the local optimiser diverged: a learning rate too large for the curvature) is recorded
+in `history` like any other and then raises FloatingPointError naming the round, the algorithm and
+the learning rates: a diverged run stops at the round where it diverged instead of reporting NaN
+distances for the rounds after it. track_optimum=False skips x*_t and
 the metrics that need it (they are NaN): the benchmark's setting, which times the FL round alone.
 
 The server model starts at x_0 = x*_0, the optimum of the round-0 population (init="optimum", the
@@ -39,20 +43,23 @@ one torch.Generator seeded with `seed`, in a fixed order, and draws are made for
 their activity, so a run is a function of its config. `state_dict()` holds the whole simulator
 (config, round, server model, client rows, optimiser state, population, problem data, generator
 state, history); `load_state_dict` into a simulator built with the same config continues the run
-bitwise identically.
+bitwise identically. load_state_dict checks the whole state first (every key, shape, dtype and value
+range, and the config) and raises TypeError/ValueError naming the bad entry, e.g.
+`state['population']['active']: shape (3,), expected (4,)`, before it changes anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from .. import _ops
 from . import kernels
-from .population import CHURN_MODELS, Population, check_rate
-from .problems import PROBLEMS, Problem, make_problem
+from .population import (CHURN_MODELS, Population, check_device, check_integer, check_number, check_rate,
+                         check_state_generator, check_state_keys, check_state_tensor, check_state_values, state_path)
+from .problems import PROBLEMS, Problem, make_problem, problem_options
 
 ALGORITHMS = ("local_sgd", "local_adam")
 DEFAULT_LR = {"local_sgd": 0.1, "local_adam": 0.01}
@@ -61,6 +68,15 @@ WEIGHTINGS = ("size", "uniform")
 INITS = ("optimum", "zero")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 METRICS = ("distance", "norm", "gap", "optimum_shift", "active", "joined", "left")
+LABELS = {"local_sgd": "local SGD", "local_adam": "local Adam"}
+STATE_KEYS = ("config", "round", "tensors", "x_star", "population", "problem", "generator", "history")
+TENSOR_NAMES = ("x", "client_params", "exp_avg", "exp_avg_sq", "step", "momentum_buffer")
+SEED_LIMIT = 2 ** 64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: unknown {value!r}; expected one of {', '.join(choices)}")
 
 
 @dataclasses.dataclass
@@ -103,40 +119,52 @@ class FLConfig:
         return DEFAULT_LR[self.algorithm] if self.lr is None else float(self.lr)
 
     def validate(self) -> "FLConfig":
-        """Raises ValueError naming the first bad field."""
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm: unknown {self.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
-        if self.problem not in PROBLEMS:
-            raise ValueError(f"problem: unknown {self.problem!r}; expected one of {', '.join(PROBLEMS)}")
-        if self.churn not in CHURN_MODELS:
-            raise ValueError(f"churn: unknown {self.churn!r}; expected one of {', '.join(CHURN_MODELS)}")
-        if self.state_on_join not in STATE_ON_JOIN:
-            raise ValueError(f"state_on_join: unknown {self.state_on_join!r}; expected one of {', '.join(STATE_ON_JOIN)}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting: unknown {self.weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
-        if self.init not in INITS:
-            raise ValueError(f"init: unknown {self.init!r}; expected one of {', '.join(INITS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: unknown {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        """Raises ValueError naming the first bad field: a choice not among its options, a count
+        that is not an integer in range, a number that is not a finite real in range (NaN, a bool
+        or a string never is), a seed outside [0, 2**64), a device that does not exist here, a
+        backend that cannot run on it, or a problem option the problem does not have. The problem's
+        own options are checked when the problem is built (OpenFLSimulator)."""
+        _check_choice("algorithm", self.algorithm, ALGORITHMS)
+        _check_choice("problem", self.problem, PROBLEMS)
+        _check_choice("churn", self.churn, CHURN_MODELS)
+        _check_choice("state_on_join", self.state_on_join, STATE_ON_JOIN)
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        _check_choice("init", self.init, INITS)
+        _check_choice("dtype", self.dtype, DTYPES)
         for name in ("clients", "dim", "local_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: an integer >= 1, got {value!r}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
-            raise ValueError(f"rounds: an integer >= 0, got {self.rounds!r}")
+            check_integer(name, getattr(self, name), low=1)
+        check_integer("rounds", self.rounds, low=0)
+        if check_integer("seed", self.seed, low=0) >= SEED_LIMIT:
+            raise ValueError(f"seed: an integer in [0, 2**64), got {self.seed!r}")
+        check_number("kappa", self.kappa, 1.0)
+        check_number("sigma", self.sigma, 0.0)
         check_rate("join_rate", self.join_rate)
         check_rate("leave_rate", self.leave_rate)
         if self.initial_active is not None:
             check_rate("initial_active", self.initial_active)
-        lr = self.learning_rate
-        if not (lr >= 0 and math.isfinite(lr)):
-            raise ValueError(f"lr: finite and >= 0, got {self.lr!r}")
-        if not (self.server_lr > 0 and math.isfinite(self.server_lr)):
-            raise ValueError(f"server_lr: finite and > 0, got {self.server_lr!r}")
-        if not (self.sigma >= 0 and math.isfinite(self.sigma)):
-            raise ValueError(f"sigma: finite and >= 0, got {self.sigma!r}")
-        if not (self.kappa >= 1 and math.isfinite(self.kappa)):
-            raise ValueError(f"kappa: finite and >= 1, got {self.kappa!r}")
+        if self.lr is not None:
+            check_number("lr", self.lr, 0.0)
+        check_number("server_lr", self.server_lr, 0.0, low_open=True)
+        check_number("beta1", self.beta1, 0.0, 1.0, high_open=True)
+        check_number("beta2", self.beta2, 0.0, 1.0, high_open=True)
+        for name in ("eps", "momentum", "weight_decay"):
+            check_number(name, getattr(self, name), 0.0)
+        if not isinstance(self.track_optimum, bool):
+            raise ValueError(f"track_optimum: True or False, got {self.track_optimum!r}")
+        device = check_device("device", self.device)
+        if not isinstance(self.backend, str):
+            raise ValueError(f"backend: a backend name, got {self.backend!r}")
+        if self.backend != "auto":
+            reason = _ops.unavailable_reason(self.backend)
+            if reason is not None:
+                raise ValueError(f"backend: {self.backend!r} cannot run here: {reason}")
+            _ops.resolve_backend(self.backend, device)  # ValueError when the backend cannot take this device
+        if not isinstance(self.problem_options, dict):
+            raise ValueError(f"problem_options: a dict of the problem's options, got {self.problem_options!r}")
+        for option in self.problem_options:
+            if option not in problem_options(self.problem):
+                raise ValueError(f"problem_options: {option!r} is not an option of the {self.problem} problem; "
+                                 f"expected one of {', '.join(problem_options(self.problem))}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -149,11 +177,19 @@ class OpenFLSimulator:
 
     def __init__(self, config: Optional[FLConfig] = None, *, problem_instance: Optional[Problem] = None,
                  **overrides):
+        if config is not None and not isinstance(config, FLConfig):
+            raise TypeError(f"config: expected an FLConfig, got {type(config).__name__}")
+        fields = {f.name for f in dataclasses.fields(FLConfig)}
+        for name in overrides:
+            if name not in fields:
+                raise TypeError(f"{name}: not an FLConfig field")
         config = dataclasses.replace(config or FLConfig(), **overrides)
         self.config = config.validate()
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
         problem = problem_instance
+        if problem is not None and not isinstance(problem, Problem):
+            raise TypeError(f"problem_instance: expected a Problem, got {type(problem).__name__}")
         if problem is None:
             problem = make_problem(config.problem, config.clients, dim=config.dim, kappa=config.kappa,
                                    sigma=config.sigma, device=self.device, dtype=self.dtype, **config.problem_options)
@@ -216,7 +252,9 @@ class OpenFLSimulator:
                                      backend=c.backend)
 
     def round(self) -> Dict[str, float]:
-        """One round (see the module doc); appends its metrics to `history` and returns them."""
+        """One round (see the module doc); appends its metrics to `history` and returns them. When
+        the round leaves the server model non-finite, its metrics are appended all the same and
+        FloatingPointError names the round."""
         c, g = self.config, self.generator
         joined, left = self.population.step(g)
         self.problem.renew(joined, g)
@@ -252,11 +290,16 @@ class OpenFLSimulator:
             self.x_star = x_star
         self.history.append(record)
         self.round_index += 1
+        if n_active and not bool(torch.isfinite(self.x).all()):
+            raise FloatingPointError(
+                f"round {record['round']}: the server model became non-finite ({LABELS[c.algorithm]}, "
+                f"lr={c.learning_rate:g}, server_lr={c.server_lr:g}, {c.local_steps} local steps); the run diverged")
         return record
 
     def run(self, rounds: Optional[int] = None, *, progress: bool = False, description: str = "fl",
             callback: Optional[Callable[[Dict[str, float]], None]] = None) -> List[Dict[str, float]]:
-        """`rounds` more rounds (default: config.rounds); returns the whole history."""
+        """`rounds` more rounds (default: config.rounds); returns the whole history. A round that
+        diverges raises FloatingPointError (see round()); `history` then ends with that round."""
         rounds = self.config.rounds if rounds is None else rounds
         steps = range(rounds)
         if progress:
@@ -274,12 +317,11 @@ class OpenFLSimulator:
     # ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        tensors = {name: getattr(self, name) for name in ("x", "client_params", "exp_avg", "exp_avg_sq", "step",
-                                                          "momentum_buffer")}
         return {
             "config": self.config.to_dict(),
             "round": self.round_index,
-            "tensors": {k: (v.clone() if v is not None else None) for k, v in tensors.items()},
+            "tensors": {name: (getattr(self, name).clone() if getattr(self, name) is not None else None)
+                        for name in TENSOR_NAMES},
             "x_star": self.x_star.clone() if self.x_star is not None else None,
             "population": self.population.state_dict(),
             "problem": self.problem.state_dict(),
@@ -287,21 +329,67 @@ class OpenFLSimulator:
             "history": [dict(r) for r in self.history],
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def check_state_dict(self, state: Dict[str, Any], path: str = "state") -> None:
+        """Raises TypeError/ValueError naming the first bad entry of `state`: exactly the keys of
+        state_dict(); the same config but for `rounds` (a resumed run may go on for longer); a round
+        count (an integer >= 0); the tensors of this algorithm in this simulator's shapes and
+        dtypes, finite, with Adam's second moments >= 0 and step counts in [0, round · local_steps];
+        x* None or a finite float64 [D] (None when the optimum is not tracked); a valid population,
+        problem and generator state; one history record per round."""
+        check_state_keys(state, path, STATE_KEYS)
+
+        def key(*names) -> str:  # the entry's name as the caller writes it: state['tensors']['x']
+            return path + "".join(f"[{n!r}]" for n in names)
+
+        if not isinstance(state["config"], dict):
+            raise TypeError(f"{key('config')}: expected a dict (FLConfig.to_dict()), got {type(state['config']).__name__}")
         mine, theirs = self.config.to_dict(), dict(state["config"])
-        mine.pop("rounds"), theirs.pop("rounds", None)  # a resumed run may go on for longer
-        different = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        mine.pop("rounds"), theirs.pop("rounds", None)
+        different = sorted(k for k in set(mine) | set(theirs) if k not in mine or k not in theirs or mine[k] != theirs[k])
         if different:
-            raise ValueError(f"state_dict: saved with a different config ({', '.join(different)})")
-        for name, value in state["tensors"].items():
-            current = getattr(self, name)
-            if (current is None) != (value is None):
-                raise ValueError(f"state_dict: {name} does not match this simulator's algorithm")
-            if current is not None:
-                current.copy_(value)
+            raise ValueError(f"{key('config')}: saved with a different config ({', '.join(different)})")
+        rounds = check_integer(key("round"), state["round"], low=0)
+        tensors = state["tensors"]
+        check_state_keys(tensors, key("tensors"), TENSOR_NAMES)
+        for name in TENSOR_NAMES:
+            current, value = getattr(self, name), tensors[name]
+            if current is None or value is None:
+                if (current is None) != (value is None):
+                    raise ValueError(f"{key('tensors', name)}: {'expected None' if current is None else 'missing'} "
+                                     f"for {self.config.algorithm} with momentum={self.config.momentum:g}")
+                continue
+            check_state_tensor(value, key("tensors", name), current)
+            if name == "step":
+                check_state_values(value, key("tensors", name), low=0, high=rounds * self.config.local_steps)
+            else:
+                check_state_values(value, key("tensors", name), finite=True, low=0 if name == "exp_avg_sq" else None)
+        if state["x_star"] is not None:
+            if not self.config.track_optimum:
+                raise ValueError(f"{key('x_star')}: expected None (track_optimum=False)")
+            check_state_tensor(state["x_star"], key("x_star"), torch.empty(self.dim, dtype=torch.float64))
+            check_state_values(state["x_star"], key("x_star"), finite=True)
+        self.population.check_state_dict(state["population"], key("population"))
+        self.problem.check_state_dict(state["problem"], key("problem"))
+        check_state_generator(state["generator"], key("generator"), self.generator)
+        history = state["history"]
+        if not isinstance(history, list) or len(history) != rounds:
+            raise ValueError(f"{key('history')}: expected a list of {rounds} records (one per round), got "
+                             f"{len(history) if isinstance(history, list) else type(history).__name__}")
+        for i, record in enumerate(history):
+            check_state_keys(record, state_path(key("history"), i), ("round",) + METRICS)
+            if record["round"] != i:
+                raise ValueError(f"{state_path(key('history'), i)}['round']: {record['round']!r}, expected {i}")
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores a state_dict() of a simulator with the same config (`rounds` may differ), all
+        of it or nothing: the whole state is checked first (check_state_dict)."""
+        self.check_state_dict(state)
+        self.problem.load_state_dict(state["problem"])  # first: a custom Problem's loader may still refuse
+        for name in TENSOR_NAMES:
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(state["tensors"][name])
         self.round_index = int(state["round"])
-        self.x_star = state["x_star"].clone() if state["x_star"] is not None else None
+        self.x_star = state["x_star"].to(self.device, copy=True) if state["x_star"] is not None else None
         self.population.load_state_dict(state["population"])
-        self.problem.load_state_dict(state["problem"])
         self.generator.set_state(state["generator"])
         self.history = [dict(r) for r in state["history"]]
