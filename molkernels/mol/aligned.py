@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import GramWeighting, as_pref_vector, check_gram, preference, sym64
+from .base import GramWeighting, as_pref_vector, check_gram, nan_unless, normalized_gram, preference
 
 SCALE_MODES = ("min", "median", "rmse")
 
@@ -34,7 +34,7 @@ class AlignedMTL(GramWeighting):
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         K = check_gram(gram)
-        G = sym64(gram)
+        G, _, finite = normalized_gram(gram)   # the weights do not depend on the scale of G
         p = preference(self.pref_vector, K, G, cache=self._pref_cache)
         e, V = torch.linalg.eigh(G)                      # ascending
         e, V = e.flip(0), V.flip(1)                      # descending
@@ -53,7 +53,7 @@ class AlignedMTL(GramWeighting):
             scale = torch.where(keep, e, torch.zeros_like(e)).sum() / rank.clamp(min=1)
         B = scale.clamp(min=0).sqrt() * (V * inv_sqrt) @ V.T
         B = torch.where(rank > 0, B, torch.eye(K, dtype=G.dtype, device=G.device))
-        return (B @ p).to(gram.dtype)
+        return nan_unless(finite, B @ p).to(gram.dtype)
 
     def __repr__(self) -> str:
         return f"AlignedMTL(pref_vector={self.pref_vector}, scale_mode={self.scale_mode!r})"

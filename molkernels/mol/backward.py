@@ -70,6 +70,12 @@ def _check_params(params, name: str = "params") -> List[torch.Tensor]:
             raise TypeError(f"{name}[{j}]: dtype {p.dtype} differs from {name}[0]'s {params[0].dtype}")
         if p.device != params[0].device:
             raise ValueError(f"{name}[{j}]: on {p.device}, {name}[0] on {params[0].device}")
+    # A tensor listed twice, or two that share memory, would get two gradient rows for one p.grad:
+    # "params[2]: overlaps params[0]" (DTensors by their local shards), before any backward pass.
+    from ..distributed import local_tensors
+    from ..steps import _check_disjoint, _labelled
+
+    _check_disjoint(_labelled(local_tensors(params), name))
     return params
 
 
@@ -163,7 +169,11 @@ def backward(losses, params, aggregator: Aggregator, *, shared=None, strategy: s
     distributed path.
 
     Raises ValueError naming the argument for empty or non-scalar losses, parameters that do not
-    require grad, or K not matching the aggregator.
+    require grad or that are listed twice or overlap in memory (naming both positions), or K not
+    matching the aggregator, before any backward pass.
+
+    Non-finite gradients or losses give NaN weights and a NaN direction, never a finite one (see
+    molkernels.mol.base for each kind of aggregator).
     """
     if not isinstance(aggregator, Aggregator):
         raise TypeError(f"aggregator: expected a molkernels.mol.Aggregator, got {type(aggregator).__name__}")

@@ -15,12 +15,38 @@ and aggregation is then two passes over the gradient memory whatever the method:
     d = molkernels.combine(grads, w)  pass 2
 
 Aggregators that keep state between steps (MoCo, MoDo, Nash-MTL, FAMO, PCGrad's generator) have
-``state_dict()`` / ``load_state_dict()``; a resumed run continues identically.
+``state_dict()`` / ``load_state_dict()``; a resumed run continues identically. ``load_state_dict``
+checks every key, shape, dtype and value first (errors name the key: ``state['lam']: ...``; a dict
+of another class misses keys) and then applies all of it, or nothing. Stateless aggregators accept
+only ``{}``.
+
+Non-finite input: no aggregator returns finite numbers computed from a NaN or an Inf.
+
+* Weights that depend on the Gram (every GramWeighting's ``weights(gram)``, Mean's and Linear's
+  included) are NaN, all K of them, when any entry of the Gram is NaN or ±Inf, so the direction
+  Σ_k w_k g_k is NaN in every coordinate. A NaN or Inf anywhere in g_k makes row and column k of
+  the Gram non-finite, and a Gram that overflows (float32 gradients of norm above ~1e19, float64
+  above ~1e154) has Inf entries: both give NaN, never another method's weights. This is arithmetic
+  on the device (torch.where on an is-finite flag, see :func:`normalized_gram`): no
+  synchronisation, no exception (the eigendecompositions never see the non-finite matrix).
+* Every finite Gram, however large or small, gives the method's own weights: they are computed in
+  float64 from G divided by its largest |entry| (so nothing in the K×K work overflows), which
+  changes nothing but rounding for the scale-invariant methods (all Gram-based ones but
+  Nash-MTL), and Nash-MTL puts the scale back exactly (its α scales as 1/√scale).
+* Fixed weights (Mean, Linear in aggregate() and mol.backward, which skip the Gram) and FAMO's
+  loss weights combine the gradients coordinate by coordinate: a non-finite gradient entry makes
+  the coordinates it reaches non-finite (NaN, or ±Inf where IEEE arithmetic keeps one), the other
+  coordinates are the exact combination, and the returned weights are the fixed ones. FAMO's
+  weights, and so its whole direction, are NaN when a loss is non-finite.
+* Stateful aggregators carry a non-finite input into their state, where it stays visible: MoDo's
+  λ, Nash-MTL's α, MoCo's Y and λ become NaN (FAMO's logits after ``update()`` with a non-finite
+  loss), so every later output is NaN until ``reset()`` or ``load_state_dict()`` of a good state;
+  ``load_state_dict`` rejects a NaN state. PCGrad's generator advances as on any step.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,7 +79,8 @@ class Aggregator:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() returned."""
+        """Restore what state_dict() returned (stateless aggregators: only ``{}``)."""
+        check_state_keys(state, (), type(self).__name__)
 
     def reset(self) -> None:
         """Forget the state (stateless aggregators: nothing to do)."""
@@ -123,10 +150,28 @@ def check_gram(gram: torch.Tensor, name: str = "gram") -> int:
     return gram.shape[0]
 
 
-def sym64(gram: torch.Tensor) -> torch.Tensor:
-    """The Gram in float64, symmetrised."""
+def normalized_gram(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Ĝ, scale, finite) for a [K, K] Gram, on its device with no host synchronisation:
+
+    * finite: a 0-dim bool, whether every entry of the Gram is finite;
+    * scale: its largest |entry| in float64 (1 when the Gram is 0 or not finite);
+    * Ĝ = G / scale in float64, symmetrised: |Ĝ_ij| ≤ 1, so no K×K computation on it overflows
+      whatever the gradients' scale. Where the Gram is not finite Ĝ is the identity, so the solvers
+      (torch.linalg.eigh among them, which raises on NaN) see a well-posed matrix; the weights
+      computed from it are then replaced by NaN with :func:`nan_unless`.
+    """
     G = gram.to(torch.float64)
-    return 0.5 * (G + G.T)
+    finite = torch.isfinite(G).all()
+    largest = G.abs().amax()
+    scale = torch.where(finite & (largest > 0), largest, torch.ones_like(largest))
+    G = G / scale
+    G = 0.5 * (G + G.T)
+    return torch.where(finite, G, torch.eye(G.shape[0], dtype=G.dtype, device=G.device)), scale, finite
+
+
+def nan_unless(finite: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t where the 0-dim bool `finite` holds, else NaN everywhere (on the device: no synchronisation)."""
+    return torch.where(finite, t, torch.full_like(t, float("nan")))
 
 
 def trace_normalized(G: torch.Tensor) -> torch.Tensor:
@@ -188,3 +233,51 @@ def write_direction(params, views, weights: torch.Tensor, backend: str = "auto")
     backend = _ops.resolve_backend(backend, views[0].device)
     w = weights.to(accum_dtype(views[0].dtype))
     _ops.op("combine_into", backend)(list(views), w, outs, 1.0, False)
+
+
+# --------------------------------------------------------------------------------------------------
+# load_state_dict's checks: everything is checked before anything is applied, errors name the key.
+
+
+def check_state_keys(state, keys: Sequence[str], owner: str) -> None:
+    """Raises unless `state` is a dict with exactly `keys` (a dict of another class misses some)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state: expected a dict from {owner}.state_dict(), got {type(state).__name__}")
+    expected = f"a {owner} state has the keys {list(keys)}" if keys else f"{owner} has no state"
+    for key in keys:
+        if key not in state:
+            raise ValueError(f"state[{key!r}]: missing ({expected}, got {list(state)})")
+    for key in state:
+        if key not in keys:
+            raise ValueError(f"state[{key!r}]: unexpected key ({expected})")
+
+
+def state_count(state: dict, key: str) -> int:
+    """state[key] as a step count: an int >= 0."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"state[{key!r}]: expected an integer >= 0, got {value!r}")
+    return value
+
+
+def state_vector(value, label: str, dtype: torch.dtype, size: Optional[int] = None) -> torch.Tensor:
+    """`value` checked as a finite 1-D tensor of `dtype` (of length `size` when given); returns it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{label}: expected a tensor, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise TypeError(f"{label}: dtype {value.dtype}, expected {dtype}")
+    if value.dim() != 1 or value.numel() < 1 or (size is not None and value.numel() != size):
+        expected = f"({size},)" if size is not None else "(K,) with K >= 1"
+        raise ValueError(f"{label}: shape {tuple(value.shape)}, expected {expected}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{label}: has non-finite entries {value.tolist()}")
+    return value
+
+
+def check_on_simplex(lam: torch.Tensor, label: str) -> None:
+    """Raises unless the finite vector lam is on the probability simplex: entries >= 0 summing to 1
+    within 256·K·eps of its dtype (as molkernels.MoCoState's loader)."""
+    total = float(lam.sum())
+    tol = 256 * lam.numel() * torch.finfo(lam.dtype).eps
+    if bool((lam < 0).any()) or abs(total - 1.0) > tol:
+        raise ValueError(f"{label}: not on the simplex (entries >= 0 summing to 1): {lam.tolist()}")

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..ops import min_norm
-from .base import GramWeighting, check_gram, sym64, trace_normalized
+from .base import GramWeighting, check_gram, nan_unless, normalized_gram, trace_normalized
 
 
 class CAGrad(GramWeighting):
@@ -52,7 +52,8 @@ class CAGrad(GramWeighting):
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         K = check_gram(gram)
-        G = trace_normalized(sym64(gram))      # the weights are invariant to the scale of G
+        G, _, finite = normalized_gram(gram)
+        G = trace_normalized(G)                # the weights are invariant to the scale of G
         dev, dt = G.device, G.dtype
         mean = torch.full((K,), 1.0 / K, dtype=dt, device=dev)
         Gm = G @ mean                          # ⟨g_k, g_0⟩
@@ -103,7 +104,7 @@ class CAGrad(GramWeighting):
         weights = torch.where(phi > 0, weights, mean)
         if self.rescale:
             weights = weights / (1.0 + self.c ** 2)
-        return weights.to(gram.dtype)
+        return nan_unless(finite, weights).to(gram.dtype)
 
     def __repr__(self) -> str:
         return f"CAGrad(c={self.c}, rescale={self.rescale})"

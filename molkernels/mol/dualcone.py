@@ -31,7 +31,7 @@ import math
 import torch
 
 from ..ops import min_norm
-from .base import GramWeighting, as_pref_vector, check_gram, preference, sym64, trace_normalized
+from .base import GramWeighting, as_pref_vector, check_gram, normalized_gram, preference, trace_normalized
 
 
 def check_reg_eps(reg_eps) -> float:
@@ -78,7 +78,9 @@ class DualConeWeighting(GramWeighting):
         self.reg_eps = check_reg_eps(reg_eps)
 
     def _regularized_and_preference(self, gram: torch.Tensor):
-        """(Ĝ in float64, p) for a [K, K] Gram."""
+        """(Ĝ in float64, p, finite) for a [K, K] Gram; finite: whether the Gram is (see
+        molkernels.mol.base.normalized_gram; Ĝ is then regularised from the identity)."""
         K = check_gram(gram)
-        G = regularized(sym64(gram), self.reg_eps)
-        return G, preference(self.pref_vector, K, G, cache=self._pref_cache)
+        G, _, finite = normalized_gram(gram)
+        G = regularized(G, self.reg_eps)
+        return G, preference(self.pref_vector, K, G, cache=self._pref_cache), finite

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import nan_unless
 from .dualcone import DualConeWeighting, project_weights
 
 
@@ -19,8 +20,8 @@ class DualProj(DualConeWeighting):
     """
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
-        G, p = self._regularized_and_preference(gram)
-        return project_weights(G, p.unsqueeze(0))[0].to(gram.dtype)
+        G, p, finite = self._regularized_and_preference(gram)
+        return nan_unless(finite, project_weights(G, p.unsqueeze(0))[0]).to(gram.dtype)
 
     def __repr__(self) -> str:
         return f"DualProj(pref_vector={self.pref_vector}, reg_eps={self.reg_eps})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional, Sequence
 
@@ -9,7 +10,7 @@ import torch
 
 from .._stack import Stack, accum_dtype, as_blocks
 from ..ops import combine
-from .base import Aggregator
+from .base import Aggregator, check_state_keys, nan_unless, state_vector
 
 
 class FAMO(Aggregator):
@@ -36,6 +37,9 @@ class FAMO(Aggregator):
     official code does); with params it overwrites p.grad, like mol.backward. ``aggregate(grads,
     losses)`` gives the same direction Σ_k w_k g_k from given per-objective gradients.
     ``max_norm > 0`` clips the norm of the gradient written over ``params``.
+
+    A non-finite loss makes the weights, the weighted loss and so the whole direction NaN; given to
+    update() (as either loss), it makes the logits NaN, and every later weight NaN until reset().
     """
 
     loss_based = True
@@ -78,7 +82,7 @@ class FAMO(Aggregator):
         """w_k = z_k / (c D_k): the weights of the objective gradients in ∇L (Σ w = 1)."""
         D = self._vector(losses, "losses") - self.min_losses + self.eps
         ratio = self.z / D
-        return ratio / ratio.sum()
+        return nan_unless(torch.isfinite(D).all(), ratio / ratio.sum())
 
     def weighted_loss(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
         """L = Σ_k z_k log D_k / c, differentiable in the losses; records them for update()."""
@@ -92,7 +96,8 @@ class FAMO(Aggregator):
             raise ValueError(f"losses: expected {self.num_objectives} losses, got {stacked.numel()}")
         z = self.z.to(stacked.device)
         D = stacked - self.min_losses.to(stacked.device, stacked.dtype) + self.eps
-        c = (z / D).sum().detach()
+        # An Inf loss would otherwise get the weight z_k/(c·Inf) = 0 and drop out of a finite L.
+        c = nan_unless(torch.isfinite(D).all(), (z / D).sum().detach())
         self.prev_losses = stacked.detach().to(torch.float32).clone()
         return (torch.log(D) * z).sum() / c
 
@@ -122,7 +127,7 @@ class FAMO(Aggregator):
                  - torch.log(new - self.min_losses + self.eps))
         z = self.z
         self.optimizer.zero_grad(set_to_none=False)
-        self.logits.grad = z * (delta - (z * delta).sum())
+        self.logits.grad = nan_unless(torch.isfinite(delta).all(), z * (delta - (z * delta).sum()))
         self.optimizer.step()
 
     def set_min_losses(self, min_losses) -> None:
@@ -144,11 +149,62 @@ class FAMO(Aggregator):
                 "prev_losses": None if self.prev_losses is None else self.prev_losses.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned. Checked before anything changes: finite float32 [K]
+        logits, min_losses and prev_losses (or None), and an Adam state for this FAMO's one
+        parameter with its hyperparameters (w_lr, gamma, ...) and float32 [K] moments."""
+        check_state_keys(state, ("logits", "optimizer", "min_losses", "prev_losses"), "FAMO")
+        K = self.num_objectives
+        logits = state_vector(state["logits"], "state['logits']", torch.float32, K)
+        min_losses = state_vector(state["min_losses"], "state['min_losses']", torch.float32, K)
+        prev = state["prev_losses"]
+        if prev is not None:
+            state_vector(prev, "state['prev_losses']", torch.float32, K)
+        self._check_optimizer_state(state["optimizer"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # no aliasing of the caller's moments
         with torch.no_grad():
-            self.logits.copy_(state["logits"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.min_losses = state["min_losses"].clone()
-        self.prev_losses = None if state["prev_losses"] is None else state["prev_losses"].clone()
+            self.logits.copy_(logits)
+        self.min_losses = min_losses.to(self.logits.device).clone()
+        self.prev_losses = None if prev is None else prev.to(self.logits.device).clone()
+
+    def _check_optimizer_state(self, saved) -> None:
+        """Raises unless `saved` is an Adam state_dict this FAMO's optimizer can load unchanged
+        (torch.optim would take the saved hyperparameters and cast the moments silently)."""
+        label = "state['optimizer']"
+        if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+            raise ValueError(f"{label}: expected torch.optim.Adam.state_dict() (keys 'state', 'param_groups'), got "
+                             f"{list(saved) if isinstance(saved, dict) else type(saved).__name__}")
+        groups = saved["param_groups"]
+        if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict) \
+                or groups[0].get("params") != [0]:
+            raise ValueError(f"{label}['param_groups']: expected one group holding the logits (params [0]), got {groups!r}")
+        ours = self.optimizer.state_dict()["param_groups"][0]
+        for key in ("lr", "weight_decay"):
+            if key not in groups[0]:
+                raise ValueError(f"{label}['param_groups'][0]: missing {key!r}")
+        for key, value in groups[0].items():
+            if key in ours and key != "params" and value != ours[key]:
+                raise ValueError(f"{label}['param_groups'][0][{key!r}]: {value!r}, this FAMO's optimizer has "
+                                 f"{ours[key]!r} (w_lr={self.w_lr}, gamma={self.gamma})")
+        moments = saved["state"]
+        if not isinstance(moments, dict) or set(moments) - {0}:
+            raise ValueError(f"{label}['state']: expected {{}} or the state of parameter 0, got keys "
+                             f"{list(moments) if isinstance(moments, dict) else type(moments).__name__}")
+        if 0 not in moments:
+            return
+        entry = moments[0]
+        if not isinstance(entry, dict) or set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
+            raise ValueError(f"{label}['state'][0]: expected the keys ['step', 'exp_avg', 'exp_avg_sq'], got "
+                             f"{list(entry) if isinstance(entry, dict) else type(entry).__name__}")
+        step = entry["step"]
+        if not isinstance(step, torch.Tensor) or step.dim() != 0 or not step.is_floating_point() \
+                or not bool(torch.isfinite(step)) or bool(step < 1) or bool(step != step.round()):
+            raise ValueError(f"{label}['state'][0]['step']: expected a 0-dim float tensor holding an integer >= 1, "
+                             f"got {step!r}")
+        K = self.num_objectives
+        state_vector(entry["exp_avg"], f"{label}['state'][0]['exp_avg']", torch.float32, K)
+        exp_avg_sq = state_vector(entry["exp_avg_sq"], f"{label}['state'][0]['exp_avg_sq']", torch.float32, K)
+        if bool((exp_avg_sq < 0).any()):
+            raise ValueError(f"{label}['state'][0]['exp_avg_sq']: a mean of squares is >= 0, got {exp_avg_sq.tolist()}")
 
     def reset(self) -> None:
         with torch.no_grad():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import GramWeighting, check_gram, sym64, trace_normalized
+from .base import GramWeighting, check_gram, nan_unless, normalized_gram, trace_normalized
 
 
 def pinv_psd(G: torch.Tensor, rtol: float) -> torch.Tensor:
@@ -31,10 +31,11 @@ class IMTLG(GramWeighting):
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         K = check_gram(gram)
-        G = trace_normalized(sym64(gram))
+        G, _, finite = normalized_gram(gram)
+        G = trace_normalized(G)
         n = torch.diagonal(G).clamp(min=0).sqrt()
         v = pinv_psd(G, K * torch.finfo(gram.dtype).eps) @ n
         total = v.sum()
         ok = total.abs() > 1e-12
         w = torch.where(ok, v / torch.where(ok, total, torch.ones_like(total)), torch.zeros_like(v))
-        return w.to(gram.dtype)
+        return nan_unless(finite, w).to(gram.dtype)

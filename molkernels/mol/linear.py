@@ -8,14 +8,16 @@ import torch
 
 from .._stack import Stack, accum_dtype, as_blocks
 from ..ops import combine
-from .base import GramWeighting, check_gram, to_device, write_direction
+from .base import GramWeighting, check_gram, nan_unless, to_device, write_direction
 
 
 class Linear(GramWeighting):
     """d = Σ_k w_k g_k with fixed weights w (linear scalarisation, the usual weighted sum of losses).
 
     The weights do not depend on the Gram, so aggregate() and mol.backward skip the Gram pass: one
-    pass over the gradient memory.
+    pass over the gradient memory (a non-finite gradient entry then reaches only the coordinates
+    it is in). weights(gram) is w, or NaN when the Gram has a non-finite entry, like every
+    GramWeighting's.
     """
 
     def __init__(self, weights):
@@ -47,7 +49,7 @@ class Linear(GramWeighting):
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         K = check_gram(gram)
         self._check_k(K, "gram")
-        return self._on(gram.device, gram.dtype)
+        return nan_unless(torch.isfinite(gram).all(), self._on(gram.device, gram.dtype))
 
     def aggregate(self, grads: Stack, *, backend: str = "auto"):
         blocks = as_blocks(grads, "grads")
@@ -66,7 +68,8 @@ class Linear(GramWeighting):
 
 
 class Mean(GramWeighting):
-    """d = (1/K) Σ_k g_k, for any K (one pass over the gradient memory)."""
+    """d = (1/K) Σ_k g_k, for any K (one pass over the gradient memory; weights(gram) is 1/K, or
+    NaN when the Gram has a non-finite entry, as for Linear)."""
 
     @staticmethod
     def _uniform(K: int, device, dtype) -> torch.Tensor:
@@ -74,7 +77,7 @@ class Mean(GramWeighting):
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         K = check_gram(gram)
-        return self._uniform(K, gram.device, gram.dtype)
+        return nan_unless(torch.isfinite(gram).all(), self._uniform(K, gram.device, gram.dtype))
 
     def aggregate(self, grads: Stack, *, backend: str = "auto"):
         blocks = as_blocks(grads, "grads")

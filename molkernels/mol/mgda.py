@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import min_norm
-from .base import GramWeighting, check_gram, sym64
+from .base import GramWeighting, check_gram, nan_unless, normalized_gram
 
 
 class MGDA(GramWeighting):
@@ -23,4 +23,5 @@ class MGDA(GramWeighting):
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         check_gram(gram)
-        return min_norm(sym64(gram)).to(gram.dtype)
+        G, _, finite = normalized_gram(gram)     # the min-norm weights do not depend on the scale
+        return nan_unless(finite, min_norm(G)).to(gram.dtype)

@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from .base import GramWeighting, check_gram, sym64
+from .base import (GramWeighting, check_gram, check_state_keys, nan_unless, normalized_gram, state_count,
+                   state_vector)
 
 
 class NashMTL(GramWeighting):
@@ -39,6 +40,10 @@ class NashMTL(GramWeighting):
     the dependent directions are then large (order 1/√reg_eps) and ill-determined, but the
     direction d = Σ α_k g_k reaches its float64 floor (~1e-8 relative for K = 64 gradients in
     R^7, 1e-13 for K = 10) within the default 20 iterations.
+
+    Any finite Gram is solved as G/s (s its largest |entry|, so nothing overflows) and mapped back,
+    α = α̂/√s. A non-finite Gram gives NaN weights and a NaN α in the state, so the later weights
+    are NaN too (warm-started from NaN) until reset().
     """
 
     def __init__(self, *, max_norm: float = 1.0, update_weights_every: int = 1, max_iters: int = 20,
@@ -91,15 +96,19 @@ class NashMTL(GramWeighting):
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         K = check_gram(gram)
-        G = sym64(gram)
+        # G = scale·Ĝ: Ĝα̂ = 1/α̂ gives Gα = 1/α for α = α̂/√scale, and αᵀGα = α̂ᵀĜα̂.
+        G, scale, finite = normalized_gram(gram)
+        root = scale.sqrt()
         if self.alpha is not None and self.alpha.shape != (K,):
             raise ValueError(f"gram: has K = {K} objectives, the state has {self.alpha.shape[0]}; call reset() first")
         if self.alpha is None or self.step % self.update_weights_every == 0:
-            self.alpha = self.solve(G, self.alpha)
+            start = None if self.alpha is None else self.alpha.to(G.device) * root
+            self.alpha = nan_unless(finite, self.solve(G, start) / root)
         self.step += 1
         alpha = self.alpha.to(G.device)
         if self.max_norm > 0:
-            norm = (alpha @ G @ alpha).clamp(min=0).sqrt()
+            unit = alpha * root
+            norm = (unit @ G @ unit).clamp(min=0).sqrt()
             alpha = alpha * torch.clamp(self.max_norm / norm, max=1.0)
         return alpha.to(gram.dtype)
 
@@ -111,8 +120,18 @@ class NashMTL(GramWeighting):
         return {"alpha": None if self.alpha is None else self.alpha.clone(), "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.alpha = None if state["alpha"] is None else state["alpha"].clone()
-        self.step = int(state["step"])
+        """Restore what state_dict() returned: α None or a positive float64 [K] vector (the K of
+        the current α, if there is one: reset() first to load another K), the step an int >= 0;
+        checked before anything changes."""
+        check_state_keys(state, ("alpha", "step"), "NashMTL")
+        alpha = state["alpha"]
+        if alpha is not None:
+            state_vector(alpha, "state['alpha']", torch.float64, None if self.alpha is None else self.alpha.numel())
+            if not bool((alpha > 0).all()):
+                raise ValueError(f"state['alpha']: the bargaining weights are > 0, got {alpha.tolist()}")
+        step = state_count(state, "step")
+        self.alpha = None if alpha is None else alpha.clone()
+        self.step = step
 
     def reset(self) -> None:
         self.alpha = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import GramWeighting, check_gram, sym64, to_device
+from .base import GramWeighting, check_gram, check_state_keys, nan_unless, normalized_gram, to_device
 
 
 class PCGrad(GramWeighting):
@@ -39,7 +39,7 @@ class PCGrad(GramWeighting):
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         K = check_gram(gram)
-        G = sym64(gram)
+        G, _, finite = normalized_gram(gram)   # the projection coefficients are ratios of G's entries
         perms = to_device(self.permutations(K), G.device, torch.int64)
         rows = torch.arange(K, device=G.device)
         C = torch.eye(K, dtype=G.dtype, device=G.device)
@@ -51,14 +51,31 @@ class PCGrad(GramWeighting):
             project = (j != rows) & (inner < 0) & (diag[j] > 0)
             step = torch.where(project, inner / safe_diag[j], torch.zeros_like(inner))
             C = C.index_put((rows, j), -step, accumulate=True)
-        return C.sum(0).to(gram.dtype)
+        return nan_unless(finite, C.sum(0)).to(gram.dtype)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seed = state["seed"]
-        self.generator.set_state(state["generator"])
+        """Restore what state_dict() returned: an integer seed and a CPU generator state (checked on
+        a scratch generator first, so a bad one changes nothing)."""
+        check_state_keys(state, ("seed", "generator"), "PCGrad")
+        seed, generator_state = state["seed"], state["generator"]
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"state['seed']: expected an integer, got {seed!r}")
+        expected = self.generator.get_state()
+        if (not isinstance(generator_state, torch.Tensor) or generator_state.dtype != expected.dtype
+                or generator_state.shape != expected.shape):
+            got = (f"{generator_state.dtype} tensor of shape {tuple(generator_state.shape)}"
+                   if isinstance(generator_state, torch.Tensor) else type(generator_state).__name__)
+            raise ValueError(f"state['generator']: expected a {expected.dtype} tensor of shape {tuple(expected.shape)} "
+                             f"(torch.Generator.get_state()), got a {got}")
+        try:
+            torch.Generator(device="cpu").set_state(generator_state)
+        except RuntimeError as error:
+            raise ValueError(f"state['generator']: not a valid generator state ({error})") from None
+        self.seed = seed
+        self.generator.set_state(generator_state)
 
     def reset(self) -> None:
         self.generator.manual_seed(self.seed)

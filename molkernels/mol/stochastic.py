@@ -14,7 +14,8 @@ import torch
 from .._stack import Stack, accum_dtype, as_blocks, check_same_structure
 from ..ops import combine, cross_gram, project_simplex
 from ..steps import MoCoState, NORMALIZATIONS, moco_step
-from .base import Aggregator, check_gram, write_direction
+from .base import (Aggregator, check_gram, check_on_simplex, check_state_keys, nan_unless, state_count, state_vector,
+                   write_direction)
 
 
 def _check_number(value, name: str, *, upper: Optional[float] = None) -> float:
@@ -70,10 +71,11 @@ class MoCo(Aggregator):
 
     def _state_for(self, params, K: int, dtype: torch.dtype) -> MoCoState:
         if self.state is None:
-            self.state = MoCoState(params, K, y_init=self.y_init, dtype=accum_dtype(dtype))
+            state = MoCoState(params, K, y_init=self.y_init, dtype=accum_dtype(dtype))
             if self._pending is not None:
-                self.state.load_state_dict(self._pending)
+                state.load_state_dict(self._pending)  # raises, naming the key, before the state is kept
                 self._pending = None
+            self.state = state
         elif self.state.num_objectives != K:
             raise ValueError(f"grads: has K = {K} objectives, the MoCo state has {self.state.num_objectives}")
         return self.state
@@ -107,12 +109,22 @@ class MoCo(Aggregator):
         return {"state": self.state.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["state"] is None:
+        """Restore what state_dict() returned: {"state": a MoCoState's state_dict, or None}. With a
+        state in place, MoCoState.load_state_dict checks and applies it (all or nothing). Before the
+        first step the parameters' structure is unknown, so the inner dict is kept and
+        MoCoState.load_state_dict checks it when the first step builds the state (a bad one raises
+        there, before any change, and again until a good state is loaded or reset())."""
+        check_state_keys(state, ("state",), "MoCo")
+        inner = state["state"]
+        if inner is not None and not isinstance(inner, dict):
+            raise TypeError(f"state['state']: expected a dict from MoCoState.state_dict() or None, "
+                            f"got {type(inner).__name__}")
+        if inner is None:
             self.reset()
         elif self.state is None:
-            self._pending = state["state"]  # restored when the structure is known (first step)
+            self._pending = inner
         else:
-            self.state.load_state_dict(state["state"])
+            self.state.load_state_dict(inner)
 
     def reset(self) -> None:
         self.state = None
@@ -156,7 +168,9 @@ class MoDo(Aggregator):
             raise ValueError(f"matrix: has K = {K} objectives, the MoDo state has {self.lam.shape[0]}")
         lam = self.lam.to(M.device)
         gamma_t = self.gamma / (self.step + 1) ** self.gamma_decay
-        self.lam = project_simplex(lam - gamma_t * (M @ lam + self.rho * lam))
+        # A non-finite M makes λ NaN for good (see molkernels.mol.base), whatever the projection
+        # makes of an Inf.
+        self.lam = nan_unless(torch.isfinite(M).all(), project_simplex(lam - gamma_t * (M @ lam + self.rho * lam)))
         self.step += 1
         return self.lam.to(matrix.dtype)
 
@@ -190,8 +204,17 @@ class MoDo(Aggregator):
         return {"lam": None if self.lam is None else self.lam.clone(), "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lam = None if state["lam"] is None else state["lam"].clone()
-        self.step = int(state["step"])
+        """Restore what state_dict() returned: λ None or a float64 [K] vector on the simplex (the K
+        of the current λ, if there is one: reset() first to load another K), the step an int >= 0;
+        checked before anything changes."""
+        check_state_keys(state, ("lam", "step"), "MoDo")
+        lam = state["lam"]
+        if lam is not None:
+            size = None if self.lam is None else self.lam.numel()
+            check_on_simplex(state_vector(lam, "state['lam']", torch.float64, size), "state['lam']")
+        step = state_count(state, "step")
+        self.lam = None if lam is None else lam.clone()
+        self.step = step
 
     def reset(self) -> None:
         self.lam = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import nan_unless
 from .dualcone import DualConeWeighting, project_weights
 
 
@@ -21,9 +22,9 @@ class UPGrad(DualConeWeighting):
     """
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
-        G, p = self._regularized_and_preference(gram)
+        G, p, finite = self._regularized_and_preference(gram)
         V = project_weights(G, torch.diag(p))
-        return V.sum(0).to(gram.dtype)
+        return nan_unless(finite, V.sum(0)).to(gram.dtype)
 
     def __repr__(self) -> str:
         return f"UPGrad(pref_vector={self.pref_vector}, reg_eps={self.reg_eps})"
