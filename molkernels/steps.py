@@ -1,24 +1,34 @@
 """Fused multi-objective steps: MoCo, MoDo and MGDA in two passes over memory, no host sync.
 
-Each step takes the parameters and a gradient stack aligned with them (block j of shape
-[K, *params[j].shape], or one flat [K, D] tensor cut into per-parameter views), computes the
-weights λ on the device and writes the combined direction d = Σ_k λ_k g_k either into p.grad
-(lr=None, overwriting it, so any torch optimizer can take the step) or straight into the
-parameters (p ← p − lr·d).
+Each step takes the parameters (a list of tensors, or one tensor as the only parameter) and a
+gradient stack aligned with them (block j of shape [K, *params[j].shape], or one flat [K, D]
+tensor cut into per-parameter views), computes the weights λ on the device and writes the
+combined direction d = Σ_k λ_k g_k either into p.grad (lr=None, overwriting it, so any torch
+optimizer can take the step) or straight into the parameters (p ← p − lr·d).
+
+Every argument is checked before any kernel runs, from shapes, dtypes, devices and addresses only
+(no host synchronisation): a bad one raises ValueError/TypeError naming it, and the parameters,
+their gradients and the state are left as they were. The steps take no part in autograd: they run
+under torch.no_grad() and bump the version counter of every tensor they write (parameters, p.grad,
+MoCo's Y), as torch.optim does, so a graph built before the step refuses to backpropagate through
+the changed values.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from collections.abc import Iterable, Mapping
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import _ops
-from ._stack import Stack, accum_dtype, as_blocks, flat_buffer
+from ._stack import Stack, accum_dtype, as_blocks, check_float_tensor, flat_buffer
 from .profiling import nvtx_range
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+Labelled = List[Tuple[str, torch.Tensor]]
 
 
 def _check_scalar(value, name: str, *, allow_none: bool = False) -> None:
@@ -28,10 +38,49 @@ def _check_scalar(value, name: str, *, allow_none: bool = False) -> None:
         raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
 
 
+def _check_disjoint(written: Labelled, read: Labelled = ()) -> None:
+    """ValueError "B: overlaps A" when a tensor in `written` shares memory with another written one
+    or with one in `read` (A comes first in written + read; reading one tensor twice is fine).
+
+    Each tensor counts as the address range from its first to its last element on its device:
+    exact for contiguous tensors (everything a kernel writes is contiguous), conservative for a
+    strided one (two interleaved views count as overlapping). Sorting the ranges by address makes
+    this O(n log n) in the number of tensors; it reads pointers and strides only, no data. Under
+    torch.compile tracing there are no addresses (fake tensors): the check is skipped there."""
+    if torch.compiler.is_compiling():
+        return
+    ranges = []
+    for position, (label, t, is_written) in enumerate([(label, t, True) for label, t in written]
+                                                      + [(label, t, False) for label, t in read]):
+        if t.numel() == 0:
+            continue
+        start = t.data_ptr()
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        ranges.append((str(t.device), start, position, start + (last + 1) * t.element_size(), label, is_written))
+    ranges.sort()
+    # per (device, written?): the range seen so far that reaches furthest, as (end, position, label);
+    # a later range overlaps an earlier one exactly when it starts before that one's end
+    furthest = {}
+    for device, start, position, end, label, is_written in ranges:
+        for other_written in ((True, False) if is_written else (True,)):
+            other = furthest.get((device, other_written))
+            if other is not None and other[0] > start:
+                (_, first), (_, second) = sorted([(position, label), (other[1], other[2])])
+                raise ValueError(f"{second}: overlaps {first}")
+        best = furthest.get((device, is_written))
+        if best is None or end > best[0]:
+            furthest[(device, is_written)] = (end, position, label)
+
+
+def _labelled(tensors: Sequence[torch.Tensor], name: str) -> Labelled:
+    return [(f"{name}[{j}]", t) for j, t in enumerate(tensors)]
+
+
 def _aligned_blocks(params: Sequence[torch.Tensor], grads: Stack, K: int, name: str) -> List[torch.Tensor]:
     """grads as per-parameter blocks [K, *p.shape]; a flat [K, D] tensor is cut into views."""
     single_block = len(params) == 1 and isinstance(grads, torch.Tensor) and grads.shape[1:] == params[0].shape
     if isinstance(grads, torch.Tensor) and not single_block:
+        check_float_tensor(grads, name)
         if grads.dim() != 2:
             raise ValueError(f"{name}: a tensor stack is one flat [K, D] buffer, got shape {tuple(grads.shape)}")
         total = sum(p.numel() for p in params)
@@ -58,29 +107,78 @@ def _aligned_blocks(params: Sequence[torch.Tensor], grads: Stack, K: int, name: 
     return blocks
 
 
-def _outputs(params: Sequence[torch.Tensor], lr: Optional[float]):
-    """Where the direction goes: (tensors, alpha, accumulate)."""
+def _reusable_grad(p: torch.Tensor) -> Optional[torch.Tensor]:
+    """p.grad when the step can write the direction into it (dense, p's shape, contiguous), else None."""
+    g = p.grad
+    if g is not None and g.layout == torch.strided and g.shape == p.shape and g.is_contiguous():
+        return g
+    return None
+
+
+def _destinations(params: Sequence[torch.Tensor], lr: Optional[float]) -> Labelled:
+    """The existing tensors the step will write the direction into: the parameters (lr given; they
+    must be contiguous) or each p.grad that is reused (lr=None). Only looks: nothing is allocated."""
     if lr is None:
-        outs = []
-        for p in params:
-            if p.grad is None or p.grad.shape != p.shape or not p.grad.is_contiguous():
-                p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
-            outs.append(p.grad)
-        return outs, 1.0, False
+        return [(f"params[{j}].grad", g) for j, p in enumerate(params) if (g := _reusable_grad(p)) is not None]
     for j, p in enumerate(params):
         if not p.is_contiguous():
             raise ValueError(f"params[{j}]: must be contiguous to be updated in place")
+    return _labelled(params, "params")
+
+
+def _outputs(params: Sequence[torch.Tensor], lr: Optional[float]):
+    """Where the direction goes: (tensors, alpha, accumulate). With lr=None a p.grad that cannot be
+    reused is replaced by a fresh tensor, so this runs only once every check has passed."""
+    if lr is None:
+        outs = []
+        for p in params:
+            g = _reusable_grad(p)
+            if g is None:
+                g = p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+            outs.append(g)
+        return outs, 1.0, False
+    # p.detach() shares p's memory and version counter: the kernels write p's values in place
     return [p.detach() for p in params], -float(lr), True
 
 
+def _mark_written(tensors: Sequence[torch.Tensor]) -> None:
+    """Bump the version counters of tensors the kernels wrote through raw pointers, which torch
+    does not see (the compiled and Triton ops have no in-place autograd kernel): an autograd graph
+    that saved one of them then raises "modified by an inplace operation" on backward. (A compiled
+    graph writes its mutated inputs back with copy_, which bumps them itself.)"""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(list(tensors))
+
+
 def _check_params(params) -> List[torch.Tensor]:
+    """The parameters as a list: one tensor is the only parameter (as in mol.backward), any other
+    iterable lists them. Each is a dense floating-point leaf tensor (what torch.optim accepts), all
+    of one dtype and on one device, and no two share memory (a parameter listed twice would be
+    written by two threads at once)."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    elif not isinstance(params, Iterable) or isinstance(params, (str, bytes, Mapping)):
+        raise TypeError(f"params: expected a tensor or an iterable of tensors, got {type(params).__name__}")
     params = list(params)
     if not params:
         raise ValueError("params: expected at least one parameter")
     for j, p in enumerate(params):
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-            raise TypeError(f"params[{j}]: expected a floating-point tensor")
+        check_float_tensor(p, f"params[{j}]")
+        if not p.is_leaf:
+            raise ValueError(f"params[{j}]: is not a leaf tensor (it is computed from tensors that require grad); "
+                             "pass the parameters themselves, as torch.optim requires")
+        if p.dtype != params[0].dtype:
+            raise TypeError(f"params[{j}]: dtype {p.dtype} differs from params[0]'s {params[0].dtype}")
+        if p.device != params[0].device:
+            raise ValueError(f"params[{j}]: on {p.device}, params[0] on {params[0].device}")
+    _check_disjoint(_labelled(params, "params"))
     return params
+
+
+def _check_state(state, kind: type, params: List[torch.Tensor]) -> None:
+    if not isinstance(state, kind):
+        raise TypeError(f"state: expected a {kind.__name__}, got {type(state).__name__}")
+    state._check_matches(params)
 
 
 def _simplex_step(lam: torch.Tensor, matrix: torch.Tensor, gamma: float, rho: float, backend: str) -> torch.Tensor:
@@ -96,10 +194,33 @@ def _all_reduce(matrix: torch.Tensor, process_group) -> torch.Tensor:
     return all_reduce_gram(matrix, process_group)
 
 
-def _raise_if_not_finite(gram: torch.Tensor, lam: torch.Tensor) -> None:
-    """check_finite=True: one host sync to catch a diverged run early."""
-    if not bool(torch.isfinite(gram).all()):
-        raise FloatingPointError("the Gram matrix of the objective gradients is not finite")
+def _objectives(ks: List[int], singular: str, plural: str) -> str:
+    return f"objective {ks[0]} {singular}" if len(ks) == 1 else f"objectives {', '.join(map(str, ks))} {plural}"
+
+
+def _raise_unless_finite_gradients(diagonal: torch.Tensor, stacks: Sequence[Tuple[str, List[torch.Tensor]]]) -> None:
+    """check_finite=True, before anything is written: FloatingPointError naming the objectives k
+    whose entry of `diagonal` (‖g_k‖², or g1_k·g2_k for MoDo, from a Gram matrix) is not finite.
+    That entry is finite whenever the gradients are, and only a non-finite gradient or an overflow
+    makes it non-finite: on failure (only then) the gradients' rows are read to tell which."""
+    bad = torch.nonzero(~torch.isfinite(diagonal)).flatten().tolist()  # the one host synchronisation
+    if not bad:
+        return
+    for name, blocks in stacks:
+        nonfinite = [k for k in bad if not all(bool(torch.isfinite(b[k]).all()) for b in blocks)]
+        if nonfinite:
+            raise FloatingPointError(f"{name}: {_objectives(nonfinite, 'has a non-finite gradient', 'have non-finite gradients')} "
+                                     "(the diagonal of the Gram matrix is not finite there)")
+    names = " and ".join(name for name, _ in stacks)
+    raise FloatingPointError(f"{names}: {_objectives(bad, 'has a gradient', 'have gradients')} whose squared norm is "
+                             f"not finite although the gradients here are: it overflows {diagonal.dtype} (or, with "
+                             "process_group, another rank's shard is not finite)")
+
+
+def _raise_if_not_finite(matrix: torch.Tensor, what: str, lam: torch.Tensor) -> None:
+    """check_finite=True, before anything is written: the K×K matrix and the new λ are finite."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise FloatingPointError(f"{what} is not finite")
     if not bool(torch.isfinite(lam).all()):
         raise FloatingPointError("the objective weights λ are not finite")
 
@@ -120,17 +241,91 @@ class _StepState:
         self.step = 0
 
     def _check_matches(self, params: List[torch.Tensor]) -> None:
-        if [p.shape for p in params] != self.shapes:
-            raise ValueError("params: shapes differ from the ones the state was created for")
+        if len(params) != len(self.shapes):
+            raise ValueError(f"params: {len(params)} parameters, the state was created for {len(self.shapes)}")
+        for j, (p, shape) in enumerate(zip(params, self.shapes)):
+            if p.shape != shape:
+                raise ValueError(f"params[{j}]: shape {tuple(p.shape)}, the state was created for {tuple(shape)}")
+        if params[0].device != self.device:
+            raise ValueError(f"params: on {params[0].device}, the state on {self.device}")
+
+    def _keys(self) -> Tuple[str, ...]:
+        return ("lam", "step", "num_objectives", "shapes")
 
     def state_dict(self) -> dict:
-        return {"lam": self.lam.clone(), "step": self.step, "num_objectives": self.num_objectives}
+        """λ (a copy), the step count, K and the parameters' shapes (plain ints, so the dict loads
+        with torch.load(weights_only=True))."""
+        return {"lam": self.lam.clone(), "step": self.step, "num_objectives": self.num_objectives,
+                "shapes": [list(shape) for shape in self.shapes]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_objectives"] != self.num_objectives:
-            raise ValueError(f"state: has {state['num_objectives']} objectives, this state {self.num_objectives}")
-        self.lam.copy_(state["lam"])
-        self.step = int(state["step"])
+        """Restore a state_dict() of the same class, saved for the same K and parameter shapes.
+
+        All of it is checked first, then all of it is applied: on any error (ValueError/TypeError
+        naming the key, e.g. "state['lam']: ...") the state is unchanged. Tensors must have this
+        state's dtypes and shapes (never cast or broadcast; they may be on another device and are
+        copied to this one); λ must lie on the simplex (finite, >= 0, summing to 1 within
+        256·K·eps of its dtype); step must be an int >= 0. Then the run resumes bitwise."""
+        values = self._validated(state)
+        self._apply(values)
+
+    def _validated(self, state) -> dict:
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a dict from state_dict(), got {type(state).__name__}")
+        expected = set(self._keys())
+        missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected, key=repr)
+        if missing or unknown:
+            found = "; ".join(part for part in (f"missing keys {missing}" if missing else "",
+                                                f"unknown keys {unknown}" if unknown else "") if part)
+            raise ValueError(f"state: {found} (a {type(self).__name__}'s state_dict has {sorted(expected)}; "
+                             "is it another kind of state's?)")
+        K = state["num_objectives"]
+        if isinstance(K, bool) or not isinstance(K, int):
+            raise TypeError(f"state['num_objectives']: expected an int, got {K!r}")
+        if K != self.num_objectives:
+            raise ValueError(f"state['num_objectives']: saved with {K} objectives, this state has {self.num_objectives}")
+        lam = self._checked_tensor(state, "lam", self.lam)
+        lam64 = lam.to(torch.float64)
+        if not bool(torch.isfinite(lam64).all()) or bool((lam64 < 0).any()):
+            raise ValueError(f"state['lam']: λ must be finite and >= 0 (on the simplex), got {lam.tolist()}")
+        tolerance = 256 * K * torch.finfo(self.lam.dtype).eps
+        if abs(float(lam64.sum()) - 1) > tolerance:
+            raise ValueError(f"state['lam']: λ must sum to 1 (on the simplex), got a sum of {float(lam64.sum())!r}")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"state['step']: expected an int, got {step!r} ({type(step).__name__})")
+        if step < 0:
+            raise ValueError(f"state['step']: expected a step count >= 0, got {step}")
+        values = {"lam": lam, "step": step, **self._validated_extra(state)}
+        shapes = state["shapes"]
+        if not isinstance(shapes, (list, tuple)) or not all(
+                isinstance(shape, (list, tuple, torch.Size))
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in shape) for shape in shapes):
+            raise TypeError(f"state['shapes']: expected a list of shapes (lists of ints), got {shapes!r}")
+        saved, mine = [tuple(shape) for shape in shapes], [tuple(shape) for shape in self.shapes]
+        if saved != mine:
+            raise ValueError(f"state['shapes']: saved for parameters of shapes {saved}, this state's are {mine}")
+        return values
+
+    def _validated_extra(self, state) -> dict:
+        """The subclass's own entries, checked (after the common ones, before the shapes)."""
+        return {}
+
+    @staticmethod
+    def _checked_tensor(state, key: str, like: torch.Tensor) -> torch.Tensor:
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state['{key}']: expected a tensor, got {type(value).__name__}")
+        if value.shape != like.shape:
+            raise ValueError(f"state['{key}']: {key} has shape {tuple(value.shape)}, this state's is {tuple(like.shape)}")
+        if value.dtype != like.dtype:
+            raise TypeError(f"state['{key}']: dtype {value.dtype}, this state's is {like.dtype} (create the state "
+                            f"with dtype={value.dtype} to load it)")
+        return value
+
+    def _apply(self, values: dict) -> None:
+        self.lam.copy_(values["lam"])
+        self.step = values["step"]
 
 
 class MoDoState(_StepState):
@@ -144,6 +339,7 @@ class MoCoState(_StepState):
     starting at 1/K) and the step count.
 
     y_init="zero" starts Y at 0 as the published code does; "first" sets Y to the first gradients.
+    load_state_dict also requires y to be finite and y_init one of those two.
     """
 
     def __init__(self, params, num_objectives: int, *, y_init: str = "zero", dtype: torch.dtype = torch.float32):
@@ -154,32 +350,84 @@ class MoCoState(_StepState):
         self.y_flat, self.y = flat_buffer(self.shapes, num_objectives, dtype=dtype, device=self.device)
         self.y_flat.zero_()
 
+    def _keys(self) -> Tuple[str, ...]:
+        return super()._keys() + ("y", "y_init")
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "y": self.y_flat.clone(), "y_init": self.y_init}
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        if state["y"].shape != self.y_flat.shape:
-            raise ValueError(f"state: y has shape {tuple(state['y'].shape)}, expected {tuple(self.y_flat.shape)}")
-        self.y_flat.copy_(state["y"])
-        self.y_init = state["y_init"]
+    def _validated_extra(self, state) -> dict:
+        y = self._checked_tensor(state, "y", self.y_flat)
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError("state['y']: the tracked gradients are not finite (a diverged run's state)")
+        if state["y_init"] not in ("zero", "first"):
+            raise ValueError(f"state['y_init']: expected 'zero' or 'first', got {state['y_init']!r}")
+        return {"y": y, "y_init": state["y_init"]}
+
+    def _apply(self, values: dict) -> None:
+        super()._apply(values)
+        self.y_flat.copy_(values["y"])
+        self.y_init = values["y_init"]
 
 
-def _normalization_scale(normalize: str, grad_sq_norms: torch.Tensor, losses, K: int, device) -> torch.Tensor:
+def _checked_losses(normalize: str, losses, K: int, check_finite: bool) -> Optional[torch.Tensor]:
+    """The K losses of normalize='loss'/'loss+' as a detached [K] tensor on their own device (None
+    for the other normalisations). A loss must be finite and > 0: 1/f_k or f_k/‖g_k‖ of a loss <= 0
+    would flip (or drop) its objective's gradient, so the step would ascend it. Losses on the CPU
+    are checked here (ValueError naming losses[k]), and so are device losses with
+    check_finite=True, which synchronises anyway; otherwise device losses are not read by the host
+    (the steps do not synchronise) and a bad one makes its factor NaN, hence λ and the direction NaN
+    (see _normalization_scale)."""
+    if normalize not in ("loss", "loss+"):
+        return None
+    if losses is None:
+        raise ValueError(f"losses: normalize={normalize!r} needs the K loss values")
+    if isinstance(losses, torch.Tensor):
+        f = losses.detach()
+    else:
+        try:
+            f = torch.as_tensor(losses, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"losses: expected a tensor or a sequence of {K} numbers ({error})") from None
+    if f.is_complex() or f.dtype == torch.bool:
+        raise TypeError(f"losses: expected real loss values, got {f.dtype}")
+    if f.numel() != K:
+        raise ValueError(f"losses: expected {K} values, got shape {tuple(f.shape)}")
+    f = f.reshape(K)
+    if f.device.type == "cpu" or check_finite:
+        bad = torch.nonzero(~(torch.isfinite(f) & (f > 0))).flatten().tolist()
+        if bad:
+            k = bad[0]
+            raise ValueError(f"losses[{k}]: normalize={normalize!r} needs finite losses > 0 (a loss <= 0 would flip "
+                             f"or drop objective {k}'s gradient), got {f[k].item()!r}")
+    return f
+
+
+def _normalization_scale(normalize: str, grad_sq_norms: torch.Tensor, losses: Optional[torch.Tensor]) -> torch.Tensor:
     """Per-objective factors s_k applied to g_k (MGDA-UB's normalisations and LibMTL-MoCo's):
-    'l2': 1/‖g_k‖; 'loss': 1/f_k; 'loss+': f_k/‖g_k‖ (unit gradients scaled by their loss)."""
+    'none': 1; 'l2': 1/‖g_k‖; 'loss': 1/f_k; 'loss+': f_k/‖g_k‖ (unit gradients scaled by their
+    loss). A loss that is not finite and > 0 gives s_k = NaN (on the device, no synchronisation)."""
     norms = grad_sq_norms.clamp(min=0).sqrt()
+    if normalize == "none":
+        return torch.ones_like(norms)
     tiny = torch.finfo(norms.dtype).tiny
     if normalize == "l2":
         return 1.0 / norms.clamp(min=tiny)
-    if losses is None:
-        raise ValueError(f"losses: normalize={normalize!r} needs the K loss values")
-    f = torch.as_tensor(losses, dtype=norms.dtype, device=device).detach().reshape(-1)
-    if f.shape != (K,):
-        raise ValueError(f"losses: expected {K} values, got shape {tuple(f.shape)}")
+    f = losses.to(device=norms.device, dtype=norms.dtype)
+    f = torch.where(torch.isfinite(f) & (f > 0), f, torch.nan)
     if normalize == "loss":
         return 1.0 / f
     return f / norms.clamp(min=tiny)
+
+
+def _check_normalize(normalize) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
+
+
+def _check_flag(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
 
 
 def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: float = 0.1, rho: float = 0.0,
@@ -197,6 +445,13 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
     then pass 1 reads Y and G for the Gram of [Y; G], and the update of Y moves to pass 2.
     Returns λ (a device tensor; no host synchronisation unless check_finite=True).
 
+    check_finite=True takes that joint path for every normalisation, so that nothing is written
+    before the checks: from the Gram of [Y; G] (one host synchronisation) it raises
+    FloatingPointError naming the objectives whose gradients are not finite, or when Y Yᵀ or the
+    new λ are not, with Y, λ, step, the parameters and p.grad unchanged; a caller can skip the
+    batch and go on. It costs no extra pass (pass 2 reads G once more), and its λ agrees with the
+    unchecked step's to rounding, not bitwise.
+
     process_group: params, grads and the state hold this rank's shard of the parameter dimension
     (molkernels.distributed); the local Gram of pass 1 (K×K, or the 2K×2K Gram of [Y; G] with a
     normalisation, whose norms then come from the full Gram) is summed over the group with one
@@ -204,7 +459,7 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
     same λ and combines its shard. `losses` are then the global losses (the same on every rank).
     """
     params = _check_params(params)
-    state._check_matches(params)
+    _check_state(state, MoCoState, params)
     K = state.num_objectives
     blocks = _aligned_blocks(params, grads, K, "grads")
     for value, name in ((beta, "beta"), (gamma, "gamma"), (rho, "rho"), (beta_decay, "beta_decay"),
@@ -213,18 +468,20 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
     _check_scalar(lr, "lr", allow_none=True)
     if beta > 1:
         raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
+    _check_normalize(normalize)
+    _check_flag(check_finite, "check_finite")
+    f = _checked_losses(normalize, losses, K, check_finite)
     if accum_dtype(blocks[0].dtype) != state.y_flat.dtype:
         raise TypeError(f"grads: {blocks[0].dtype} gradients need a {accum_dtype(blocks[0].dtype)} tracking state, "
                         f"the state is {state.y_flat.dtype}")
+    _check_disjoint(_destinations(params, lr) + [("state.y", state.y_flat)], _labelled(blocks, "grads"))
     backend = _ops.resolve_backend(backend, blocks[0].device)
     t = state.step
     beta_t = 1.0 if (t == 0 and state.y_init == "first") else beta / (t + 1) ** beta_decay
     gamma_t = gamma / (t + 1) ** gamma_decay
-    outs, alpha, accumulate = _outputs(params, lr)
-    with nvtx_range("moco_step"):
-        if normalize == "none":
+    joint_path = normalize != "none" or check_finite
+    with torch.no_grad(), nvtx_range("moco_step"):
+        if not joint_path:
             yy = _ops.op("moco_track_gram", backend)(state.y, blocks, beta_t)
             if process_group is not None:
                 yy = _all_reduce(yy, process_group)
@@ -232,18 +489,22 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
             joint = _ops.op("joint_gram", backend)(state.y, blocks)
             if process_group is not None:
                 joint = _all_reduce(joint, process_group)
-            scale = _normalization_scale(normalize, torch.diagonal(joint)[K:], losses, K, joint.device)
+            if check_finite:
+                _raise_unless_finite_gradients(torch.diagonal(joint)[K:], [("grads", blocks)])
+            scale = _normalization_scale(normalize, torch.diagonal(joint)[K:], f)
             old, cross, gg = joint[:K, :K], joint[:K, K:], joint[K:, K:]
             yy = ((1 - beta_t) ** 2 * old + beta_t * (1 - beta_t) * (cross * scale + scale[:, None] * cross.T)
                   + beta_t ** 2 * scale[:, None] * gg * scale)
         lam = _simplex_step(state.lam, yy.to(state.lam.dtype), gamma_t, rho, backend)
         if check_finite:
-            _raise_if_not_finite(yy, lam)
-        if normalize == "none":
+            _raise_if_not_finite(yy, "the Gram matrix of the tracked gradients Y", lam)
+        outs, alpha, accumulate = _outputs(params, lr)
+        if not joint_path:
             _ops.op("combine_into", backend)(state.y, lam, outs, alpha, accumulate)
         else:
             _ops.op("moco_track_combine", backend)(state.y, blocks, scale, beta_t, lam, outs, alpha, accumulate)
-    state.lam.copy_(lam)
+        state.lam.copy_(lam)
+    _mark_written(outs + [state.y_flat])
     state.step += 1
     return state.lam
 
@@ -256,11 +517,15 @@ def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoSt
         λ ← Π_Δ(λ − γ_t (G₁ G₂ᵀ + ρ I) λ)     one pass over G₁ and G₂ (cross_gram)
         d = G₃ᵀ λ                             one pass over G₃: p.grad = d or p ← p − lr·d
 
+    check_finite=True (one host synchronisation, and one more pass: the Gram of G₃) raises
+    FloatingPointError naming the stack and objectives whose gradients are not finite, or when
+    G₁G₂ᵀ or the new λ are not, before anything is written.
+
     process_group: the stacks hold this rank's shard; G₁G₂ᵀ is summed over the group with one
     K×K all_reduce (the only collective) before the λ update.
     """
     params = _check_params(params)
-    state._check_matches(params)
+    _check_state(state, MoDoState, params)
     K = state.num_objectives
     for value, label in ((grads2, "grads2"), (grads3, "grads3")):
         if value is None:
@@ -271,18 +536,30 @@ def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoSt
     for value, name in ((gamma, "gamma"), (rho, "rho"), (gamma_decay, "gamma_decay")):
         _check_scalar(value, name)
     _check_scalar(lr, "lr", allow_none=True)
+    _check_flag(check_finite, "check_finite")
+    if g2[0].dtype != g1[0].dtype:  # G₁G₂ᵀ reads both in one kernel; G₃ may have any float dtype
+        raise TypeError(f"grads2: dtype {g2[0].dtype} differs from grads1's {g1[0].dtype}")
+    _check_disjoint(_destinations(params, lr),
+                    _labelled(g1, "grads1") + _labelled(g2, "grads2") + _labelled(g3, "grads3"))
     backend = _ops.resolve_backend(backend, g1[0].device)
     gamma_t = gamma / (state.step + 1) ** gamma_decay
-    outs, alpha, accumulate = _outputs(params, lr)
-    with nvtx_range("modo_step"):
+    with torch.no_grad(), nvtx_range("modo_step"):
         cross = _ops.op("cross_gram", backend)(g1, g2)
         if process_group is not None:
             cross = _all_reduce(cross, process_group)
+        if check_finite:
+            _raise_unless_finite_gradients(torch.diagonal(cross), [("grads1", g1), ("grads2", g2)])
+            gram3 = _ops.op("gram", backend)(g3)
+            if process_group is not None:
+                gram3 = _all_reduce(gram3, process_group)
+            _raise_unless_finite_gradients(torch.diagonal(gram3), [("grads3", g3)])
         lam = _simplex_step(state.lam, cross.to(state.lam.dtype), gamma_t, rho, backend)
         if check_finite:
-            _raise_if_not_finite(cross, lam)
+            _raise_if_not_finite(cross, "the cross Gram matrix G₁G₂ᵀ", lam)
+        outs, alpha, accumulate = _outputs(params, lr)
         _ops.op("combine_into", backend)(g3, lam, outs, alpha, accumulate)
-    state.lam.copy_(lam)
+        state.lam.copy_(lam)
+    _mark_written(outs)
     state.step += 1
     return state.lam
 
@@ -297,33 +574,37 @@ def mgda_step(params, grads: Stack, lr: Optional[float] = None, *, normalize: st
     gradient is short does not take all the weight: λ = argmin λᵀ S G Gᵀ S λ, d = Σ_k λ_k s_k g_k.
     The norms come from the Gram's diagonal, so this costs no extra pass. Returns λ.
 
+    check_finite=True (one host synchronisation, no extra pass) raises FloatingPointError naming
+    the objectives whose gradients are not finite (from the Gram's diagonal), or when the Gram or λ
+    are not, before the direction is written.
+
     process_group: the stack holds this rank's shard; the Gram is summed over the group with one
     K×K all_reduce (the only collective), and every rank solves the same λ."""
     params = _check_params(params)
-    if isinstance(grads, torch.Tensor):
-        K = grads.shape[0]
-    else:
-        K = as_blocks(grads, "grads")[0].shape[0]
+    K = as_blocks(grads, "grads")[0].shape[0]
     blocks = _aligned_blocks(params, grads, K, "grads")
     _check_scalar(lr, "lr", allow_none=True)
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
-    if normalize in ("loss", "loss+") and losses is None:
-        raise ValueError(f"losses: normalize={normalize!r} needs the K loss values")
+    _check_normalize(normalize)
+    _check_flag(check_finite, "check_finite")
+    f = _checked_losses(normalize, losses, K, check_finite)
+    _check_disjoint(_destinations(params, lr), _labelled(blocks, "grads"))
     backend = _ops.resolve_backend(backend, blocks[0].device)
-    outs, alpha, accumulate = _outputs(params, lr)
-    with nvtx_range("mgda_step"):
+    with torch.no_grad(), nvtx_range("mgda_step"):
         gram = _ops.op("gram", backend)(blocks)
         if process_group is not None:
             gram = _all_reduce(gram, process_group)
+        if check_finite:
+            _raise_unless_finite_gradients(torch.diagonal(gram), [("grads", blocks)])
         if normalize == "none":
             lam = _ops.op("min_norm", backend)(gram)
             weights = lam
         else:
-            scale = _normalization_scale(normalize, torch.diagonal(gram), losses, K, gram.device)
+            scale = _normalization_scale(normalize, torch.diagonal(gram), f)
             lam = _ops.op("min_norm", backend)(scale[:, None] * gram * scale)
             weights = lam * scale
         if check_finite:
-            _raise_if_not_finite(gram, lam)
+            _raise_if_not_finite(gram, "the Gram matrix of the objective gradients", lam)
+        outs, alpha, accumulate = _outputs(params, lr)
         _ops.op("combine_into", backend)(blocks, weights, outs, alpha, accumulate)
+    _mark_written(outs)
     return lam

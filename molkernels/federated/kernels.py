@@ -19,7 +19,12 @@ product of *shape.
 Dtypes: parameters and gradients float32 or float64, or float16/bfloat16 with float32 optimiser
 state (the update is computed in float32 and the parameters rounded once); the state is in float32
 (float64 for float64 parameters). Every argument is checked, naming the bad one, before a kernel
-runs.
+runs; so is memory: a tensor the kernel writes (params, a state) that overlaps another argument
+(`exp_avg is exp_avg_sq`, grads a view of params, ...) raises ValueError naming both.
+
+The steps run under torch.no_grad(), as torch.optim's do, and bump the version counter of every
+tensor they write, so an autograd graph that saved the old parameters raises "modified by an
+inplace operation" on backward instead of using the new values.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from .. import _ops
 from .._stack import FLOAT_DTYPES, accum_dtype
 from ..profiling import nvtx_range
+from ..steps import _check_disjoint, _mark_written
 
 
 def _check_tensor(t, name: str) -> None:
@@ -108,8 +114,11 @@ def batched_adam_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.
 
     params, grads: [C, D] (or [C, *shape]), float32/float64, or float16/bfloat16 with float32
     state; exp_avg, exp_avg_sq: params' shape in float32 (float64 for float64 params); step: int64
-    [C]; active: bool [C]; all contiguous on one device. lr ≥ 0, β₁, β₂ ∈ [0, 1), eps ≥ 0,
-    weight_decay ≥ 0, all finite.
+    [C], counts >= 0; active: bool [C]; all contiguous on one device, and the tensors written
+    (params, exp_avg, exp_avg_sq, step) share no memory with each other or with grads and active.
+    lr ≥ 0, β₁, β₂ ∈ [0, 1), eps ≥ 0, weight_decay ≥ 0, all finite. A negative step count (whose
+    bias correction would be negative or zero) raises ValueError when step is on the CPU; on a GPU
+    (and under torch.compile) the counts are not read by the host (no synchronisation).
     """
     _check_clients(params, "params")
     C, state_dtype = params.shape[0], accum_dtype(params.dtype)
@@ -123,10 +132,18 @@ def batched_adam_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.
     beta2 = _check_number(beta2, "beta2", below=1.0)
     eps = _check_number(eps, "eps")
     weight_decay = _check_number(weight_decay, "weight_decay")
+    if step.device.type == "cpu" and not torch.compiler.is_compiling():  # a host read, not traceable
+        negative = torch.nonzero(step < 0).flatten().tolist()
+        if negative:
+            raise ValueError(f"step: client {negative[0]} has step count {int(step[negative[0]])}; counts are >= 0 "
+                             "(reset_client_state starts a client at 0)")
+    written = [("params", params), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("step", step)]
+    _check_disjoint(written, [("grads", grads), ("active", active)])
     backend = _ops.resolve_backend(backend, params.device)
-    with nvtx_range("batched_adam_step"):
+    with torch.no_grad(), nvtx_range("batched_adam_step"):
         _ops.op("fl_adam_step", backend)(params, grads, exp_avg, exp_avg_sq, step, active, lr, beta1, beta2, eps,
                                          weight_decay)
+    _mark_written([t for _, t in written])
 
 
 def batched_sgd_step(params: torch.Tensor, grads: torch.Tensor, active: torch.Tensor, *, lr: float,
@@ -144,7 +161,8 @@ def batched_sgd_step(params: torch.Tensor, grads: torch.Tensor, active: torch.Te
     that client alone; a zero momentum-buffer row gives b = g exactly, as torch's first step does,
     so a fresh client starts from a zero row. Inactive rows (and their buffer rows) stay bitwise
     unchanged. momentum > 0 needs momentum_buffer (params' shape, float32, float64 for float64
-    params); with momentum = 0 a given buffer is neither read nor written.
+    params); with momentum = 0 a given buffer is neither read nor written. The tensors written
+    (params, the buffer) share no memory with each other or with grads and active.
     """
     _check_clients(params, "params")
     C = params.shape[0]
@@ -159,9 +177,12 @@ def batched_sgd_step(params: torch.Tensor, grads: torch.Tensor, active: torch.Te
         _check_like(momentum_buffer, "momentum_buffer", params, accum_dtype(params.dtype))
     else:
         momentum_buffer = None
+    written = [("params", params)] + ([("momentum_buffer", momentum_buffer)] if momentum_buffer is not None else [])
+    _check_disjoint(written, [("grads", grads), ("active", active)])
     backend = _ops.resolve_backend(backend, params.device)
-    with nvtx_range("batched_sgd_step"):
+    with torch.no_grad(), nvtx_range("batched_sgd_step"):
         _ops.op("fl_sgd_step", backend)(params, grads, momentum_buffer, active, lr, momentum, weight_decay)
+    _mark_written([t for _, t in written])
 
 
 def masked_weighted_mean(x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor, *, check: bool = False,
