@@ -131,12 +131,12 @@ def test_fp32_gram_overflow_is_nan_or_the_float64_answer(name):
         assert torch.isnan(FACTORIES[name](K).weights(G)).all()
 
 
+@pytest.mark.parametrize("K", (1, 3, 33))
 @pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_nonfinite_gradient_through_backward(name):
-    """mol.backward on a two-parameter model whose objective 1 has finite losses but an Inf gradient
-    entry (√x at x = 0): p.grad is NaN everywhere and so are the returned weights (coordinatewise
-    aggregators: p.grad is non-finite exactly there, the weights are the fixed ones)."""
-    K = 3
+def test_nonfinite_gradient_through_backward(name, K):
+    """mol.backward on a two-parameter model whose objective K // 2 has a finite loss but an Inf
+    gradient entry (√x at x = 0): p.grad is NaN everywhere and so are the returned weights
+    (coordinatewise aggregators: p.grad is non-finite exactly there, the weights are the fixed ones)."""
     W = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     X = torch.randn(K, 4, 2, dtype=torch.float64)
@@ -144,7 +144,7 @@ def test_nonfinite_gradient_through_backward(name):
 
     def losses():
         kink = (W[0, 0] - W[0, 0].detach()).sqrt()          # value 0, gradient +Inf
-        return torch.stack([(W * X[k]).sum() + (b * C[k]).sum() + (W ** 2).sum() + (kink if k == 1 else 0)
+        return torch.stack([(W * X[k]).sum() + (b * C[k]).sum() + (W ** 2).sum() + (kink if k == K // 2 else 0)
                             for k in range(K)]) + 10.0
 
     agg = FACTORIES[name](K)
