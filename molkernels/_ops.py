@@ -186,11 +186,192 @@ for _name, _schema in _TRITON_SCHEMAS.items():
     torch.library.register_fake(_qualname)(_FAKES[_name])
 
 
+# --------------------------------------------------------------------------------------------------
+# Autograd
+#
+# gram, cross_gram and combine have backward formulas (torch.library.register_autograd, for the
+# compiled and the Triton ops alike). They are plain torch products, not molkernels ops: one GEMM
+# (GEMV for ∂w) per block reads each block once, where the combine-shaped form (K combines with the
+# rows of a K×K matrix) would read the stack K times; and torch's products are themselves
+# differentiable and traceable, so double backward and torch.compile go through them. They compute
+# in the accumulation dtype (float32, float64 for float64 data), as the forward kernels do, and
+# return each gradient in its input's dtype (bf16 for a bf16 block whose Gram is float32).
+
+
+def _rows(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """block [K, *shape] as a [K, n] matrix in dtype."""
+    return block.reshape(block.shape[0], -1).to(dtype)
+
+
+def _left_multiply(matrix: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """matrix [K, K] @ block [K, *shape], computed in matrix's dtype, shaped and typed like block."""
+    return (matrix @ _rows(block, matrix.dtype)).reshape(block.shape).to(block.dtype)
+
+
+def _setup_gram(ctx, inputs, output):
+    (g,) = inputs
+    ctx.save_for_backward(*g)
+
+
+def _gram_backward(ctx, grad):
+    # G = Σ_j B_j B_jᵀ, so ∂L/∂B_j = (Ḡ + Ḡᵀ) B_j.
+    (needs_g,) = ctx.needs_input_grad
+    symmetric = grad + grad.T
+    return [_left_multiply(symmetric, b) if need else None for b, need in zip(ctx.saved_tensors, needs_g)],
+
+
+def _setup_cross_gram(ctx, inputs, output):
+    a, b = inputs
+    ctx.num_blocks = len(a)
+    ctx.save_for_backward(*a, *b)
+
+
+def _cross_gram_backward(ctx, grad):
+    # C = Σ_j A_j B_jᵀ, so ∂L/∂A_j = C̄ B_j and ∂L/∂B_j = C̄ᵀ A_j.
+    needs_a, needs_b = ctx.needs_input_grad
+    a, b = ctx.saved_tensors[:ctx.num_blocks], ctx.saved_tensors[ctx.num_blocks:]
+    return ([_left_multiply(grad, y) if need else None for y, need in zip(b, needs_a)],
+            [_left_multiply(grad.T, x) if need else None for x, need in zip(a, needs_b)])
+
+
+def _setup_combine(ctx, inputs, output):
+    g, weights = inputs
+    ctx.save_for_backward(weights, *g)
+
+
+def _combine_backward(ctx, grads):
+    # c_j = Σ_k w_k g_{k,j}, so ∂L/∂g_{k,j} = w_k c̄_j and ∂L/∂w_k = Σ_j <g_{k,j}, c̄_j>.
+    needs_g, needs_w = ctx.needs_input_grad
+    weights, *blocks = ctx.saved_tensors
+    dtype = _out_dtype(blocks[0].dtype)
+    w = weights.to(dtype)
+    grad_g = [torch.outer(w, c.reshape(-1).to(dtype)).reshape(b.shape).to(b.dtype) if need else None
+              for b, c, need in zip(blocks, grads, needs_g)]
+    grad_w = None
+    if needs_w:
+        grad_w = sum(_rows(b, dtype) @ c.reshape(-1).to(dtype) for b, c in zip(blocks, grads)).to(weights.dtype)
+    return grad_g, grad_w
+
+
+#: the ops without gradients, and the name of their input
+_NOT_DIFFERENTIABLE = {"project_simplex": "v", "min_norm": "gram"}
+
+
+def _not_differentiable_message(name: str) -> str:
+    argument = _NOT_DIFFERENTIABLE[name]
+    return (f"{name} is not differentiable: detach its input ({name}({argument}.detach())) or call it under "
+            f"torch.no_grad(); molkernels computes no gradient of {name}")
+
+
+def _raise_not_differentiable(name: str):
+    """A backward formula that raises: an error on backward, where returning no gradient would
+    silently cut the graph."""
+
+    def backward(ctx, grad):
+        raise RuntimeError(_not_differentiable_message(name))
+
+    return backward
+
+
+class _NotDifferentiableReference(torch.autograd.Function):
+    """A reference implementation of project_simplex or min_norm run without recording its graph
+    (min_norm's would be thousands of FISTA iterations), with the kernels' raising backward."""
+
+    @staticmethod
+    def forward(ctx, name, compute, x):
+        ctx.name = name
+        return compute(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(_not_differentiable_message(ctx.name))
+
+
+#: the internal ops: the steps' fused passes and the federated kernels, which mutate their
+#: arguments or serve steps that take no part in autograd. They refuse tensors that require grad.
+_INTERNAL_OPS = ("combine_into", "moco_track_gram", "joint_gram", "moco_track_combine", "fl_adam_step", "fl_sgd_step",
+                 "fl_weighted_mean")
+
+
+def _overload(name: str):
+    """The op torch.ops.molkernels.<name>."""
+    return getattr(torch.ops.molkernels, name).default
+
+
+def _argument_names(op) -> List[str]:
+    return [argument.name for argument in op._schema.arguments]
+
+
+def _check_no_grad(name: str, argument_names: List[str], args) -> None:
+    """RuntimeError naming internal op `name` and the argument, when grad mode is on and a tensor
+    argument requires grad: the op records no graph, so its results would silently lack gradients
+    (and writing into a tensor that requires grad would leave its graph stale)."""
+    if not torch.is_grad_enabled():
+        return
+    for argument, value in zip(argument_names, args):
+        labelled = [(f"{argument}[{j}]", t) for j, t in enumerate(value)] if isinstance(value, (list, tuple)) \
+            else [(argument, value)]
+        for label, tensor in labelled:
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                raise RuntimeError(f"{name}: {label} requires grad, and {name} (an internal pass of the steps or "
+                                   f"the federated kernels) records no autograd graph: pass detached tensors or "
+                                   f"call it under torch.no_grad()")
+
+
+def _refusing_grad(name: str, argument_names: List[str], run):
+    """run, after _check_no_grad."""
+
+    def checked(*args):
+        _check_no_grad(name, argument_names, args)
+        return run(*args)
+
+    return checked
+
+
+def _redispatch_below_autograd(op):
+    """The op's kernel below the Autograd key: how torch registers a non-differentiable op at the
+    Autograd key (see torch.testing._internal.optests.autograd_registration)."""
+
+    def run(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return run
+
+
+_BACKWARD_FORMULAS = {
+    "gram": (_gram_backward, _setup_gram),
+    "cross_gram": (_cross_gram_backward, _setup_cross_gram),
+    "combine": (_combine_backward, _setup_combine),
+    **{name: (_raise_not_differentiable(name), None) for name in _NOT_DIFFERENTIABLE},
+}
+
+
+def _register_autograd(prefix: str) -> None:
+    """The autograd behaviour of molkernels::<prefix><op> for every op."""
+    for name, (backward, setup_context) in _BACKWARD_FORMULAS.items():
+        torch.library.register_autograd(f"molkernels::{prefix}{name}", backward, setup_context=setup_context)
+    for name in _INTERNAL_OPS:
+        op = _overload(f"{prefix}{name}")
+        torch.library.impl(f"molkernels::{prefix}{name}", "Autograd")(
+            _refusing_grad(name, _argument_names(op), _redispatch_below_autograd(op)))
+
+
+if _C is not None:
+    _register_autograd("")
+_register_autograd("triton_")
+
+
 def _reference_op(name: str):
-    """The reference implementations, returning the dtypes the kernels return."""
+    """The reference implementations, returning the dtypes the kernels return. Their plain torch ops
+    give gram, cross_gram and combine the same gradients as the kernels' formulas; min_norm and
+    project_simplex raise on backward and the internal ops refuse inputs that require grad, as the
+    kernels do."""
 
     def gram(g):
-        return reference.gram(g).to(_out_dtype(g[0].dtype))
+        # Upcast each block once: autograd then sums the gradients of both factors of B Bᵀ in
+        # float64 and rounds to the block's dtype once, as the kernels' formula does.
+        return reference.gram([b.to(torch.float64) for b in g]).to(_out_dtype(g[0].dtype))
 
     def cross_gram(a, b):
         return reference.cross_gram(a, b).to(_out_dtype(a[0].dtype))
@@ -199,10 +380,10 @@ def _reference_op(name: str):
         return [x.to(b.dtype) for x, b in zip(reference.combine(g, weights), g)]
 
     def project_simplex(v):
-        return reference.project_simplex(v).to(v.dtype)
+        return _NotDifferentiableReference.apply("project_simplex", lambda x: reference.project_simplex(x).to(x.dtype), v)
 
     def min_norm(gram_matrix):
-        return reference.min_norm(gram_matrix).to(gram_matrix.dtype)
+        return _NotDifferentiableReference.apply("min_norm", lambda x: reference.min_norm(x).to(x.dtype), gram_matrix)
 
     def moco_track_gram(y, g, beta):
         return reference.track_gram(y, g, beta).to(_out_dtype(g[0].dtype))
@@ -213,8 +394,12 @@ def _reference_op(name: str):
     def fl_weighted_mean(x, weights, active):
         return reference.masked_weighted_mean(x, weights, active).to(x.dtype)
 
-    return {**locals(), "combine_into": reference.combine_into, "moco_track_combine": reference.track_combine,
-            "fl_adam_step": reference.batched_adam_step, "fl_sgd_step": reference.batched_sgd_step}[name]
+    implementations = {**locals(), "combine_into": reference.combine_into, "moco_track_combine": reference.track_combine,
+                       "fl_adam_step": reference.batched_adam_step, "fl_sgd_step": reference.batched_sgd_step}
+    if name in _INTERNAL_OPS:
+        # the Triton ops are always defined, with the compiled ops' schemas
+        return _refusing_grad(name, _argument_names(_overload(f"triton_{name}")), implementations[name])
+    return implementations[name]
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
