@@ -11,7 +11,7 @@ export MAX_JOBS
 
 EXTENSION_SOURCES := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' \))
 
-.PHONY: install test core-test python-test demo bench gpu-check clean
+.PHONY: install test core-test python-test demo bench gpu-check gpu-check-dry clean
 
 install: $(VENV)/.built
 
@@ -41,7 +41,7 @@ core-test:
 python-test: install
 	$(PY) -m pytest -q python_tests
 
-test: core-test python-test
+test: core-test python-test gpu-check-dry
 
 demo: install
 	$(PY) -m molkernels demo
@@ -52,6 +52,11 @@ bench: install
 # On a GPU machine: its own python3 and torch, no network, no venv.
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# The same stages on CPU tensors with tiny sizes (reference and cpu backends, Triton interpreted),
+# so that a broken check script fails `make test`.
+gpu-check-dry: install
+	GPU_CHECK_DRY=1 PYTHON=$(PY) BENCH_OUT=build/gpu-check-dry bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build build-core molkernels/_C*.so $(VENV)/.built
