@@ -58,6 +58,8 @@ import torch
 
 import molkernels
 
+from . import _cli
+
 # fl_round and fl_adam: a full round of molkernels.federated's simulator and the batched Adam step
 # alone; their K column is the number of client slots C, their d the model dimension D.
 # distributed: spawned worlds of 1, 2, 4 ranks (gloo on CPU), one MGDA step per path.
@@ -1077,33 +1079,60 @@ def write_markdown(result: Result, path: str, *, title: str, device: torch.devic
 
 
 def parse_size(text: str) -> int:
-    """12.5M, 5e6, 4096, 2^20, 64k -> an int."""
+    """An argument type: 12.5M, 5e6, 4096, 2^20, 64k -> a positive int (below 2^63, torch's size limit)."""
     text = text.strip()
-    match = re.fullmatch(r"2\^(\d+)", text)
-    if match:
-        return 1 << int(match.group(1))
-    scale = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:], None)
-    value = float(text[:-1]) * scale if scale else float(text)
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"expected a positive integer size, got {text!r}")
+    power = re.fullmatch(r"2\^(\d+)", text)
+    scales = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
+    try:
+        if power:
+            value = 2.0 ** int(power.group(1))
+        elif text[-1:] in scales:
+            value = float(text[:-1]) * scales[text[-1]]
+        else:
+            value = float(text)
+    except (ValueError, OverflowError):
+        value = math.nan
+    if not (1 <= value < 2**63 and value == int(value)):  # also rejects NaN and inf
+        raise argparse.ArgumentTypeError(f"a positive integer size below 2^63 (e.g. 4096, 64k, 12.5M, 2^20), "
+                                         f"got {text!r}")
     return int(value)
+
+
+def markdown_path(text: str) -> str:
+    """An argument type: `auto` or a file that can be written."""
+    return text if text == "auto" else _cli.output_file(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("op", choices=OPS + ("all",), help="which benchmark; all runs every one at default sizes")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", type=_cli.device, choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    parser.add_argument("--K", type=int, nargs="+", default=None,
+    parser.add_argument("--K", type=_cli.positive_int, nargs="+", default=None,
                         help="number(s) of objectives (default: 8; min_norm: 2 4 8 16 32 64)")
     parser.add_argument("--d", type=parse_size, nargs="+", default=None,
                         help="gradient dimension(s), e.g. 12.5M (default: 12.5M for gram and combine, 5M for mgda)")
-    parser.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS, help="blocks of the list stack (gram)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--csv", default=None, help="CSV path (default: bench-out/<op>-<device>-<dtype>.csv)")
-    parser.add_argument("--markdown", default=None,
+    parser.add_argument("--blocks", type=_cli.positive_int, default=DEFAULT_BLOCKS,
+                        help="blocks of the list stack (gram)")
+    parser.add_argument("--repeats", type=_cli.positive_int, default=10,
+                        help="timed repeats per measurement (median reported)")
+    parser.add_argument("--threads", type=_cli.positive_int, default=None,
+                        help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--csv", type=_cli.output_file, default=None,
+                        help="CSV path (default: bench-out/<op>-<device>-<dtype>.csv)")
+    parser.add_argument("--markdown", type=markdown_path, default=None,
                         help="append a markdown table with the machine description to this file; "
                              "'auto': benchmarks/results/<gpu or cpu>-<date>.md under the current folder")
+
+
+def check(args: argparse.Namespace) -> None:
+    """The default output paths, resolved here (args.csv, args.markdown), writable before anything runs."""
+    if args.csv is None:
+        args.csv = os.path.join("bench-out", f"{args.op}-{args.device}-{args.dtype}.csv")
+        _cli.check_default_output("--csv", args.csv)
+    if args.markdown == "auto":
+        args.markdown = os.path.join("benchmarks", "results",
+                                     f"{device_slug(torch.device(args.device))}-{datetime.date.today()}.md")
+        _cli.check_default_output("--markdown", args.markdown)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -1122,9 +1151,6 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench: --device cuda, but no CUDA device is visible", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -1144,12 +1170,9 @@ def run(args: argparse.Namespace) -> int:
             print(format_targets(result.targets))
         print(f"({op}: {time.perf_counter() - op_started:.1f} s)")
         total.extend(result)
-    csv_path = args.csv or os.path.join("bench-out", f"{args.op}-{args.device}-{args.dtype}.csv")
-    write_csv(total.rows, csv_path)
-    print(f"\nwrote {csv_path}")
+    write_csv(total.rows, args.csv)
+    print(f"\nwrote {args.csv}")
     if args.markdown:
-        if args.markdown == "auto":
-            args.markdown = os.path.join("benchmarks", "results", f"{device_slug(device)}-{datetime.date.today()}.md")
         write_markdown(total, args.markdown, title=f"`{command_line(args)}`", device=device)
         print(f"appended {args.markdown}")
     missed = [t for t in total.targets if not t.passed]

@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from . import _cli
 from .toy import format_table
 
 
@@ -404,7 +405,8 @@ SECTIONS: List[Section] = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="molkernels-demo", help="output folder (default: ./molkernels-demo/)")
+    parser.add_argument("--out", type=_cli.output_folder, default="molkernels-demo",
+                        help="output folder (default: ./molkernels-demo/)")
     parser.add_argument("--sections", nargs="+", choices=[s.name for s in SECTIONS], default=None,
                         help="run only these sections (default: all)")
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU even when one is visible")

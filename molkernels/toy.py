@@ -38,6 +38,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from . import _cli
+
 EXPERIMENTS = ("bias", "modo", "mtl", "all")
 TOY_METHODS = {"bias": ("mgda", "moco"), "modo": ("mgda", "modo"), "all": ("mgda", "moco", "modo")}
 LABELS = {"mgda_exact": "MGDA, exact gradients", "mgda": "stochastic MGDA (SMG)", "moco": "MoCo", "modo": "MoDo"}
@@ -709,23 +711,21 @@ def print_mtl(result: dict) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", choices=EXPERIMENTS, default="all",
                         help="bias: SMG vs MoCo; modo: SMG vs MoDo; mtl: the multi-task network; all (default)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"toy steps (default {ToySettings.steps}); the network takes --mtl-steps")
-    parser.add_argument("--mtl-steps", type=int, default=MTLSettings.steps,
+    parser.add_argument("--steps", type=_cli.int_range(10), default=None,
+                        help=f"toy steps, at least 10 (default {ToySettings.steps}); the network takes --mtl-steps")
+    parser.add_argument("--mtl-steps", type=_cli.positive_int, default=MTLSettings.steps,
                         help=f"optimizer steps per network run (default {MTLSettings.steps})")
-    parser.add_argument("--seeds", type=int, default=None,
+    parser.add_argument("--seeds", type=_cli.positive_int, default=None,
                         help=f"number of seeds (default {DEFAULT_TOY_SEEDS} for the toy and {DEFAULT_MTL_SEEDS} for the network)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed (runs use seed, seed+1, ...; default 0)")
-    parser.add_argument("--out", default="molkernels-toy", help="output folder (default ./molkernels-toy/)")
-    parser.add_argument("--json", default=None, help="JSON output (default OUT/toy.json)")
-    parser.add_argument("--plot", default=None, help="PNG of the toy (default OUT/toy.png)")
+    parser.add_argument("--seed", type=_cli.seed, default=0,
+                        help="first seed (runs use seed, seed+1, ...; default 0)")
+    parser.add_argument("--out", type=_cli.output_folder, default="molkernels-toy",
+                        help="output folder (default ./molkernels-toy/)")
+    parser.add_argument("--json", type=_cli.output_file, default=None, help="JSON output (default OUT/toy.json)")
+    parser.add_argument("--plot", type=_cli.output_file, default=None, help="PNG of the toy (default OUT/toy.png)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.steps is not None and args.steps < 10:
-        raise SystemExit("--steps: the toy needs at least 10 steps")
-    if args.seeds is not None and args.seeds < 1:
-        raise SystemExit("--seeds: at least 1")
     os.makedirs(args.out, exist_ok=True)
     json_path = args.json or os.path.join(args.out, "toy.json")
     plot_path = args.plot or os.path.join(args.out, "toy.png")

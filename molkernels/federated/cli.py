@@ -31,6 +31,8 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
+from .. import _cli
+
 SWEEPABLE = {"kappa": float, "sigma": float, "join_rate": float, "leave_rate": float, "local_steps": int,
              "lr": float, "server_lr": float, "clients": int}
 DEFAULT_SEEDS = 3
@@ -40,20 +42,21 @@ COLORS = {"local_sgd": "tab:blue", "local_adam": "tab:red"}
 
 
 def parse_sweep(text: str):
-    """'kappa=1,10,100' -> ('kappa', [1.0, 10.0, 100.0]); ValueError naming what is wrong."""
+    """An argument type: 'kappa=1,10,100' -> ('kappa', [1.0, 10.0, 100.0]), the values sorted and
+    distinct (FLConfig.validate checks their range)."""
     if "=" not in text:
-        raise ValueError(f"--sweep: expected NAME=V1,V2,..., got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=V1,V2,..., got {text!r}")
     name, values = text.split("=", 1)
     name = name.strip().replace("-", "_")
     if name not in SWEEPABLE:
-        raise ValueError(f"--sweep: cannot sweep {name!r}; expected one of {', '.join(SWEEPABLE)}")
+        raise argparse.ArgumentTypeError(f"cannot sweep {name!r}; expected one of {', '.join(SWEEPABLE)}")
     cast = SWEEPABLE[name]
     try:
         parsed = [cast(v) for v in values.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--sweep: {name} values must be {cast.__name__}s, got {values!r}") from None
+        raise argparse.ArgumentTypeError(f"{name} values must be {cast.__name__}s, got {values!r}") from None
     if not parsed:
-        raise ValueError(f"--sweep: no values for {name}")
+        raise argparse.ArgumentTypeError(f"no values for {name}")
     return name, sorted(set(parsed))
 
 
@@ -366,6 +369,8 @@ def demo(out: str, *, seeds: int = 2, rounds: int = 100) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options; those that are FLConfig fields are checked by FLConfig.validate (in `check`)."""
+    from .problems import DATASETS
     from .simulator import FLConfig
 
     d = FLConfig()
@@ -383,28 +388,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--leave-rate", type=float, default=d.leave_rate,
                         help=f"probability per round that an active client leaves (default {d.leave_rate:g})")
     parser.add_argument("--local-steps", type=int, default=d.local_steps, help=f"E (default {d.local_steps})")
-    parser.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds per run (default {d.rounds})")
+    parser.add_argument("--rounds", type=_cli.int_range(2), default=d.rounds,
+                        help=f"rounds per run, at least 2: the radius is taken over the second half "
+                             f"(default {d.rounds})")
     parser.add_argument("--lr", type=float, default=None, help="local learning rate (default 0.1 SGD, 0.01 Adam)")
     parser.add_argument("--server-lr", type=float, default=d.server_lr, help="server learning rate (default 1)")
     parser.add_argument("--state-on-join", default=d.state_on_join,
                         help="reset (default): a new client starts with fresh optimiser state; inherit: keeps the slot's")
     parser.add_argument("--weighting", default=d.weighting, help="size (default: w_c = local data size) or uniform")
     parser.add_argument("--init", default=d.init, help="optimum (default: x_0 = x*_0) or zero")
-    parser.add_argument("--dataset", default=None, help="logreg: breast_cancer (default) or digits")
-    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds per setting (default {DEFAULT_SEEDS})")
-    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    parser.add_argument("--sweep", default=None,
+    parser.add_argument("--dataset", default=None, choices=DATASETS, help="logreg: breast_cancer (default) or digits")
+    parser.add_argument("--seeds", type=_cli.positive_int, default=DEFAULT_SEEDS,
+                        help=f"seeds per setting (default {DEFAULT_SEEDS})")
+    parser.add_argument("--seed", type=_cli.seed, default=0, help="first seed (default 0)")
+    parser.add_argument("--sweep", type=parse_sweep, default=None,
                         help=f"NAME=V1,V2,...: run every value for both algorithms; NAME in {', '.join(SWEEPABLE)}")
     parser.add_argument("--backend", default=d.backend, help="kernel backend (default auto)")
-    parser.add_argument("--device", default=d.device, help="cpu (default) or cuda")
+    parser.add_argument("--device", type=_cli.device, default=d.device, help="cpu (default) or cuda")
     parser.add_argument("--dtype", default=d.dtype, help="float32 (default) or float64")
-    parser.add_argument("--out", default="molkernels-fl", help="output folder (default ./molkernels-fl/)")
-    parser.add_argument("--json", default=None, help="JSON output (default OUT/fl.json or OUT/fl_sweep.json)")
-    parser.add_argument("--plot", default=None, help="PNG output (default OUT/fl.png or OUT/fl_sweep.png)")
+    parser.add_argument("--out", type=_cli.output_folder, default="molkernels-fl",
+                        help="output folder (default ./molkernels-fl/)")
+    parser.add_argument("--json", type=_cli.output_file, default=None,
+                        help="JSON output (default OUT/fl.json or OUT/fl_sweep.json)")
+    parser.add_argument("--plot", type=_cli.output_file, default=None,
+                        help="PNG output (default OUT/fl.png or OUT/fl_sweep.png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace):
+    """The FLConfig of the options, validated (ValueError naming the first bad field)."""
     from .simulator import FLConfig
 
     options = {}
@@ -421,27 +433,39 @@ def config_from_args(args: argparse.Namespace):
     return config.validate()
 
 
-def run(args: argparse.Namespace) -> int:
+def sweep_algorithms(args: argparse.Namespace) -> List[str]:
+    """The algorithms a sweep runs: the one --algorithm names, else all."""
     from .simulator import ALGORITHMS
 
+    return [args.algorithm] if args.algorithm else list(ALGORITHMS)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every setting the run will simulate (each sweep value of each algorithm) valid, and the
+    backend able to run on the device, before anything runs."""
     config = config_from_args(args)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds: at least 1, got {args.seeds}")
-    if config.rounds < 2:
-        raise ValueError(f"--rounds: at least 2 (the radius is taken over the second half), got {config.rounds}")
+    if args.sweep:
+        parameter, values = args.sweep
+        for value in values:
+            for algorithm in sweep_algorithms(args):
+                try:
+                    dataclasses.replace(config, algorithm=algorithm, **{parameter: value}).validate()
+                except ValueError as error:
+                    raise ValueError(f"--sweep: {error}") from None
+    _cli.check_backend(args.backend, args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
     seeds = [args.seed + i for i in range(args.seeds)]
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
     out: Dict[str, object] = {"command": "fl", "config": config.to_dict(), "seeds": seeds}
     if args.sweep:
-        parameter, values = parse_sweep(args.sweep)
-        algorithms = [args.algorithm] if args.algorithm else list(ALGORITHMS)
-        for value in values:  # every setting valid before anything runs
-            for algorithm in algorithms:
-                dataclasses.replace(config, algorithm=algorithm, **{parameter: value}).validate()
+        parameter, values = args.sweep
         json_path = args.json or os.path.join(args.out, "fl_sweep.json")
         plot_path = args.plot or os.path.join(args.out, "fl_sweep.png")
-        sweep = run_sweep(config, parameter, values, algorithms, seeds, progress=not args.no_progress)
+        sweep = run_sweep(config, parameter, values, sweep_algorithms(args), seeds, progress=not args.no_progress)
         print_sweep(config, sweep)
         plot_sweep(config, sweep, plot_path)
         out["sweep"] = {"parameter": parameter, "values": values, "claims": sweep["claims"],

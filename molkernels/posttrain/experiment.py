@@ -22,6 +22,8 @@ from typing import Dict, List
 
 import torch
 
+from .. import _cli
+from ..steps import NORMALIZATIONS
 from .data import ByteTokenizer, HFTokenizer, PreferenceDataset, SFTDataset, load_records
 from .trainer import METHODS, JointTrainer
 
@@ -51,8 +53,6 @@ def _split(records: List[dict], fraction: float, seed: int):
 def _local_setup(args, seed: int):
     from transformers import AutoModelForCausalLM
 
-    if not (args.sft_data and args.pref_data):
-        raise SystemExit("--model: also give --sft-data and --pref-data (JSONL files)")
     if args.tokenizer == "byte":
         tokenizer = ByteTokenizer()
     else:
@@ -243,51 +243,70 @@ def plot_result(result: dict, path: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+    parser.add_argument("--methods", type=_cli.names(METHODS), default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps per method (default 200)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=1,
+    parser.add_argument("--steps", type=_cli.positive_int, default=200, help="training steps per method (default 200)")
+    parser.add_argument("--seed", type=_cli.seed, default=0)
+    parser.add_argument("--seeds", type=_cli.positive_int, default=1,
                         help="run seeds seed, seed+1, ...; the JSON reports means, stds and per-seed claims")
-    parser.add_argument("--lam", type=float, default=0.5, help="weight λ of the DPO objective (default 0.5)")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO β (default 0.1)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-every", type=int, default=20, help="held-out evaluation period in steps")
-    parser.add_argument("--max-eval-steps", type=int, default=10, help="MAXRIGHT's gap refresh period")
-    parser.add_argument("--normalize", choices=("none", "l2", "loss", "loss+"), default="none",
+    parser.add_argument("--lam", type=_cli.probability, default=0.5,
+                        help="weight λ of the DPO objective, in [0, 1] (default 0.5)")
+    parser.add_argument("--beta", type=_cli.float_range(0.0, low_open=True), default=0.1, help="DPO β > 0 (default 0.1)")
+    parser.add_argument("--lr", type=_cli.nonnegative_float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    parser.add_argument("--batch-size", type=_cli.positive_int, default=16)
+    parser.add_argument("--eval-every", type=_cli.positive_int, default=20,
+                        help="held-out evaluation period in steps")
+    parser.add_argument("--max-eval-steps", type=_cli.positive_int, default=10, help="MAXRIGHT's gap refresh period")
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
                         help="gradient normalisation of the mgda and moco methods (default none)")
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--train-records", type=int, default=512, help="synthetic training records per objective")
-    parser.add_argument("--eval-records", type=int, default=64, help="synthetic held-out records per objective")
-    parser.add_argument("--model", default=None, help="a local HF causal LM directory (default: a tiny random Llama)")
-    parser.add_argument("--sft-data", default=None, help="JSONL of {prompt, completion} records (with --model)")
-    parser.add_argument("--pref-data", default=None, help="JSONL of {prompt, chosen, rejected} records (with --model)")
+    parser.add_argument("--max-length", type=_cli.int_range(2), default=256,
+                        help="tokens per sequence, prompt and response (default 256)")
+    parser.add_argument("--train-records", type=_cli.positive_int, default=512,
+                        help="synthetic training records per objective")
+    parser.add_argument("--eval-records", type=_cli.positive_int, default=64,
+                        help="synthetic held-out records per objective")
+    parser.add_argument("--model", type=_cli.existing_folder, default=None,
+                        help="a local HF causal LM directory (default: a tiny random Llama)")
+    parser.add_argument("--sft-data", type=_cli.existing_file, default=None,
+                        help="JSONL of {prompt, completion} records (with --model)")
+    parser.add_argument("--pref-data", type=_cli.existing_file, default=None,
+                        help="JSONL of {prompt, chosen, rejected} records (with --model)")
     parser.add_argument("--tokenizer", choices=("auto", "byte"), default="auto",
                         help="with --model: the model's own tokenizer (auto) or the byte tokenizer")
-    parser.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of --sft-data/--pref-data")
+    parser.add_argument("--eval-fraction", type=_cli.float_range(0.0, 1.0, low_open=True, high_open=True),
+                        default=0.1, help="held-out share of --sft-data/--pref-data, in (0, 1) (default 0.1)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=_cli.device, default="cpu")
     parser.add_argument("--backend", default="auto", help="molkernels backend of the mgda/moco steps")
-    parser.add_argument("--out", default="molkernels-posttrain", help="output folder")
-    parser.add_argument("--json", default=None, help="JSON output (default OUT/posttrain.json)")
-    parser.add_argument("--plot", default=None, help="PNG Pareto plot (default OUT/posttrain.png)")
+    parser.add_argument("--out", type=_cli.output_folder, default="molkernels-posttrain", help="output folder")
+    parser.add_argument("--json", type=_cli.output_file, default=None, help="JSON output (default OUT/posttrain.json)")
+    parser.add_argument("--plot", type=_cli.output_file, default=None,
+                        help="PNG Pareto plot (default OUT/posttrain.png)")
+
+
+def check(args: argparse.Namespace) -> None:
+    """--model comes with both data files (and they only with it), the files hold JSON records and
+    leave training records after the held-out split, and the backend runs on the device."""
+    if args.model and not (args.sft_data and args.pref_data):
+        raise ValueError("--model: also give --sft-data and --pref-data (JSONL files)")
+    if not args.model:
+        for option, value in (("--sft-data", args.sft_data), ("--pref-data", args.pref_data)):
+            if value:
+                raise ValueError(f"{option}: only with --model (the default model trains on synthetic data)")
+    _cli.check_backend(args.backend, args.device)
+    if args.model:
+        for option, path in (("--sft-data", args.sft_data), ("--pref-data", args.pref_data)):
+            _split(load_records(path, option), args.eval_fraction, args.seed)
 
 
 def run(args: argparse.Namespace) -> int:
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise SystemExit(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
-    if args.steps < 1 or args.eval_every < 1 or args.seeds < 1:
-        raise SystemExit("--steps, --eval-every and --seeds: at least 1")
     os.makedirs(args.out, exist_ok=True)
     json_path = args.json or os.path.join(args.out, "posttrain.json")
     plot_path = args.plot or os.path.join(args.out, "posttrain.png")
     results = []
     for seed in range(args.seed, args.seed + args.seeds):
         setup = _local_setup(args, seed) if args.model else _synthetic_setup(args, seed)
-        results.append(run_methods(*setup, methods=methods, steps=args.steps, seed=seed, lam=args.lam,
+        results.append(run_methods(*setup, methods=args.methods, steps=args.steps, seed=seed, lam=args.lam,
                                    beta=args.beta, lr=args.lr, batch_size=args.batch_size,
                                    eval_every=args.eval_every, max_length=args.max_length,
                                    max_eval_steps=args.max_eval_steps, normalize=args.normalize,
