@@ -2,7 +2,9 @@
 
 The compiled ops `torch.ops.molkernels.*` (CPU and CUDA kernels, schemas in csrc/ops.cpp) get
 their fake implementations here, so torch.compile traces through them. The Triton kernels are
-registered as custom ops `molkernels::triton_*` with the same fake implementations.
+registered as custom ops `molkernels::triton_*` with the same fake implementations. Both get the
+same autograd behaviour: backward formulas for gram, cross_gram and combine, a backward that raises
+for min_norm and project_simplex, and an error for the internal ops when a tensor requires grad.
 """
 
 from __future__ import annotations

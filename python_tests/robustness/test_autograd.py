@@ -1,11 +1,11 @@
 """Autograd through the core ops (issue 14, item 8), on every backend.
 
 gram, cross_gram and combine have backward formulas: torch.autograd.gradcheck in float64 on tensor
-stacks and lists of odd, strided and non-contiguous blocks (and gradgradcheck), and the
-float32/16-bit gradients against the float64 formulas under the tolerance tables. min_norm and project_simplex raise on backward
-instead of cutting the graph. The internal in-place ops refuse tensors that require grad. The
-custom ops pass torch.library.opcheck with inputs that require grad, and a compiled
-(fullgraph=True) loss through gram and combine backpropagates like eager.
+stacks and lists of odd, strided and non-contiguous blocks (and gradgradcheck), and the float32 and
+16-bit gradients against the float64 formulas under the tolerance tables. min_norm and
+project_simplex raise on backward instead of cutting the graph. The internal in-place ops refuse
+tensors that require grad. The custom ops pass torch.library.opcheck with inputs that require
+grad, and a compiled (fullgraph=True) loss through gram and combine backpropagates like eager.
 """
 
 import re
