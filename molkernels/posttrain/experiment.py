@@ -31,14 +31,19 @@ DEFAULT_METHODS = ("sequential", "mix", "alright", "maxright", "mgda", "moco")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _synthetic_setup(args, seed: int):
-    from .synthetic import make_data, tiny_llama
+def _synthetic_records(args, seed: int):
+    """The synthetic sft_train, pref_train, sft_eval and pref_eval records of seed `seed`'s run."""
+    from .synthetic import make_data
 
-    tokenizer = ByteTokenizer()
     sft_train, pref_train = make_data(args.train_records, args.train_records, seed=seed + 1)
     sft_eval, pref_eval = make_data(args.eval_records, args.eval_records, seed=seed + 2)
-    model = tiny_llama(seed, dtype=DTYPES[args.dtype])
-    return model, tokenizer, sft_train, pref_train, sft_eval, pref_eval
+    return sft_train, pref_train, sft_eval, pref_eval
+
+
+def _synthetic_setup(args, seed: int):
+    from .synthetic import tiny_llama
+
+    return (tiny_llama(seed, dtype=DTYPES[args.dtype]), ByteTokenizer()) + _synthetic_records(args, seed)
 
 
 def _split(records: List[dict], fraction: float, seed: int):
@@ -50,19 +55,30 @@ def _split(records: List[dict], fraction: float, seed: int):
     return records[n_eval:], records[:n_eval]
 
 
+def _local_tokenizer(args):
+    if args.tokenizer == "byte":
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(args.model, local_files_only=True))
+
+
 def _local_setup(args, seed: int):
     from transformers import AutoModelForCausalLM
 
-    if args.tokenizer == "byte":
-        tokenizer = ByteTokenizer()
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(args.model, local_files_only=True))
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=DTYPES[args.dtype])
     sft_train, sft_eval = _split(load_records(args.sft_data, "--sft-data"), args.eval_fraction, seed)
     pref_train, pref_eval = _split(load_records(args.pref_data, "--pref-data"), args.eval_fraction, seed)
-    return model, tokenizer, sft_train, pref_train, sft_eval, pref_eval
+    return model, _local_tokenizer(args), sft_train, pref_train, sft_eval, pref_eval
+
+
+def tokenize(tokenizer, sft_train, pref_train, sft_eval, pref_eval, *, max_length: int):
+    """The four datasets of a run; ValueError naming a record that is malformed or whose prompt
+    leaves no room for its response within max_length."""
+    return (SFTDataset(sft_train, tokenizer, max_length=max_length, name="sft_data"),
+            PreferenceDataset(pref_train, tokenizer, max_length=max_length, name="pref_data"),
+            SFTDataset(sft_eval, tokenizer, max_length=max_length, name="sft_eval"),
+            PreferenceDataset(pref_eval, tokenizer, max_length=max_length, name="pref_eval"))
 
 
 def run_methods(model, tokenizer, sft_train, pref_train, sft_eval, pref_eval, *, methods, steps: int, seed: int,
@@ -74,10 +90,8 @@ def run_methods(model, tokenizer, sft_train, pref_train, sft_eval, pref_eval, *,
     model = model.to(device)
     initial = copy.deepcopy(model.state_dict())
     reference = copy.deepcopy(model).eval().requires_grad_(False)
-    sft_train = SFTDataset(sft_train, tokenizer, max_length=max_length, name="sft_data")
-    pref_train = PreferenceDataset(pref_train, tokenizer, max_length=max_length, name="pref_data")
-    sft_eval = SFTDataset(sft_eval, tokenizer, max_length=max_length, name="sft_eval")
-    pref_eval = PreferenceDataset(pref_eval, tokenizer, max_length=max_length, name="pref_eval")
+    sft_train, pref_train, sft_eval, pref_eval = tokenize(tokenizer, sft_train, pref_train, sft_eval, pref_eval,
+                                                          max_length=max_length)
 
     def train(method: str, method_lam: float, optima=(None, None)) -> dict:
         model.load_state_dict(initial)
@@ -285,8 +299,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """--model comes with both data files (and they only with it), the files hold JSON records and
-    leave training records after the held-out split, and the backend runs on the device."""
+    """Everything the run reads, checked before it trains: --model comes with both data files (and
+    they only with it), it is a model folder with a tokenizer, every record of the files is well
+    formed and fits --max-length, the held-out split leaves training records (the synthetic data
+    of every seed fits --max-length), and the backend runs on the device."""
     if args.model and not (args.sft_data and args.pref_data):
         raise ValueError("--model: also give --sft-data and --pref-data (JSONL files)")
     if not args.model:
@@ -295,8 +311,26 @@ def check(args: argparse.Namespace) -> None:
                 raise ValueError(f"{option}: only with --model (the default model trains on synthetic data)")
     _cli.check_backend(args.backend, args.device)
     if args.model:
-        for option, path in (("--sft-data", args.sft_data), ("--pref-data", args.pref_data)):
-            _split(load_records(path, option), args.eval_fraction, args.seed)
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(args.model, local_files_only=True)
+            tokenizer = _local_tokenizer(args)
+        except (OSError, ValueError) as error:
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"--model: cannot load a Hugging Face causal LM and its tokenizer from {args.model!r} "
+                             f"({first_line})") from None
+        for option, path, dataset in (("--sft-data", args.sft_data, SFTDataset),
+                                      ("--pref-data", args.pref_data, PreferenceDataset)):
+            records = load_records(path, option)
+            dataset(records, tokenizer, max_length=args.max_length, name=option)
+            _split(records, args.eval_fraction, args.seed)
+    else:
+        for seed in range(args.seed, args.seed + args.seeds):
+            try:
+                tokenize(ByteTokenizer(), *_synthetic_records(args, seed), max_length=args.max_length)
+            except ValueError as error:
+                raise ValueError(f"--max-length: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,6 +59,8 @@ CASES = [
     (POSTTRAIN + ["--methods", "alright,dpo"], "--methods:"),
     (POSTTRAIN + ["--model", "{tmp}/missing"], "--model:"),
     (POSTTRAIN + ["--model", "{tmp}/adir"], "--model:"),
+    (POSTTRAIN + ["--model", "{tmp}/adir", "--sft-data", "{tmp}/afile", "--pref-data", "{tmp}/afile"], "--model:"),
+    (POSTTRAIN + ["--max-length", "8"], "--max-length:"),
     (POSTTRAIN + ["--sft-data", "{tmp}/afile"], "--sft-data:"),
     (POSTTRAIN + ["--device", "tpu"], "--device:"),
     (POSTTRAIN + ["--backend", "nope"], "--backend:"),
@@ -118,6 +120,27 @@ def test_bad_argument_in_a_subprocess(tmp_path, argv, name):
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert name in the_error_line(result.stderr) and result.stdout == ""
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("sft_lines, name", [
+    (['{"prompt": "a", "completion": "b"}', "not json"], "--sft-data: line 2 of"),
+    (['{"prompt": "a"}'], "--sft-data: record 0 is missing the field 'completion'"),
+    (['{"prompt": "a long prompt of many bytes", "completion": "b"}'], "--sft-data: record 0 prompt has"),
+])
+def test_posttrain_data_files_are_checked_before_training(tmp_path, monkeypatch, capsys, sft_lines, name):
+    from molkernels.posttrain.synthetic import tiny_llama
+
+    tiny_llama(0, hidden_size=16, layers=1, heads=2).config.save_pretrained(tmp_path / "model")  # no weights
+    (tmp_path / "sft.jsonl").write_text("\n".join(sft_lines) + "\n")
+    (tmp_path / "pref.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 4)
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        main(POSTTRAIN + ["--model", "model", "--tokenizer", "byte", "--sft-data", "sft.jsonl",
+                          "--pref-data", "pref.jsonl", "--max-length", "16"])
+    assert caught.value.code == 2
+    assert name in the_error_line(capsys.readouterr().err)
     assert tree(tmp_path) == before
 
 
