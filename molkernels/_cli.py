@@ -79,7 +79,6 @@ def float_range(low: float = -math.inf, high: float = math.inf, *, low_open: boo
 
 positive_int = int_range(1)
 seed = int_range(0, MAX_SEED)
-finite_float = float_range()
 nonnegative_float = float_range(0.0)
 probability = float_range(0.0, 1.0)
 
