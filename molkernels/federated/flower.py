@@ -41,6 +41,7 @@ from typing import Callable, Dict, Union
 import torch
 
 from .kernels import batched_adam_step
+from .population import check_integer, check_number
 
 STATE_KEY = "molkernels.local_adam"
 
@@ -60,10 +61,26 @@ def _trainable(model: torch.nn.Module):
 
 def load_adam_state(state, D: int, *, key: str = STATE_KEY, dtype=torch.float32, device="cpu"):
     """(exp_avg [1, D], exp_avg_sq [1, D], step [1] int64) from a flwr RecordDict, or fresh zeros
-    when it holds none (or one of another size: the model changed)."""
+    when it holds none (or one whose exp_avg has another size: the model changed). A saved state
+    that is not what save_adam_state writes (other entries, exp_avg_sq or step of other shapes, a
+    negative or fractional step, non-finite moments) raises ValueError naming the entry."""
     if key in state:
         saved = state[key].to_torch_state_dict()
+        where = f"state[{key!r}]"
+        if sorted(saved) != ["exp_avg", "exp_avg_sq", "step"]:
+            raise ValueError(f"{where}: holds {sorted(saved)}, expected exp_avg, exp_avg_sq and step")
         if saved["exp_avg"].shape == (1, D):
+            if saved["exp_avg_sq"].shape != (1, D) or saved["step"].shape != (1,):
+                raise ValueError(f"{where}: exp_avg_sq {tuple(saved['exp_avg_sq'].shape)} and step "
+                                 f"{tuple(saved['step'].shape)}, expected (1, {D}) and (1,)")
+            step = saved["step"]
+            if step.is_floating_point() or step.is_complex() or step.dtype == torch.bool or int(step[0]) < 0:
+                raise ValueError(f"{where}['step']: a count >= 0, got {step.tolist()} ({step.dtype})")
+            for name in ("exp_avg", "exp_avg_sq"):
+                if not bool(torch.isfinite(saved[name]).all()):
+                    raise ValueError(f"{where}['{name}']: has non-finite entries")
+            if bool((saved["exp_avg_sq"] < 0).any()):
+                raise ValueError(f"{where}['exp_avg_sq']: has negative entries")
             return (saved["exp_avg"].to(device=device, dtype=dtype).contiguous(),
                     saved["exp_avg_sq"].to(device=device, dtype=dtype).contiguous(),
                     saved["step"].to(device=device, dtype=torch.int64).contiguous())
@@ -83,8 +100,11 @@ def local_adam_train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module,
     """`local_steps` Adam steps on `model`'s trainable parameters (in place), with the optimiser state
     read from and written back to the flwr RecordDict `state`. loss_fn(model, step) -> scalar loss.
     Returns {"train_loss": mean loss, "adam_step": the client's step count}."""
-    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
-        raise ValueError(f"local_steps: an integer >= 1, got {local_steps!r}")
+    check_integer("local_steps", local_steps, low=1)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable loss_fn(model, step), got {type(loss_fn).__name__}")
     params = _trainable(model)
     if not params:
         raise ValueError("model: has no trainable parameters")
@@ -109,6 +129,9 @@ def local_adam_train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module,
     for s in range(local_steps):
         model.zero_grad(set_to_none=True)
         loss = loss_fn(model, s)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"loss_fn: must return a scalar loss tensor, got "
+                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
         loss.backward()
         offset = 0
         for _, p in params:
@@ -137,6 +160,21 @@ class LocalAdamClient:
     def __init__(self, model_fn: Callable, loss_fn: Callable, *, local_steps: int = 1, lr: float = 1e-3,
                  beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
                  num_examples: Union[int, Callable] = 1, state_key: str = STATE_KEY, backend: str = "auto"):
+        for name, value in (("model_fn", model_fn), ("loss_fn", loss_fn)):
+            if not callable(value):
+                raise TypeError(f"{name}: expected a callable, got {type(value).__name__}")
+        check_integer("local_steps", local_steps, low=1)
+        check_number("lr", lr, 0.0)
+        check_number("beta1", beta1, 0.0, 1.0, high_open=True)
+        check_number("beta2", beta2, 0.0, 1.0, high_open=True)
+        check_number("eps", eps, 0.0)
+        check_number("weight_decay", weight_decay, 0.0)
+        if not callable(num_examples):
+            check_integer("num_examples", num_examples, low=0)
+        if not isinstance(state_key, str) or not state_key:
+            raise ValueError(f"state_key: a non-empty string, got {state_key!r}")
+        if not isinstance(backend, str):
+            raise ValueError(f"backend: a backend name, got {backend!r}")
         self.model_fn, self.loss_fn = model_fn, loss_fn
         self.local_steps, self.lr = local_steps, lr
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
@@ -147,15 +185,17 @@ class LocalAdamClient:
         flwr_app, _ = _flwr()
         content = message.content
         config = content["config"] if "config" in content else {}
-        lr = float(config["lr"]) if "lr" in config else self.lr
-        local_steps = int(config["local-steps"]) if "local-steps" in config else self.local_steps
+        lr = check_number("config['lr']", config["lr"], 0.0) if "lr" in config else self.lr
+        local_steps = check_integer("config['local-steps']", config["local-steps"], low=1) if "local-steps" in config \
+            else self.local_steps
         model = self.model_fn(context)
         if "arrays" in content:
             model.load_state_dict(content["arrays"].to_torch_state_dict())
         stats = local_adam_train(model, lambda m, s: self.loss_fn(m, context, s), context.state,
                                  local_steps=local_steps, lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                                  weight_decay=self.weight_decay, key=self.state_key, backend=self.backend)
-        n = self.num_examples(context) if callable(self.num_examples) else self.num_examples
+        n = check_integer("num_examples", self.num_examples(context), low=0) if callable(self.num_examples) \
+            else self.num_examples
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         reply = flwr_app.RecordDict({
             "arrays": flwr_app.ArrayRecord(weights),

@@ -39,7 +39,9 @@ def check_number(name: str, value, low: float = -math.inf, high: float = math.in
                  high_open: bool = False) -> float:
     """`value` as a float: a real number (not a bool, a string or None), finite, in the interval
     from `low` to `high` (open at an end with low_open / high_open); ValueError naming `name`."""
-    interval = f"{'(' if low_open or low == -math.inf else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+    opening = "(" if low_open or low == -math.inf else "["
+    closing = ")" if high_open or high == math.inf else "]"
+    interval = f"{opening}{low:g}, {high:g}{closing}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value < low or value > high or (low_open and value == low) or (high_open and value == high):
         raise ValueError(f"{name}: a finite number in {interval}, got {value!r}")
@@ -94,13 +96,20 @@ def check_state_keys(state, path: str, keys: Sequence[str]) -> None:
             raise ValueError(f"{state_path(path, key)}: unknown key (expected {', '.join(map(repr, keys))})")
 
 
+def check_dense(value, name: str) -> torch.Tensor:
+    """`value` is a dense (strided, not nested, not sparse) tensor; TypeError naming `name`."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
+    if value.is_nested or value.layout != torch.strided:
+        kind = "a nested tensor" if value.is_nested else value.layout
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got {kind}")
+    return value
+
+
 def check_state_tensor(value, path: str, like: torch.Tensor) -> torch.Tensor:
     """`value` is a dense tensor of `like`'s shape and dtype (on any device: loading copies it).
     Nothing is broadcast or cast: a different shape or dtype is an error."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{path}: expected a tensor, got {type(value).__name__}")
-    if value.is_nested or value.layout != torch.strided:
-        raise TypeError(f"{path}: expected a dense (strided) tensor, got {'a nested' if value.is_nested else value.layout}")
+    check_dense(value, path)
     if value.shape != like.shape:
         raise ValueError(f"{path}: shape {tuple(value.shape)}, expected {tuple(like.shape)}")
     if value.dtype != like.dtype:

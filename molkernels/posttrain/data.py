@@ -10,6 +10,8 @@ and `HFTokenizer` wraps a transformers tokenizer.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from typing import Callable, Dict, List, Sequence, Union
 
@@ -53,21 +55,30 @@ class HFTokenizer:
 
 
 def load_records(source: Records, name: str) -> List[dict]:
-    """A list of records from a list of dicts or a JSONL file (one JSON object per line)."""
+    """A list of records from a list (or tuple) of dicts or a JSONL file (one JSON object per
+    line); a missing file raises FileNotFoundError and anything else TypeError, naming `name`."""
     if isinstance(source, (str, os.PathLike)):
         records = []
-        with open(source, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{name}: line {line_number} of {os.fspath(source)} is not JSON ({error})") from None
+        try:
+            with open(source, encoding="utf-8") as f:
+                lines = list(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{name}: no such file: {os.fspath(source)}") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{name}: {os.fspath(source)} is not UTF-8 text ({error})") from None
+        for line_number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{name}: line {line_number} of {os.fspath(source)} is not JSON ({error})") from None
         where = f"{os.fspath(source)}"
-    else:
+    elif isinstance(source, (list, tuple)):
         records = list(source)
         where = "the list"
+    else:
+        raise TypeError(f"{name}: expected a list of records or the path of a JSONL file, got {type(source).__name__}")
     if not records:
         raise ValueError(f"{name}: no records in {where}")
     return records
@@ -86,7 +97,7 @@ def _check_record(record, index: int, fields: Sequence[str], name: str) -> None:
 def _response_ids(tokenize, prompt_ids: List[int], response: str, eos: int, max_length: int, name: str,
                   index: int, field: str):
     """prompt + response + eos, cut to max_length; the response keeps at least one token."""
-    response_ids = list(tokenize(response)) + [eos]
+    response_ids = _token_ids(tokenize, response, name, index, field) + [eos]
     if len(prompt_ids) >= max_length:
         raise ValueError(f"{name}: record {index} prompt has {len(prompt_ids)} tokens, leaving no room for the "
                          f"{field!r} response within max_length={max_length}")
@@ -95,11 +106,24 @@ def _response_ids(tokenize, prompt_ids: List[int], response: str, eos: int, max_
     return ids, labels
 
 
+def _token_ids(tokenize, text: str, name: str, index: int, field: str) -> List[int]:
+    """tokenize(text) as a list of token ids (ints >= 0); ValueError naming the tokenizer otherwise."""
+    ids = list(tokenize(text))
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise ValueError(f"tokenizer: returned {token!r} for {name} record {index} field {field!r}; "
+                             f"expected token ids (integers >= 0)")
+    return ids
+
+
 class _TokenizedDataset:
     def __init__(self, tokenizer: Callable[[str], List[int]], max_length: int):
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer: expected a callable str -> token ids, got {type(tokenizer).__name__}")
         for attribute in ("eos_token_id", "pad_token_id"):
-            if not isinstance(getattr(tokenizer, attribute, None), int):
-                raise ValueError(f"tokenizer: needs an integer attribute {attribute!r}")
+            value = getattr(tokenizer, attribute, None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"tokenizer: needs an integer attribute {attribute!r} (>= 0)")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length: expected an integer >= 2, got {max_length!r}")
         self.pad_token_id = tokenizer.pad_token_id
@@ -126,7 +150,8 @@ class SFTDataset(_TokenizedDataset):
         self.ids, self.labels = [], []
         for index, record in enumerate(records):
             _check_record(record, index, SFT_FIELDS, name)
-            ids, labels = _response_ids(tokenizer, list(tokenizer(record["prompt"])), record["completion"],
+            ids, labels = _response_ids(tokenizer, _token_ids(tokenizer, record["prompt"], name, index, "prompt"),
+                                        record["completion"],
                                         tokenizer.eos_token_id, max_length, name, index, "completion")
             self.ids.append(ids)
             self.labels.append(labels)
@@ -154,16 +179,20 @@ class PreferenceDataset(_TokenizedDataset):
         reference = []
         for index, record in enumerate(records):
             _check_record(record, index, PREFERENCE_FIELDS, name)
-            prompt_ids = list(tokenizer(record["prompt"]))
+            prompt_ids = _token_ids(tokenizer, record["prompt"], name, index, "prompt")
             self.chosen.append(_response_ids(tokenizer, prompt_ids, record["chosen"], tokenizer.eos_token_id,
                                              max_length, name, index, "chosen"))
             self.rejected.append(_response_ids(tokenizer, prompt_ids, record["rejected"], tokenizer.eos_token_id,
                                                max_length, name, index, "rejected"))
             if with_reference:
                 for field in REFERENCE_FIELDS:
-                    if not isinstance(record.get(field), (int, float)) or isinstance(record.get(field), bool):
+                    value = record.get(field)
+                    if not isinstance(value, (int, float)) or isinstance(value, bool):
                         raise ValueError(f"{name}: record {index} is missing the field {field!r} (other records "
                                          f"carry precomputed reference log-probabilities)")
+                    if not math.isfinite(value):
+                        raise ValueError(f"{name}: record {index} field {field!r} is {value!r}, expected a finite "
+                                         f"log-probability")
                 reference.append([float(record["ref_chosen_logps"]), float(record["ref_rejected_logps"])])
         self.reference_logps = torch.tensor(reference, dtype=torch.float32) if with_reference else None
 
@@ -185,8 +214,9 @@ class BatchStream:
     continues identically."""
 
     def __init__(self, size: int, batch_size: int, seed: int):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        for name, value, low in (("size", size, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.position = 0
         self._epoch, self._order = -1, None

@@ -9,25 +9,43 @@ that never materialises log_softmax or a float32 copy of the logits, forward or 
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .._stack import accum_dtype
+from ..federated.population import check_dense
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
-def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or not logits.is_floating_point():
-        raise ValueError(f"logits: expected a floating [B, T, V] tensor, got "
-                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
-    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]:
+def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
+    """logits a floating [B, T, V] tensor with V >= 1; labels [B, T] int64/int32 on its device,
+    each a token id in [0, V) or ignore_index (one host synchronisation: the range check)."""
+    check_dense(logits, "logits")
+    if logits.dim() != 3 or not logits.is_floating_point():
+        raise ValueError(f"logits: expected a floating [B, T, V] tensor, got {tuple(logits.shape)} {logits.dtype}")
+    if logits.shape[2] == 0:
+        raise ValueError("logits: the vocabulary dimension V is empty")
+    check_dense(labels, "labels")
+    if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])} to match logits [B, T, V], got "
-                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+                         f"{tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
+        raise TypeError(f"labels: expected an integer tensor of token ids (int64 or int32), got {labels.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels: on {labels.device}, logits on {logits.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    vocab = logits.shape[2]
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        b, t = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"labels: [{b}, {t}] is {int(labels[b, t])}, not a token id in [0, {vocab}) nor "
+                         f"ignore_index={ignore_index}")
 
 
 # Rows of the [B·T, V] logits handled at once: bounds the float32 temporaries at 2^24 elements
@@ -87,16 +105,17 @@ def _token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Supervised fine-tuning loss: the mean over all response tokens of the batch of
     −log p(y_{t+1} | y_{≤t}) (token mean, not a mean of per-sequence means). A batch without
-    response tokens gives NaN (the data layer refuses such records)."""
-    _check_logits_labels(logits, labels)
+    response tokens gives NaN (the data layer refuses such records). Labels are token ids in
+    [0, V) or ignore_index; anything else raises ValueError naming `labels`."""
+    _check_logits_labels(logits, labels, ignore_index)
     logps, mask = _token_logps(logits, labels, ignore_index)
     return -(logps * mask).sum() / mask.sum()
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Per-sequence log-probability of the response, Σ_t log p(y_{t+1} | y_{≤t}) over response
-    tokens: a float32 [B] tensor (float64 for float64 logits)."""
-    _check_logits_labels(logits, labels)
+    tokens: a float32 [B] tensor (float64 for float64 logits). Labels as in sft_loss."""
+    _check_logits_labels(logits, labels, ignore_index)
     logps, mask = _token_logps(logits, labels, ignore_index)
     return (logps * mask).sum(-1)
 
@@ -124,21 +143,25 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     named = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
              "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
     for name, value in named.items():
-        if not isinstance(value, torch.Tensor) or value.dim() != 1 or not value.is_floating_point():
+        check_dense(value, name)
+        if value.dim() != 1 or not value.is_floating_point():
             raise ValueError(f"{name}: expected a floating [B] tensor of sequence log-probabilities, got "
-                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
-    batch = policy_chosen_logps.shape[0]
+                             f"{tuple(value.shape)} {value.dtype}")
+    batch, device = policy_chosen_logps.shape[0], policy_chosen_logps.device
     for name, value in named.items():
         if value.shape[0] != batch:
             raise ValueError(f"{name}: has batch size {value.shape[0]}, policy_chosen_logps has {batch} "
                              f"(chosen and rejected must pair up)")
+        if value.device != device:
+            raise ValueError(f"{name}: on {value.device}, policy_chosen_logps on {device}")
     if batch == 0:
         raise ValueError("policy_chosen_logps: the batch is empty")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0 or beta == float("inf"):
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta > 0 or not math.isfinite(beta):
         raise ValueError(f"beta: expected a finite number > 0, got {beta!r}")
-    if not 0.0 <= label_smoothing < 0.5:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
+            or not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing!r}")
-    if loss_type not in LOSS_TYPES:
+    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing: defined for loss_type='sigmoid' only, got {label_smoothing} with {loss_type!r}")

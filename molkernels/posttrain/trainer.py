@@ -30,13 +30,17 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .. import _ops
 from .._stack import flat_buffer
+from ..federated.population import (check_integer, check_state_generator, check_state_keys, check_state_tensor,
+                                    check_state_values, state_path)
 from ..steps import NORMALIZATIONS, MoCoState, mgda_step, moco_step
 from .data import BatchStream, ByteTokenizer, PreferenceDataset, SFTDataset
 from .losses import LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
 
 METHODS = ("sequential", "mix", "alright", "maxright", "mgda", "moco")
 OBJECTIVES = ("sft", "dpo")
+SEED_LIMIT = 2 ** 32  # BatchStream seeds its epochs with seed·1000003 + epoch, within torch's 64-bit seeds
 
 
 def model_logits(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -54,6 +58,11 @@ def model_logits(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
 def precompute_reference_logps(model, data: PreferenceDataset, *, batch_size: int = 16) -> None:
     """Score every pair of `data` once with the (frozen) reference `model` and keep the sequence
     log-probabilities in the dataset, so that training needs no reference forward passes."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(data, PreferenceDataset):
+        raise TypeError(f"data: expected a PreferenceDataset, got {type(data).__name__}")
+    _check_count(batch_size, "batch_size")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -115,7 +124,7 @@ class JointTrainer:
 
     policy: any module called as policy(input_ids=..., attention_mask=...) that returns logits
     (HF transformers models, PEFT models), fp32 or bf16; its parameters with requires_grad are
-    trained. optimizer: any torch optimizer over them. sft_data / pref_data: SFTDataset /
+    trained. optimizer: any torch optimizer holding all of them. sft_data / pref_data: SFTDataset /
     PreferenceDataset, or records (a list of dicts or a JSONL path) tokenised by `tokenizer`
     (ByteTokenizer by default).
     reference: the DPO reference model. None: the precomputed log-probabilities of pref_data if it
@@ -126,8 +135,10 @@ class JointTrainer:
     `sequential` splits. grad_accum: micro-batches of batch_size per objective per step.
     moco_beta / moco_gamma: MoCo's tracking and λ step sizes. normalize: the gradient normalisation
     of mgda and moco ('none', 'l2', 'loss', 'loss+'; see molkernels.moco_step). seed fixes the data order and
-    ALRIGHT's draws; with a deterministic model the run is reproducible and state_dict() /
-    load_state_dict() resume it identically.
+    ALRIGHT's draws (an integer in [0, 2**32)); with a deterministic model the run is reproducible
+    and state_dict() / load_state_dict() resume it identically. backend: the kernels of mgda and
+    moco (a name that cannot run here is refused whatever the method). Every argument is checked
+    here, before any step: TypeError or ValueError naming it.
     """
 
     def __init__(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, sft_data, pref_data, *,
@@ -137,11 +148,15 @@ class JointTrainer:
                  batch_size: int = 8, grad_accum: int = 1, tokenizer=None, max_length: int = 512,
                  moco_beta: float = 0.5, moco_gamma: float = 0.1, normalize: str = "none", seed: int = 0,
                  backend: str = "auto", progress: bool = True):
-        if method not in METHODS:
+        if not isinstance(policy, torch.nn.Module):
+            raise TypeError(f"policy: expected a torch.nn.Module, got {type(policy).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(method, str) or method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
         self.lam = _check_number(lam, "lam", 0.0, 1.0)
         self.beta = _check_number(beta, "beta", 0.0, low_open=True)
-        if loss_type not in LOSS_TYPES:
+        if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
         self.label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 0.5)
         if self.label_smoothing == 0.5 or (self.label_smoothing and loss_type != "sigmoid"):
@@ -160,11 +175,17 @@ class JointTrainer:
         self.total_steps = total_steps
         self.moco_beta = _check_number(moco_beta, "moco_beta", 0.0, 1.0)
         self.moco_gamma = _check_number(moco_gamma, "moco_gamma", 0.0)
-        if normalize not in NORMALIZATIONS:
+        if not isinstance(normalize, str) or normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
         if normalize != "none" and method not in ("mgda", "moco"):
             raise ValueError(f"normalize: applies to the mgda and moco methods, not {method!r}")
         self.normalize = normalize
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed: expected an integer in [0, 2**32), got {seed!r}")
+        if not isinstance(progress, bool):
+            raise ValueError(f"progress: expected True or False, got {progress!r}")
+        if not isinstance(backend, str):
+            raise ValueError(f"backend: expected a backend name, got {backend!r}")
 
         self.policy, self.optimizer, self.method, self.loss_type = policy, optimizer, method, loss_type
         self.backend, self.progress, self.seed = backend, progress, seed
@@ -172,6 +193,15 @@ class JointTrainer:
         if not self.params:
             raise ValueError("policy: has no parameters with requires_grad=True")
         self.device = self.params[0].device
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for name, p in policy.named_parameters():
+            if p.requires_grad and id(p) not in held:
+                raise ValueError(f"optimizer: does not hold the policy's trainable parameter {name!r}")
+        if backend != "auto":  # only mgda and moco run kernels, but a name that cannot run is a mistake anywhere
+            reason = _ops.unavailable_reason(backend)
+            if reason is not None:
+                raise ValueError(f"backend: {backend!r} cannot run here: {reason}")
+            _ops.resolve_backend(backend, self.device)  # ValueError when the backend cannot take this device
         tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
         self.sft_data = sft_data if isinstance(sft_data, SFTDataset) else \
             SFTDataset(sft_data, tokenizer, max_length=max_length, name="sft_data")
@@ -241,6 +271,8 @@ class JointTrainer:
 
     def objective(self, name: str, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """f_SFT or f_DPO of the policy on a batch (with autograd unless called under no_grad)."""
+        if name not in OBJECTIVES:
+            raise ValueError(f"name: expected one of {OBJECTIVES}, got {name!r}")
         logits = model_logits(self.policy, batch)
         if name == "sft":
             return sft_loss(logits, batch["labels"])
@@ -335,6 +367,8 @@ class JointTrainer:
     def train(self, steps: int, *, callback=None) -> List[dict]:
         """Run `steps` steps under a tqdm bar; callback(trainer, record) after each one."""
         _check_count(steps, "steps")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback: expected callback(trainer, record), got {type(callback).__name__}")
         records = []
         bar = tqdm(range(steps), desc=self.method, disable=not self.progress, leave=False)
         for _ in bar:
@@ -348,6 +382,11 @@ class JointTrainer:
     @torch.no_grad()
     def evaluate(self, sft_data: SFTDataset, pref_data: PreferenceDataset, *, batch_size: int = 32) -> Dict[str, float]:
         """Held-out f_SFT (token mean over the whole set) and f_DPO (mean over pairs), no grad."""
+        if not isinstance(sft_data, SFTDataset):
+            raise TypeError(f"sft_data: expected an SFTDataset, got {type(sft_data).__name__}")
+        if not isinstance(pref_data, PreferenceDataset):
+            raise TypeError(f"pref_data: expected a PreferenceDataset, got {type(pref_data).__name__}")
+        _check_count(batch_size, "batch_size")
         if self.reference == "precomputed" and pref_data.reference_logps is None:
             raise ValueError("pref_data: this trainer's reference is precomputed log-probabilities; compute them for "
                              "the evaluation pairs too (precompute_reference_logps)")
@@ -369,12 +408,33 @@ class JointTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
 
+    def _config(self) -> dict:
+        """What fixes the run besides the model and the data: a state resumes only into a trainer
+        built with the same."""
+        return {"lam": self.lam, "beta": self.beta, "loss_type": self.loss_type,
+                "label_smoothing": self.label_smoothing, "optima": dict(self.optima),
+                "max_eval_steps": self.max_eval_steps, "total_steps": self.total_steps,
+                "batch_size": self.streams["sft"].batch_size, "grad_accum": self.grad_accum,
+                "moco_beta": self.moco_beta, "moco_gamma": self.moco_gamma, "normalize": self.normalize,
+                "seed": self.seed, "sft_records": len(self.sft_data), "pref_records": len(self.pref_data)}
+
+    def _state_keys(self) -> List[str]:
+        keys = ["method", "config", "step", "policy", "optimizer", "gaps", "streams", "choice_generator", "torch_rng",
+                "history"]
+        if isinstance(self.reference, torch.nn.Module):
+            keys.append("reference")
+        if self.device.type == "cuda":
+            keys.append("cuda_rng")
+        if self.method == "moco":
+            keys.append("moco")
+        return keys
+
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue identically: the policy, the optimizer, an
-        owned reference copy, the data positions, the random generators, MAXRIGHT's gaps, MoCo's
-        state and the history."""
-        state = {"method": self.method, "step": self.step_count, "policy": self.policy.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "gaps": dict(self.gaps),
+        """Everything a resumed run needs to continue identically: the method and configuration,
+        the policy, the optimizer, an owned reference copy, the data positions, the random
+        generators, MAXRIGHT's gaps, MoCo's state and the history."""
+        state = {"method": self.method, "config": self._config(), "step": self.step_count,
+                 "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "gaps": dict(self.gaps),
                  "streams": {o: s.position for o, s in self.streams.items()},
                  "choice_generator": self.choice_generator.get_state(), "torch_rng": torch.get_rng_state(),
                  "history": copy.deepcopy(self.history)}
@@ -386,22 +446,136 @@ class JointTrainer:
             state["moco"] = self.moco_state.state_dict()
         return state
 
+    def check_state_dict(self, state: dict, path: str = "state") -> None:
+        """Raises TypeError/ValueError naming the first bad entry of `state` (e.g.
+        `state['policy']['out.bias']: shape (3,), expected (258,)`): exactly the keys of
+        state_dict(); the same method and configuration; a step count (an integer >= 0) and one
+        history record per step; module states with exactly the module's keys, shapes and dtypes;
+        an optimizer state of the same parameter groups whose per-parameter tensors fit their
+        parameter (its shape with some dimensions 1, or one element; its dtype; finite; a step
+        count >= 0); gaps that are numbers (inf before the first evaluation, never NaN); data
+        positions >= 0; generator states their generators accept. MoCo's state is checked by
+        MoCoState.load_state_dict itself."""
+        if isinstance(state, dict) and "method" in state and state["method"] != self.method:  # before the keys it implies
+            raise ValueError(f"{state_path(path, 'method')}: saved by method {state['method']!r}, this trainer runs "
+                             f"{self.method!r}")
+        check_state_keys(state, path, self._state_keys())
+        if not isinstance(state["config"], dict):
+            raise TypeError(f"{state_path(path, 'config')}: expected a dict, got {type(state['config']).__name__}")
+        mine, theirs = self._config(), state["config"]
+        different = sorted(k for k in set(mine) | set(theirs) if k not in mine or k not in theirs or mine[k] != theirs[k])
+        if different:
+            raise ValueError(f"{state_path(path, 'config')}: saved with a different configuration "
+                             f"({', '.join(different)})")
+        steps = check_integer(state_path(path, "step"), state["step"], low=0)
+        history = state["history"]
+        if not isinstance(history, list) or len(history) != steps:
+            raise ValueError(f"{state_path(path, 'history')}: expected a list of {steps} records (one per step), got "
+                             f"{len(history) if isinstance(history, list) else type(history).__name__}")
+        for i, record in enumerate(history):
+            if not isinstance(record, dict) or record.get("step") != i:
+                raise ValueError(f"{state_path(path, 'history')}[{i}]: expected the record of step {i}")
+        _check_module_state(state["policy"], state_path(path, "policy"), self.policy)
+        if "reference" in state:
+            _check_module_state(state["reference"], state_path(path, "reference"), self.reference)
+        _check_optimizer_state(state["optimizer"], state_path(path, "optimizer"), self.optimizer)
+        check_state_keys(state["gaps"], state_path(path, "gaps"), OBJECTIVES)
+        for o in OBJECTIVES:
+            gap = state["gaps"][o]
+            if isinstance(gap, bool) or not isinstance(gap, (int, float)) or math.isnan(gap):
+                raise ValueError(f"{state_path(state_path(path, 'gaps'), o)}: expected a number, got {gap!r}")
+        check_state_keys(state["streams"], state_path(path, "streams"), OBJECTIVES)
+        for o in OBJECTIVES:
+            check_integer(state_path(state_path(path, "streams"), o), state["streams"][o], low=0)
+        check_state_generator(state["choice_generator"], state_path(path, "choice_generator"), self.choice_generator)
+        check_state_generator(state["torch_rng"], state_path(path, "torch_rng"), torch.default_generator)
+        if "cuda_rng" in state:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            check_state_generator(state["cuda_rng"], state_path(path, "cuda_rng"), torch.cuda.default_generators[index])
+
     def load_state_dict(self, state: dict) -> None:
-        if state["method"] != self.method:
-            raise ValueError(f"state: saved by method {state['method']!r}, this trainer runs {self.method!r}")
+        """Restores a state_dict() of a trainer built the same way, all of it or nothing: the state
+        is checked whole first (check_state_dict; MoCo's part by MoCoState.load_state_dict, which
+        checks before it writes and runs before anything else is written), then applied."""
+        self.check_state_dict(state)
+        if self.method == "moco":
+            try:
+                self.moco_state.load_state_dict(state["moco"])
+            except (TypeError, ValueError) as error:  # its keys named from the trainer's state down
+                message = str(error)
+                nested = message[len("state"):] if message.startswith("state") else f": {message}"
+                raise type(error)(f"{state_path('state', 'moco')}{nested}") from None
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if "reference" in state and isinstance(self.reference, torch.nn.Module):
+        if "reference" in state:
             self.reference.load_state_dict(state["reference"])
         self.step_count = int(state["step"])
-        self.gaps = dict(state["gaps"])
-        for o, position in state["streams"].items():
-            self.streams[o].position = int(position)
+        self.gaps = {o: float(state["gaps"][o]) for o in OBJECTIVES}
+        for o in OBJECTIVES:
+            self.streams[o].position = int(state["streams"][o])
         self.choice_generator.set_state(state["choice_generator"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        if self.method == "moco":
-            self.moco_state.load_state_dict(state["moco"])
         self.history = copy.deepcopy(state["history"])
 
+
+def _check_module_state(saved, path: str, module: torch.nn.Module) -> None:
+    """A module's state_dict(): exactly its keys, each tensor of its shape and dtype."""
+    current = module.state_dict()
+    check_state_keys(saved, path, list(current))
+    for key, value in current.items():
+        if isinstance(value, torch.Tensor):
+            check_state_tensor(saved[key], state_path(path, key), value)
+
+
+def _check_optimizer_state(saved, path: str, optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer's state_dict() for this optimizer's parameter groups: the same groups with the
+    same keys and parameter indices, and per-parameter state whose tensors fit the parameter (the
+    parameter's shape with some dimensions 1, as factored second moments have, or one element, as
+    step counts have), in its dtype when floating and not a count, finite; a "step" entry >= 0 and
+    whole."""
+    current = optimizer.state_dict()
+    check_state_keys(saved, path, list(current))
+    groups, mine = saved["param_groups"], current["param_groups"]
+    groups_path = state_path(path, "param_groups")
+    if not isinstance(groups, list) or len(groups) != len(mine):
+        raise ValueError(f"{groups_path}: expected a list of {len(mine)} parameter groups, got "
+                         f"{len(groups) if isinstance(groups, list) else type(groups).__name__}")
+    parameters = {}
+    for i, (group, my_group, live) in enumerate(zip(groups, mine, optimizer.param_groups)):
+        group_path = f"{groups_path}[{i}]"
+        check_state_keys(group, group_path, list(my_group))
+        if group["params"] != my_group["params"]:
+            raise ValueError(f"{state_path(group_path, 'params')}: {group['params']!r}, expected {my_group['params']!r}")
+        parameters.update(zip(my_group["params"], live["params"]))
+    entries = saved["state"]
+    if not isinstance(entries, dict):
+        raise TypeError(f"{state_path(path, 'state')}: expected a dict, got {type(entries).__name__}")
+    for index, entry in entries.items():
+        entry_path = f"{state_path(path, 'state')}[{index!r}]"
+        if index not in parameters:
+            raise ValueError(f"{entry_path}: no parameter {index!r} in the optimizer's groups")
+        if not isinstance(entry, dict):
+            raise TypeError(f"{entry_path}: expected a dict, got {type(entry).__name__}")
+        p = parameters[index]
+        for name, value in entry.items():
+            value_path = state_path(entry_path, name)
+            if name == "step" and not isinstance(value, torch.Tensor):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                        or value != math.floor(value):
+                    raise ValueError(f"{value_path}: a step count >= 0, got {value!r}")
+                continue
+            if not isinstance(value, torch.Tensor):
+                continue
+            scalar = value.numel() == 1 and value.dim() <= 1
+            fits = value.dim() == p.dim() and all(v in (1, q) for v, q in zip(value.shape, p.shape))
+            if not (scalar or fits):
+                raise ValueError(f"{value_path}: shape {tuple(value.shape)} does not fit the parameter's "
+                                 f"{tuple(p.shape)}")
+            if value.is_floating_point() and not scalar and value.dtype != p.dtype:
+                raise TypeError(f"{value_path}: dtype {value.dtype}, the parameter's is {p.dtype}")
+            if value.is_floating_point() or value.is_complex():
+                check_state_values(value, value_path, finite=True)
+            if name == "step" and (not bool((value >= 0).all()) or not torch.equal(value, value.floor())):
+                raise ValueError(f"{value_path}: a step count >= 0, got {value.tolist()}")

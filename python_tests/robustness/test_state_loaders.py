@@ -73,6 +73,13 @@ def fl_state():
     return _simulator().state_dict()
 
 
+@pytest.fixture(scope="module")
+def fl_target():
+    """The simulator that every corrupted state is loaded into (a refused load leaves it as it was,
+    which each test checks, so the tests can share it)."""
+    return _simulator(rounds=2)
+
+
 def _set(path, value):
     """A corruption: state[path[0]][path[1]]... = value (value(old) when callable)."""
     def corrupt(state):
@@ -157,10 +164,10 @@ FL_CORRUPTIONS = [
 
 
 @pytest.mark.parametrize("corrupt, key", [pytest.param(c, k, id=i) for i, c, k in FL_CORRUPTIONS])
-def test_simulator_refuses_a_corrupted_state_and_stays_unchanged(fl_state, corrupt, key):
+def test_simulator_refuses_a_corrupted_state_and_stays_unchanged(fl_state, fl_target, corrupt, key):
     state = copy.deepcopy(fl_state)
     corrupt(state)
-    assert_refused(_simulator(rounds=2), state, key)
+    assert_refused(fl_target, state, key)
 
 
 def test_simulator_refuses_what_is_not_a_state():
@@ -189,8 +196,8 @@ def test_simulator_round_trip_is_bitwise(problem, options):
 
 
 def test_logreg_problem_state_must_match_the_dataset():
-    config = dict(problem="logreg")
-    state = _simulator(**config).state_dict()
+    state = _simulator(problem="logreg").state_dict()
+    target = _simulator(problem="logreg", rounds=1)
     for name, corrupt, key in [
         ("X", lambda p: p["X"].mul_(2), "state['problem']['X']: not the dataset's rows"),
         ("idx", lambda p: p["idx"].fill_(10 ** 6), "state['problem']['idx']"),
@@ -199,7 +206,7 @@ def test_logreg_problem_state_must_match_the_dataset():
     ]:
         bad = copy.deepcopy(state)
         corrupt(bad["problem"])
-        assert_refused(_simulator(**config, rounds=1), bad, key)
+        assert_refused(target, bad, key)
 
 
 def test_population_and_problem_loaders_check_alone():
@@ -222,7 +229,7 @@ def test_population_and_problem_loaders_check_alone():
 
 def test_per_client_loop_simulator_refuses_checkpoints():
     with pytest.raises(NotImplementedError, match="PerClientLoopSimulator: no checkpoints"):
-        PerClientLoopSimulator(SMALL).load_state_dict(_simulator().state_dict())
+        PerClientLoopSimulator(SMALL).load_state_dict(OpenFLSimulator(SMALL).state_dict())
 
 
 def _tensor_leaves(state, path=()):
@@ -234,7 +241,7 @@ def _tensor_leaves(state, path=()):
             yield from _tensor_leaves(v, path + (k,))
 
 
-def test_property_every_tensor_entry_is_checked(fl_state):
+def test_property_every_tensor_entry_is_checked(fl_state, fl_target):
     """Hypothesis: any tensor of the simulator's state with one entry more or fewer, or another
     dtype, is refused with its own key named, and the simulator stays unchanged."""
     if given is None:
@@ -242,7 +249,6 @@ def test_property_every_tensor_entry_is_checked(fl_state):
     leaves = list(_tensor_leaves(fl_state))
     other_dtype = {torch.float32: torch.float64, torch.float64: torch.float32, torch.bool: torch.uint8,
                    torch.int64: torch.int32, torch.uint8: torch.int16}
-    target = _simulator(rounds=2)
 
     @settings(max_examples=40, deadline=None, derandomize=True, database=None)
     @given(leaf=st.sampled_from(leaves), kind=st.sampled_from(["longer", "shorter", "dtype"]))
@@ -257,6 +263,132 @@ def test_property_every_tensor_entry_is_checked(fl_state):
             corrupted = corrupted.reshape(-1)
         state = copy.deepcopy(fl_state)
         _set(path, corrupted)(state)
-        assert_refused(target, state, key)
+        assert_refused(fl_target, state, key)
 
     run()
+
+
+# ----------------------------------------------------------------------------------------------
+# JointTrainer
+
+from molkernels.posttrain import JointTrainer  # noqa: E402
+from molkernels.posttrain.synthetic import make_data  # noqa: E402
+
+SFT, PREF = make_data(8, 8, seed=3)
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding and read-out over ByteTokenizer's 258 ids: every parameter gets gradients."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(258, 4)
+        self.out = torch.nn.Linear(4, 258)
+
+    def forward(self, input_ids, attention_mask):
+        return self.out(torch.tanh(self.embed(input_ids).cumsum(1)))
+
+
+def _trainer(method="moco", steps=0, seed=0, reference=None, **kwargs):
+    model = TinyLM(seed)
+    trainer = JointTrainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), SFT, PREF, method=method,
+                           reference=reference, batch_size=2, total_steps=4, progress=False, **kwargs)
+    if steps:
+        trainer.train(steps)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trainer_state():
+    return copy.deepcopy(_trainer(steps=2).state_dict())
+
+
+@pytest.fixture(scope="module")
+def trainer_target():
+    """The trainer that every corrupted state is loaded into (shared, as fl_target)."""
+    return _trainer(steps=1, seed=4)
+
+
+def _optimizer_entry(name, value):
+    return _set(("optimizer", "state", 0, name), value)
+
+
+TRAINER_CORRUPTIONS = [
+    ("policy entry broadcast", _set(("policy", "out.bias"), torch.zeros(1)),
+     "state['policy']['out.bias']: shape (1,), expected (258,)"),
+    ("policy entry cast", _set(("policy", "out.bias"), lambda t: t.double()), "state['policy']['out.bias']: dtype"),
+    ("policy entry missing", _delete(("policy", "embed.weight")), "state['policy']['embed.weight']: missing"),
+    ("policy entry unknown", _set(("policy", "head.weight"), torch.zeros(2)), "state['policy']['head.weight']: unknown"),
+    ("policy not a dict", _set(("policy",), [1]), "state['policy']: expected a dict"),
+    ("exp_avg of another shape", _optimizer_entry("exp_avg", torch.zeros(2)), "state['optimizer']['state'][0]['exp_avg']"),
+    ("exp_avg cast", _optimizer_entry("exp_avg", lambda t: t.double()), "state['optimizer']['state'][0]['exp_avg']: dtype"),
+    ("exp_avg NaN", _optimizer_entry("exp_avg", lambda t: torch.full_like(t, math.nan)),
+     "state['optimizer']['state'][0]['exp_avg']: has non-finite"),
+    ("optimizer step negative", _optimizer_entry("step", torch.tensor(-1.0)), "state['optimizer']['state'][0]['step']"),
+    ("optimizer step fractional", _optimizer_entry("step", torch.tensor(1.5)), "state['optimizer']['state'][0]['step']"),
+    ("optimizer state of parameter 9", _set(("optimizer", "state", 9), {}), "state['optimizer']['state'][9]"),
+    ("optimizer group lost", _set(("optimizer", "param_groups"), lambda g: []), "state['optimizer']['param_groups']"),
+    ("optimizer group of other parameters", _set(("optimizer", "param_groups", 0, "params"), [0]),
+     "state['optimizer']['param_groups'][0]['params']"),
+    ("optimizer group without lr", _delete(("optimizer", "param_groups", 0, "lr")),
+     "state['optimizer']['param_groups'][0]['lr']: missing"),
+    ("step negative", _set(("step",), -1), "state['step']"),
+    ("step fractional", _set(("step",), 1.5), "state['step']"),
+    ("step a bool", _set(("step",), True), "state['step']"),
+    ("history record lost", _set(("history",), lambda h: h[:1]), "state['history']"),
+    ("gap NaN", _set(("gaps", "sft"), math.nan), "state['gaps']['sft']"),
+    ("gap missing", _delete(("gaps", "dpo")), "state['gaps']['dpo']: missing"),
+    ("stream position negative", _set(("streams", "sft"), -1), "state['streams']['sft']"),
+    ("stream position fractional", _set(("streams", "dpo"), 2.5), "state['streams']['dpo']"),
+    ("choice generator garbage", _set(("choice_generator",), lambda g: torch.zeros_like(g)),
+     "state['choice_generator']: not a valid"),
+    ("torch RNG truncated", _set(("torch_rng",), lambda g: g[:8]), "state['torch_rng']: shape (8,)"),
+    ("torch RNG missing", _delete(("torch_rng",)), "state['torch_rng']: missing"),
+    ("unknown key", _set(("extra",), 1), "state['extra']: unknown key"),
+    ("another lam", _set(("config", "lam"), 0.25), "state['config']: saved with a different configuration (lam)"),
+    ("another seed", _set(("config", "seed"), 1), "state['config']: saved with a different configuration (seed)"),
+    ("another batch size", _set(("config", "batch_size"), 4), "state['config']: saved with a different configuration (batch_size)"),
+    ("another data set", _set(("config", "sft_records"), 9), "state['config']: saved with a different configuration (sft_records)"),
+    ("another method", _set(("method",), "mix"), "state['method']: saved by method 'mix'"),
+    ("MoCo's lambda broadcast", _set(("moco", "lam"), torch.tensor([0.5])), "state['moco']['lam']"),
+    ("MoCo's state missing", _delete(("moco",)), "state['moco']: missing"),
+]
+
+
+@pytest.mark.parametrize("corrupt, key", [pytest.param(c, k, id=i) for i, c, k in TRAINER_CORRUPTIONS])
+def test_trainer_refuses_a_corrupted_state_and_stays_unchanged(trainer_state, trainer_target, corrupt, key):
+    state = copy.deepcopy(trainer_state)
+    corrupt(state)
+    assert_refused(trainer_target, state, key)
+
+
+def test_trainer_refuses_what_is_not_its_state():
+    assert_refused(_trainer(), [1], "state: expected a dict", TypeError)
+    assert_refused(_trainer(), _simulator(rounds=1).state_dict(), "state['method']: missing")
+
+
+def test_trainer_refuses_a_state_without_its_reference_model():
+    """A trainer with its own reference module (here the frozen copy of the policy it makes
+    without one) needs that module's state, and refuses a reference state of another shape."""
+    state = _trainer("mix", steps=1).state_dict()
+    del state["reference"]
+    target = _trainer("mix", reference=TinyLM(7))
+    assert_refused(target, state, "state['reference']: missing")
+    state["reference"] = {k: v[:1] for k, v in target.reference.state_dict().items()}
+    assert_refused(target, state, "state['reference']['embed.weight']: shape (1, 4), expected (258, 4)")
+
+
+@pytest.mark.parametrize("method", ["moco", "maxright"])
+def test_trainer_round_trip_is_bitwise(method):
+    """A loaded state is the saved one, bit for bit, and both trainers continue identically."""
+    trainer = _trainer(method, steps=2)
+    saved = copy.deepcopy(trainer.state_dict())
+    target = _trainer(method, steps=1, seed=9)
+    target.load_state_dict(copy.deepcopy(saved))
+    assert_same_state(target.state_dict(), saved)
+    trainer.train(2), target.train(2)
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "peak_mem_bytes")} for r in h]  # noqa: E731
+    assert strip(target.history) == strip(trainer.history)
+    for a, b in zip(trainer.policy.parameters(), target.policy.parameters()):
+        assert torch.equal(a, b)
