@@ -6,6 +6,7 @@ dtypes and devices, so they cost no synchronisation and trace under torch.compil
 
 from __future__ import annotations
 
+import operator
 from typing import List, Sequence, Union
 
 import torch
@@ -16,8 +17,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_float_tensor(t, name: str) -> None:
+    """A dense (strided, not nested) tensor of a float dtype; else TypeError naming `name`."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    # The kernels read strided memory: a nested tensor (whatever its layout) or a sparse one would
+    # fail inside them with a message that names none of the user's arguments.
+    if t.is_nested:
+        raise TypeError(f"{name}: expected a dense tensor, got a nested tensor (layout {t.layout})")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}; convert it with .to_dense()")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
 
@@ -66,13 +74,44 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _integer(value, name: str) -> int:
+    """`value` as an int when it is one (a Python or NumPy integer, not a bool); else TypeError."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
+
+
+def _check_shape(shape, name: str) -> torch.Size:
+    """`shape` (a torch.Size, tuple or list of non-negative ints) as a torch.Size."""
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"{name}: expected a shape (a torch.Size, tuple or list of ints), got {type(shape).__name__}")
+    dims = [_integer(size, f"{name}[{i}]") for i, size in enumerate(shape)]
+    if any(size < 0 for size in dims):
+        raise ValueError(f"{name}: sizes must be >= 0, got {tuple(dims)}")
+    return torch.Size(dims)
+
+
 def flat_buffer(shapes: Sequence[torch.Size], K: int, *, dtype=torch.float32, device=None):
     """One [K, D] buffer and per-parameter views [K, *shape_j] into it, so that one kernel launch
-    covers a whole model while each block still reads like its parameter."""
-    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    covers a whole model while each block still reads like its parameter.
+
+    `shapes` is a sequence of shapes (torch.Size, tuples or lists of non-negative ints), `K` an
+    int >= 1 and `dtype` a float dtype; anything else raises TypeError/ValueError naming it."""
+    K = _integer(K, "K")
+    if K < 1:
+        raise ValueError(f"K: expected at least one objective, got {K}")
+    if not isinstance(shapes, (tuple, list)):
+        raise TypeError(f"shapes: expected a list of shapes, got {type(shapes).__name__}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64, got {dtype}")
+    checked = [_check_shape(shape, f"shapes[{j}]") for j, shape in enumerate(shapes)]
+    sizes = [shape.numel() for shape in checked]
     buffer = torch.empty(K, sum(sizes), dtype=dtype, device=device)
     views, offset = [], 0
-    for shape, size in zip(shapes, sizes):
+    for shape, size in zip(checked, sizes):
         views.append(buffer[:, offset:offset + size].view(K, *shape))
         offset += size
     return buffer, views

@@ -46,17 +46,22 @@ def combine(g: Stack, weights: torch.Tensor):
 def project_simplex(v: torch.Tensor) -> torch.Tensor:
     """Euclidean projection of each row of [..., K] onto the probability simplex, by sorting.
 
-    x = max(v − τ, 0) with τ = (Σ_{i≤ρ} u_i − 1)/ρ, u = v sorted descending and ρ the largest index
-    with u_ρ > (Σ_{i≤ρ} u_i − 1)/ρ. Rows with a non-finite entry come back all NaN.
+    The projection is invariant to adding a constant, so each row is first shifted by its maximum
+    and clamped below at −1: w = max(v − max_i v_i, −1). The threshold lies in [−1, 0) then, so
+    the clamp moves no entry that gets mass, and the running sums stay within K in magnitude (no
+    lost "− 1" at |v| ≳ 2⁵³, no overflow of a large finite row). x = max(w − τ, 0) with
+    τ = (Σ_{i≤ρ} u_i − 1)/ρ, u = w sorted descending and ρ the largest index with
+    u_ρ > (Σ_{i≤ρ} u_i − 1)/ρ. Rows with a non-finite entry come back all NaN.
     """
     v64 = v.to(torch.float64)
     K = v64.shape[-1]
-    u, _ = torch.sort(v64, dim=-1, descending=True)
+    w = (v64 - v64.amax(-1, keepdim=True)).clamp(min=-1.0)
+    u, _ = torch.sort(w, dim=-1, descending=True)
     cumulative = torch.cumsum(u, dim=-1) - 1.0
     index = torch.arange(1, K + 1, dtype=torch.float64, device=v.device)
     rho = (u > cumulative / index).to(torch.int64).cumsum(-1).amax(-1, keepdim=True).clamp(min=1)
     tau = torch.gather(cumulative, -1, rho - 1) / rho.to(torch.float64)
-    x = (v64 - tau).clamp(min=0.0)
+    x = (w - tau).clamp(min=0.0)
     finite = torch.isfinite(v64).all(dim=-1, keepdim=True)
     return torch.where(finite, x, torch.full_like(x, float("nan")))
 
@@ -66,13 +71,17 @@ def min_norm(gram_matrix: torch.Tensor, iterations: int = 20000) -> torch.Tensor
 
     FISTA (accelerated projected gradient) with step 1/L, L = 2·trace(G) ≥ 2·λ_max(G), and
     adaptive restart; after `iterations` steps the objective is within 2·L·‖λ₀ − λ*‖²/t² of its
-    minimum. Slow but simple: an oracle, not a kernel.
+    minimum. Slow but simple: an oracle, not a kernel. The minimiser does not change when G is
+    scaled, so G is first divided by its largest diagonal entry, each entry before the two halves
+    of the symmetrisation are added: G_ij + G_ji overflows for entries near the largest double.
     """
     G = gram_matrix.to(torch.float64)
-    G = 0.5 * (G + G.transpose(-1, -2))
     K = G.shape[-1]
     finite = torch.isfinite(G).flatten(-2).all(-1, keepdim=True)
     G = torch.where(finite.unsqueeze(-1), G, torch.zeros_like(G))
+    scale = torch.diagonal(G, dim1=-2, dim2=-1).amax(-1, keepdim=True).unsqueeze(-1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    G = 0.5 * (G / scale) + 0.5 * (G.transpose(-1, -2) / scale)
     lipschitz = 2.0 * torch.diagonal(G, dim1=-2, dim2=-1).sum(-1, keepdim=True).clamp(min=1e-300)
     lam = torch.full(G.shape[:-1], 1.0 / K, dtype=torch.float64, device=G.device)
     momentum_point = lam.clone()

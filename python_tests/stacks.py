@@ -80,6 +80,9 @@ def _ident(value) -> str:
 # The size matrix. Under Triton's interpreter (CPU tensors) d = 100003 costs seconds per
 # call, so it runs there for one (K, dtype) only; the other large-d cases use INTERPRETED_D.
 KS = (1, 2, 3, 7, 16, 33)
+# K above one 64-row tile (the Triton Gram's largest): the output is a grid of tiles, each summed
+# from several partials (python_tests/robustness/test_ops_robust.py).
+LARGE_KS = (65, 100, 128, 200)
 DS = (1, 17, 100003)
 LARGE_D = 100003
 INTERPRETED_D = 2053

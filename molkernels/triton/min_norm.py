@@ -147,13 +147,16 @@ def _min_norm_kernel(gram_ptr, lam_ptr, K, batch_stride, row_stride, col_stride,
     G = tl.load(start + idx[:, None] * row_stride + idx[None, :] * col_stride, mask=in_tile, other=0.0).to(tl.float64)
     G_t = tl.load(start + idx[:, None] * col_stride + idx[None, :] * row_stride, mask=in_tile, other=0.0).to(tl.float64)
     finite = tl.max(((G - G) != 0.0).to(tl.int32)) == 0  # NaN and ±Inf give x − x = NaN
-    G = tl.where(finite, 0.5 * (G + G_t), 0.0)
+    G = tl.where(finite, G, 0.0)
+    G_t = tl.where(finite, G_t, 0.0)
     eye = idx[:, None] == idx[None, :]
-    diag = tl.sum(tl.where(eye, G, 0.0), axis=1)
-    scale = tl.maximum(tl.max(diag, axis=0), 0.0)
+    scale = tl.maximum(tl.max(tl.sum(tl.where(eye, G, 0.0), axis=1), axis=0), 0.0)
     has_length = scale > 0.0  # else every gradient is zero and every λ is optimal
-    G = G / tl.where(has_length, scale, 1.0)
-    diag = diag / tl.where(has_length, scale, 1.0)
+    # Each half is scaled before they are added: G_ij + G_ji overflows for entries near the largest
+    # double, while |G_ij| <= max_i G_ii for a Gram matrix.
+    divisor = tl.where(has_length, scale, 1.0)
+    G = 0.5 * (G / divisor) + 0.5 * (G_t / divisor)
+    diag = tl.sum(tl.where(eye, G, 0.0), axis=1)
 
     # K = 2: min over t in [0, 1] of |t g0 + (1 − t) g1|².
     g00 = tl.sum(tl.where(idx == 0, diag, 0.0), axis=0)
