@@ -45,18 +45,23 @@ def _check_disjoint(written: Labelled, read: Labelled = ()) -> None:
     Each tensor counts as the address range from its first to its last element on its device:
     exact for contiguous tensors (everything a kernel writes is contiguous), conservative for a
     strided one (two interleaved views count as overlapping). Sorting the ranges by address makes
-    this O(n log n) in the number of tensors; it reads pointers and strides only, no data. Under
-    torch.compile tracing there are no addresses (fake tensors): the check is skipped there."""
+    this O(n log n) in the number of tensors; it reads pointers and strides only, no data (about
+    2 µs per tensor). Meta tensors hold no memory, and under torch.compile tracing there are no
+    addresses (fake tensors): they are not checked."""
     if torch.compiler.is_compiling():
         return
     ranges = []
     for position, (label, t, is_written) in enumerate([(label, t, True) for label, t in written]
                                                       + [(label, t, False) for label, t in read]):
-        if t.numel() == 0:
+        if t.numel() == 0 or t.is_meta:
             continue
         start = t.data_ptr()
-        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-        ranges.append((str(t.device), start, position, start + (last + 1) * t.element_size(), label, is_written))
+        if t.is_contiguous():
+            nbytes = t.nbytes
+        else:
+            nbytes = (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1) * t.itemsize
+        # get_device(): -1 on the CPU, the index on an accelerator (cheaper than t.device)
+        ranges.append((t.get_device(), start, position, start + nbytes, label, is_written))
     ranges.sort()
     # per (device, written?): the range seen so far that reaches furthest, as (end, position, label);
     # a later range overlaps an earlier one exactly when it starts before that one's end
@@ -187,6 +192,15 @@ def _simplex_step(lam: torch.Tensor, matrix: torch.Tensor, gamma: float, rho: fl
     return _ops.op("project_simplex", backend)(lam - gamma * direction)
 
 
+def _check_process_group(process_group) -> None:
+    """A given process_group must be usable (torch.distributed initialised) before pass 1 moves
+    anything: the collective comes after it."""
+    if process_group is not None:
+        from .distributed import _group_rank_world
+
+        _group_rank_world(process_group)
+
+
 def _all_reduce(matrix: torch.Tensor, process_group) -> torch.Tensor:
     """The sharded steps' one collective: the local K×K (or 2K×2K) matrix summed over the group."""
     from .distributed import all_reduce_gram
@@ -201,8 +215,8 @@ def _objectives(ks: List[int], singular: str, plural: str) -> str:
 def _raise_unless_finite_gradients(diagonal: torch.Tensor, stacks: Sequence[Tuple[str, List[torch.Tensor]]]) -> None:
     """check_finite=True, before anything is written: FloatingPointError naming the objectives k
     whose entry of `diagonal` (‖g_k‖², or g1_k·g2_k for MoDo, from a Gram matrix) is not finite.
-    That entry is finite whenever the gradients are, and only a non-finite gradient or an overflow
-    makes it non-finite: on failure (only then) the gradients' rows are read to tell which."""
+    A non-finite entry of g_k always makes it non-finite, finite ones only when the sum overflows:
+    on failure (only then) the gradients' rows are read to tell which."""
     bad = torch.nonzero(~torch.isfinite(diagonal)).flatten().tolist()  # the one host synchronisation
     if not bad:
         return
@@ -277,8 +291,7 @@ class _StepState:
         if missing or unknown:
             found = "; ".join(part for part in (f"missing keys {missing}" if missing else "",
                                                 f"unknown keys {unknown}" if unknown else "") if part)
-            raise ValueError(f"state: {found} (a {type(self).__name__}'s state_dict has {sorted(expected)}; "
-                             "is it another kind of state's?)")
+            raise ValueError(f"state: {found} (a {type(self).__name__}'s state_dict() has the keys {sorted(expected)})")
         K = state["num_objectives"]
         if isinstance(K, bool) or not isinstance(K, int):
             raise TypeError(f"state['num_objectives']: expected an int, got {K!r}")
@@ -443,7 +456,9 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
 
     S = I unless `normalize` ('l2', 'loss', 'loss+', see _normalization_scale) rescales each g_k;
     then pass 1 reads Y and G for the Gram of [Y; G], and the update of Y moves to pass 2.
-    Returns λ (a device tensor; no host synchronisation unless check_finite=True).
+    'loss' and 'loss+' need `losses`, finite and > 0 (see _checked_losses: CPU losses are checked,
+    device losses that are not make λ NaN). Returns λ (a device tensor; no host synchronisation
+    unless check_finite=True).
 
     check_finite=True takes that joint path for every normalisation, so that nothing is written
     before the checks: from the Gram of [Y; G] (one host synchronisation) it raises
@@ -476,6 +491,7 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
                         f"the state is {state.y_flat.dtype}")
     _check_disjoint(_destinations(params, lr) + [("state.y", state.y_flat)], _labelled(blocks, "grads"))
     backend = _ops.resolve_backend(backend, blocks[0].device)
+    _check_process_group(process_group)
     t = state.step
     beta_t = 1.0 if (t == 0 and state.y_init == "first") else beta / (t + 1) ** beta_decay
     gamma_t = gamma / (t + 1) ** gamma_decay
@@ -542,6 +558,7 @@ def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoSt
     _check_disjoint(_destinations(params, lr),
                     _labelled(g1, "grads1") + _labelled(g2, "grads2") + _labelled(g3, "grads3"))
     backend = _ops.resolve_backend(backend, g1[0].device)
+    _check_process_group(process_group)
     gamma_t = gamma / (state.step + 1) ** gamma_decay
     with torch.no_grad(), nvtx_range("modo_step"):
         cross = _ops.op("cross_gram", backend)(g1, g2)
@@ -572,7 +589,8 @@ def mgda_step(params, grads: Stack, lr: Optional[float] = None, *, normalize: st
     normalize ('l2', 'loss', 'loss+'; see _normalization_scale) takes the min-norm point of the
     rescaled gradients s_k g_k instead (MGDA-UB's normalisations), so that an objective whose
     gradient is short does not take all the weight: λ = argmin λᵀ S G Gᵀ S λ, d = Σ_k λ_k s_k g_k.
-    The norms come from the Gram's diagonal, so this costs no extra pass. Returns λ.
+    The norms come from the Gram's diagonal, so this costs no extra pass. 'loss' and 'loss+' need
+    `losses`, finite and > 0 (see _checked_losses). Returns λ.
 
     check_finite=True (one host synchronisation, no extra pass) raises FloatingPointError naming
     the objectives whose gradients are not finite (from the Gram's diagonal), or when the Gram or λ
@@ -589,6 +607,7 @@ def mgda_step(params, grads: Stack, lr: Optional[float] = None, *, normalize: st
     f = _checked_losses(normalize, losses, K, check_finite)
     _check_disjoint(_destinations(params, lr), _labelled(blocks, "grads"))
     backend = _ops.resolve_backend(backend, blocks[0].device)
+    _check_process_group(process_group)
     with torch.no_grad(), nvtx_range("mgda_step"):
         gram = _ops.op("gram", backend)(blocks)
         if process_group is not None:

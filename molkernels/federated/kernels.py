@@ -41,8 +41,12 @@ from ..steps import _check_disjoint, _mark_written
 
 
 def _check_tensor(t, name: str) -> None:
+    """A dense tensor: the kernels read strided memory, and a sparse or nested tensor would fail
+    inside them (or in is_contiguous) with a message that names no argument."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested or t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a {'nested' if t.is_nested else t.layout} one")
 
 
 def _check_clients(params, name: str) -> None:

@@ -115,6 +115,9 @@ def _bad_calls():
             (f"{step}-backend", step, lambda p, g, s: (p, g, s, {"backend": "gpu"}), ValueError, r"backend: unknown"),
             (f"{step}-check_finite", step, lambda p, g, s: (p, g, s, {"check_finite": "yes"}), TypeError,
              r"check_finite: expected a bool"),
+            # the collective comes after pass 1: an unusable group must be found before it
+            (f"{step}-process_group", step, lambda p, g, s: (p, g, s, {"process_group": object()}), RuntimeError,
+             r"process_group: torch.distributed is not initialised"),
         ]
     for step in ("moco", "modo"):
         cases += [
