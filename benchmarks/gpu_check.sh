@@ -44,7 +44,11 @@ export BENCH_OUT=${BENCH_OUT:-bench-out}
 SCRIPTS=benchmarks/gpu_check
 RESULTS=(env.txt build.txt correct.json correct.txt bench.csv bench.md sanitizer.txt summary.md)
 STAGES=(env build correct bandwidth sanitizer summary)
-declare -A SHARE=([env]=4 [build]=31 [correct]=31 [bandwidth]=19 [sanitizer]=13 [summary]=2)  # % of BUDGET
+# Each stage's time, in % of BUDGET: its share when the stages before it kept theirs (what they
+# leave goes to the next), and the floor kept for it whatever the stages before it took. The build
+# is all or nothing, so its floor is most of the budget; the other stages write as they go.
+declare -A SHARE=([env]=4 [build]=30 [correct]=30 [bandwidth]=20 [sanitizer]=14 [summary]=2)
+declare -A FLOOR=([env]=3 [build]=65 [correct]=11 [bandwidth]=8 [sanitizer]=6 [summary]=2)
 # where each stage's console output goes; bandwidth.py writes bench.csv and bench.md itself, so its
 # console goes to the state folder and, when the stage fails, its tail to bench.md
 declare -A LOG=([env]=env.txt [build]=build.txt [correct]=correct.txt [bandwidth]=STATE [sanitizer]=sanitizer.txt)
@@ -153,6 +157,9 @@ stage_correct() { run_resumable "$SCRIPTS/correct.py"; }
 stage_bandwidth() { run_resumable "$SCRIPTS/bandwidth.py"; }
 
 stage_sanitizer() {
+  local filter_text
+  filter_text=$("$PY" "$SCRIPTS/sanitize_calls.py" --kernel-filters) || { echo "## kernel filters: failed"; return 1; }
+  echo "kernel filters: $filter_text"
   if ! command -v compute-sanitizer > /dev/null; then
     echo "compute-sanitizer: not found$([ "$DRY" = 1 ] && echo " (dry run)"); the calls run without it"
     "$PY" "$SCRIPTS/sanitize_calls.py"
@@ -160,11 +167,15 @@ stage_sanitizer() {
     echo "## calls without a sanitizer: $([ $rc = 0 ] && echo "ran (rc 0)" || echo "failed (rc $rc)")"
     return $rc
   fi
-  local filters tools=(memcheck racecheck synccheck initcheck) failed=0 i tool limit started rc status
-  read -ra filters <<< "$("$PY" "$SCRIPTS/sanitize_calls.py" --kernel-filters)"
+  # memcheck first and with the most time; each tool gets its weight's part of the time left
+  local filters tools=(memcheck initcheck racecheck synccheck) weights=(4 3 2 2) failed=0 i tool limit started rc
+  local status weight_left j
+  read -ra filters <<< "$filter_text"
   for i in "${!tools[@]}"; do
     tool=${tools[$i]}
-    limit=$(( (GPU_CHECK_STAGE_DEADLINE - $(now)) / (${#tools[@]} - i) ))
+    weight_left=0
+    for ((j = i; j < ${#tools[@]}; j++)); do weight_left=$((weight_left + weights[j])); done
+    limit=$(( (GPU_CHECK_STAGE_DEADLINE - $(now)) * weights[i] / weight_left ))
     if [ "$limit" -lt 10 ]; then
       echo "## $tool: not run (no time left)"
       failed=1
@@ -189,7 +200,7 @@ stage_sanitizer() {
     echo "## $tool: $status (rc $rc, $(( $(now) - started )) s)"
   done
   if command -v ncu > /dev/null && [ $(( GPU_CHECK_STAGE_DEADLINE - $(now) )) -gt 60 ]; then
-    echo "## ncu: one K = 8 float32 CUDA gram (products_kernel), speed of light and memory workload"
+    echo "## ncu (one K = 8 float32 CUDA gram, products_kernel): speed of light, memory workload, occupancy"
     timeout --kill-after=5 45 ncu --kernel-name regex:products_kernel --launch-count 1 --section SpeedOfLight \
       --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
       "$PY" "$SCRIPTS/sanitize_calls.py" --ncu
@@ -232,13 +243,25 @@ DEADLINE=$((START + BUDGET))
 overall=0
 BACKGROUND=()
 
-reserve_after() {  # seconds kept for the stages after $1
-  local name=$1 later=0 after=0 stage
+after() {  # seconds of the stages after stage $1 in table $2 (SHARE or FLOOR)
+  local name=$1 later=0 past=0 stage
+  local -n table=$2
   for stage in "${STAGES[@]}"; do
-    [ "$after" = 1 ] && later=$((later + SHARE[$stage]))
-    [ "$stage" = "$name" ] && after=1
+    [ "$past" = 1 ] && later=$((later + table[$stage]))
+    [ "$stage" = "$name" ] && past=1
   done
   echo $((BUDGET * later / 100))
+}
+
+stage_limit() {  # min(max(floor, what the later shares leave), what the later floors leave)
+  local name=$1 left nominal floor cap limit
+  left=$(( DEADLINE - $(now) ))
+  nominal=$(( left - $(after "$name" SHARE) ))
+  floor=$(( BUDGET * FLOOR[$name] / 100 ))
+  cap=$(( left - $(after "$name" FLOOR) ))
+  limit=$(( nominal > floor ? nominal : floor ))
+  limit=$(( limit < cap ? limit : cap ))
+  echo $(( limit > 5 ? limit : 5 ))
 }
 
 summary_line() { echo "$1" >> "$OUT/summary.md"; }
@@ -247,8 +270,7 @@ run_stage() {
   local name=$1 log limit started rc status seconds
   log=${LOG[$name]}
   [ "$log" = STATE ] && log=$STATE/$name.log || log=$OUT/$log
-  limit=$(( DEADLINE - $(now) - $(reserve_after "$name") ))
-  [ "$limit" -lt 5 ] && limit=5
+  limit=$(stage_limit "$name")
   started=$(now)
   # the scripts stop starting work a little before the timeout, to write what they have
   export GPU_CHECK_STAGE_DEADLINE=$(( started + limit - (limit / 10 > 5 ? limit / 10 : 5) ))
@@ -259,6 +281,9 @@ run_stage() {
   case $rc in
     0) status="passed" ;;
     124|137) status="TIMED OUT"; overall=1 ;;
+    3) status="FAILED (cases failed)"; overall=1 ;;
+    4) status="FAILED (stopped by a sticky CUDA error)"; overall=1 ;;
+    5) status="INCOMPLETE (stopped at its deadline)"; overall=1 ;;
     *) status="FAILED (exit code $rc)"; overall=1 ;;
   esac
   echo "   $name: $status in $seconds s"
@@ -325,7 +350,7 @@ run_stage env
 # The warm-up needs no extension (Triton kernels are Python): it runs alongside the build.
 PROBE_LIMIT=120
 start_background probe "$PROBE_LIMIT" "$PY" "$SCRIPTS/warm_triton.py" --probe moco_fp64
-WARM_LIMIT=$(( DEADLINE - $(now) - $(reserve_after bandwidth) ))
+WARM_LIMIT=$(( DEADLINE - $(now) - $(after bandwidth SHARE) ))
 for ((shard = 0; shard < WARMERS; shard++)); do
   start_background "warm-up$((shard + 1))" "$WARM_LIMIT" "$PY" "$SCRIPTS/warm_triton.py" --shard "$shard" --shards "$WARMERS"
 done
@@ -343,7 +368,9 @@ count=$(find "$OUT" -mindepth 1 | wc -l)
 missing=""
 for file in "${RESULTS[@]}"; do [ -s "$OUT/$file" ] || missing="$missing $file"; done
 total=$(( $(now) - START ))
-summary_line "- **summary**: $count files in $BENCH_OUT (at most 8)${missing:+; missing or empty:$missing}; $total s in all"
+too_many=""
+[ "$count" -gt 8 ] && too_many=": TOO MANY"
+summary_line "- **summary**: $count files in $BENCH_OUT (at most 8$too_many)${missing:+; missing or empty:$missing}; $total s in all"
 if [ "$count" -gt 8 ] || [ -n "$missing" ]; then overall=1; fi
 echo "gpu-check: $([ "$overall" = 0 ] && echo passed || echo FAILED) in $total s; $BENCH_OUT/summary.md:"
 cat "$OUT/summary.md"

@@ -76,7 +76,7 @@ class Sizes:
         STEP_KS = (3,)
         SIMPLEX_ROWS = (1, 17)
         MIN_NORM_KS = (1, 2, 3)
-        MIN_NORM_REFERENCE_KS = (2,)
+        MIN_NORM_REFERENCE_KS = (3,)
         FL_SIZES = ((3, 17),)
         LARGE_D = 50_003
         LARGE_CHUNK = 7_001
@@ -89,7 +89,7 @@ class Sizes:
         MIN_NORM_KS = (1, 2, 3, 8, 16, 33, 64)
         # The float64 reference (FISTA, 20000 iterations) costs seconds per K even on the GPU:
         # above K = 8 the KKT conditions alone certify the optimum.
-        MIN_NORM_REFERENCE_KS = (2, 3, 8)
+        MIN_NORM_REFERENCE_KS = (3, 8)
         FL_SIZES = ((1, 1), (3, 17), (33, 4099), (70, 100003))
         LARGE_D = 1_200_000_000  # K = 2: K·d = 2.4e9 > 2^31 elements, 9.6 GB in float32
         LARGE_CHUNK = 100_000_000

@@ -759,6 +759,20 @@ def side_stream_cases(backends) -> List[Case]:
 # Federated kernels
 
 
+def subnormal_close(name: str, got: torch.Tensor, expected: torch.Tensor, rtol: float) -> Check:
+    """test_kernels.assert_close's bound, rtol · (|e| + max |e|), plus 4 units of the smallest
+    subnormal: below the normal range an fma or a different order moves a result by a few of
+    those units, far more than rtol of it, while a flush to zero moves it by all of it."""
+    g, e = cpu64(got), cpu64(expected)
+    finfo = torch.finfo(got.dtype)
+    bound = rtol * (e.abs() + e.abs().max()) + 4 * finfo.tiny * finfo.eps
+    error = (g - e).abs()
+    scale = max(float(e.abs().max()), TINY)
+    bad = int((error > bound).sum())
+    return Check(name, bad == 0, float(error.max()) / scale, float(bound.max()) / scale,
+                 f"{bad} of {error.numel()} off, max error {float(error.max()):.3g}" if bad else "")
+
+
 def subnormal_case(backend, dtype, kernel: str) -> Case:
     """Adam's and SGD's updates with subnormal gradients and second moments, against the reference
     (torch on the CPU keeps subnormals): a kernel that flushes them to zero fails."""
@@ -792,8 +806,7 @@ def subnormal_case(backend, dtype, kernel: str) -> Case:
             reference.batched_sgd_step(params, grads, exp_avg, active, lr=0.1, momentum=0.9, weight_decay=0.0)
             pairs = (("params", x.params, params), ("momentum_buffer", x.exp_avg, exp_avg))
         rtol = test_fl.OPTIM_RTOL[tol.accum_dtype(dtype)]
-        return [helper_check(name, test_fl.assert_close, got[on_device], expected[active], rtol, name)
-                for name, got, expected in pairs]
+        return [subnormal_close(name, got[on_device], expected[active], rtol) for name, got, expected in pairs]
 
     return Case(f"fl/{backend}/{kernel}/subnormal/{common.dtype_name(dtype)}", "fl", backend, prepare, call, check,
                 fields=dict(op=f"batched_{kernel}_step", dtype=common.dtype_name(dtype), C=C, D=D, subnormal=True))
@@ -906,10 +919,21 @@ GROUPS = (size_matrix_cases, layout_cases, simplex_cases, min_norm_cases, step_c
           side_stream_cases, fl_cases, large_cases)
 
 
+#: the Ks of the first pass over the size matrices; their other Ks run after every group's first
+#: pass, so that a stage cut short by its deadline still has an answer from every group
+FIRST_PASS_KS = (3, 33)
+MATRIX_GROUPS = ("gram", "cross_gram", "combine", "project_simplex", "min_norm", "steps")
+
+
+def second_pass(case: Case) -> bool:
+    return case.group in MATRIX_GROUPS and case.fields.get("K", FIRST_PASS_KS[0]) not in FIRST_PASS_KS
+
+
 def build_cases(backends) -> List[Case]:
     cases = []
     for group in GROUPS:
         cases.extend(group(backends))
+    cases.sort(key=second_pass)  # stable: each pass keeps the groups' order
     if DRY:  # the interpreter costs ~0.1-1 s per launch: one Triton case per group exercises each path
         seen = set()
         kept = []

@@ -90,8 +90,10 @@ def correct_digest() -> list:
         lines.append(f"| {group} | {backend} | " + " | ".join(str(table.get((group, backend, s), "")) for s in statuses) + " |")
     lines.append("")
     for r in records:
-        if r.get("status") in ("fail", "error", "known_defect", "not_run"):
-            lines.append(f"{r['status']}: {r['case']}: {reason(r) or r.get('first', '')}")
+        if r.get("status") in ("fail", "error", "known_defect"):
+            lines.append(f"{r['status']}: {r['case']}: {reason(r)}")
+        elif r.get("status") == "not_run":
+            lines.append(f"not run (stage deadline): {r.get('count')} cases, from {r.get('first')}")
     skipped = Counter(reason(r) for r in records if r.get("status") == "skipped")
     for text, n in skipped.most_common():
         lines.append(f"skipped ×{n}: {text}")
@@ -121,9 +123,9 @@ def bandwidth_lines() -> list:
         if mine:
             best = mine[-1]
             lines.append(f"  - {backend}: lowest fraction of copy bandwidth " + ", ".join(
-                f"{r['op']} {r['dtype']} {r['shape']} {r['layout']} {number(r, 'fraction_of_copy'):.2f}" for r in mine[:4])
+                f"{r['op']} {r['dtype']} {r['shape']} {r['layout']} {number(r, 'fraction_of_copy'):.2g}" for r in mine[:4])
                 + f"; highest {best['op']} {best['dtype']} {best['shape']} {best['layout']} "
-                  f"{number(best, 'fraction_of_copy'):.2f}")
+                  f"{number(best, 'fraction_of_copy'):.2g}")
     min_norm = [r for r in rows if r.get("op") == "min_norm" and number(r, "median_us") is not None]
     if min_norm:
         lines.append("  - min_norm µs: " + ", ".join(f"{r['backend']} {r['shape']} {number(r, 'median_us'):.3g}"
@@ -164,7 +166,8 @@ def main(argv) -> int:
     else:
         print(__doc__, file=sys.stderr)
         return 2
-    print("\n".join(lines))
+    if lines:
+        print("\n".join(lines))
     return 0
 
 
