@@ -23,12 +23,13 @@ One round t (`OpenFLSimulator.round`):
    the number of active clients, joins and departures.
 
 A round in which no client is active (possible under bernoulli churn) leaves x unchanged and has
-no optimum: its distance and gap are NaN and summaries skip it. A round whose server model x_t is
-not finite (the local optimiser diverged: a learning rate too large for the curvature) is recorded
-in `history` like any other and then raises FloatingPointError naming the round, the algorithm and
-the learning rates: a diverged run stops at the round where it diverged instead of reporting NaN
-distances for the rounds after it. track_optimum=False skips x*_t and
+no optimum: its distance and gap are NaN and summaries skip it. track_optimum=False skips x*_t and
 the metrics that need it (they are NaN): the benchmark's setting, which times the FL round alone.
+
+A round whose server model x_t is not finite (the local optimiser diverged: a learning rate too
+large for the curvature) is recorded in `history` like any other and then raises
+FloatingPointError naming the round, the algorithm and the learning rates: a diverged run stops at
+the round where it diverged instead of going on with NaN distances.
 
 The server model starts at x_0 = x*_0, the optimum of the round-0 population (init="optimum", the
 default: the run measures stability, not the approach from far away), or at 0 (init="zero").
@@ -58,7 +59,7 @@ import torch
 from .. import _ops
 from . import kernels
 from .population import (CHURN_MODELS, Population, check_device, check_integer, check_number, check_rate,
-                         check_state_generator, check_state_keys, check_state_tensor, check_state_values, state_path)
+                         check_state_generator, check_state_keys, check_state_tensor, check_state_values)
 from .problems import PROBLEMS, Problem, make_problem, problem_options
 
 ALGORITHMS = ("local_sgd", "local_adam")
@@ -136,7 +137,7 @@ class FLConfig:
         check_integer("rounds", self.rounds, low=0)
         if check_integer("seed", self.seed, low=0) >= SEED_LIMIT:
             raise ValueError(f"seed: an integer in [0, 2**64), got {self.seed!r}")
-        check_number("kappa", self.kappa, 1.0)
+        check_number("kappa", self.kappa, 1.0, low_open=self.problem == "logreg")  # logreg: μ = 1/(κ − 1)
         check_number("sigma", self.sigma, 0.0)
         check_rate("join_rate", self.join_rate)
         check_rate("leave_rate", self.leave_rate)
@@ -300,7 +301,9 @@ class OpenFLSimulator:
             callback: Optional[Callable[[Dict[str, float]], None]] = None) -> List[Dict[str, float]]:
         """`rounds` more rounds (default: config.rounds); returns the whole history. A round that
         diverges raises FloatingPointError (see round()); `history` then ends with that round."""
-        rounds = self.config.rounds if rounds is None else rounds
+        rounds = self.config.rounds if rounds is None else check_integer("rounds", rounds, low=0)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback: expected callback(record), got {type(callback).__name__}")
         steps = range(rounds)
         if progress:
             import sys
@@ -344,7 +347,7 @@ class OpenFLSimulator:
         if not isinstance(state["config"], dict):
             raise TypeError(f"{key('config')}: expected a dict (FLConfig.to_dict()), got {type(state['config']).__name__}")
         mine, theirs = self.config.to_dict(), dict(state["config"])
-        mine.pop("rounds"), theirs.pop("rounds", None)
+        mine.pop("rounds"), theirs.pop("rounds", None)  # a resumed run may go on for longer
         different = sorted(k for k in set(mine) | set(theirs) if k not in mine or k not in theirs or mine[k] != theirs[k])
         if different:
             raise ValueError(f"{key('config')}: saved with a different config ({', '.join(different)})")
@@ -376,9 +379,9 @@ class OpenFLSimulator:
             raise ValueError(f"{key('history')}: expected a list of {rounds} records (one per round), got "
                              f"{len(history) if isinstance(history, list) else type(history).__name__}")
         for i, record in enumerate(history):
-            check_state_keys(record, state_path(key("history"), i), ("round",) + METRICS)
+            check_state_keys(record, key("history", i), ("round",) + METRICS)
             if record["round"] != i:
-                raise ValueError(f"{state_path(key('history'), i)}['round']: {record['round']!r}, expected {i}")
+                raise ValueError(f"{key('history', i, 'round')}: {record['round']!r}, expected {i}")
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores a state_dict() of a simulator with the same config (`rounds` may differ), all

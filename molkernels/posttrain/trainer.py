@@ -45,13 +45,17 @@ SEED_LIMIT = 2 ** 32  # BatchStream seeds its epochs with seed·1000003 + epoch,
 
 def model_logits(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     """The [B, T, V] logits of a causal LM: an HF model's output.logits, or the tensor (or first
-    element of the tuple) that a plain module returns."""
+    element of the tuple or list) that a plain module returns; anything else raises TypeError
+    naming the model."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "logits"):
         return out.logits
-    return out[0]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"policy: returned a {type(out).__name__}; expected logits (a tensor, a tuple whose first "
+                    f"element they are, or an output with .logits)")
 
 
 @torch.no_grad()

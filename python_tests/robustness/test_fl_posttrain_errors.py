@@ -61,6 +61,14 @@ def test_every_flconfig_field_is_checked(field, value):
         FLConfig(**{**TINY, field: value}).validate()
 
 
+def test_logreg_kappa_is_checked_by_validate():
+    """validate() alone (the CLI's check of every sweep setting) refuses κ = 1 for logreg, whose
+    μ = 1/(κ − 1) needs κ > 1, and keeps κ = 1 for the quadratic."""
+    with raises(ValueError, "kappa"):
+        FLConfig(problem="logreg", kappa=1.0).validate()
+    FLConfig(problem="quadratic", kappa=1.0).validate()
+
+
 def test_cuda_device_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
@@ -75,6 +83,12 @@ def test_simulator_arguments_are_checked():
         OpenFLSimulator(FLConfig(**TINY), clinets=5)
     with raises(TypeError, "problem_instance: expected a Problem"):
         OpenFLSimulator(FLConfig(**TINY), problem_instance="quadratic")
+    sim = OpenFLSimulator(FLConfig(**TINY))
+    with raises(ValueError, "rounds: an integer >= 0"):
+        sim.run("5")
+    with raises(TypeError, "callback: expected callback(record)"):
+        sim.run(1, callback=3)
+    assert sim.round_index == 0 and sim.history == []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,3 +376,18 @@ def test_trainer_methods_check_their_arguments():
     with raises(TypeError, "data: expected a PreferenceDataset"):
         precompute_reference_logps(TinyLM(), PREF)
     assert trainer.step_count == 0 and trainer.history == []
+
+
+class DictLM(TinyLM):
+    """Returns its logits in a dict: not a form the trainer knows."""
+
+    def forward(self, input_ids, attention_mask):
+        return {"scores": super().forward(input_ids, attention_mask)}
+
+
+def test_a_policy_output_without_logits_is_named():
+    model = DictLM()
+    trainer = JointTrainer(**_trainer_args(policy=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
+    with raises(TypeError, "policy: returned a dict; expected logits"):
+        trainer.step()
+    assert trainer.step_count == 0

@@ -8,8 +8,6 @@ torch.equal-like exactness)."""
 import copy
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +22,8 @@ from molkernels.federated import FLConfig, OpenFLSimulator
 from molkernels.federated.baseline import PerClientLoopSimulator
 from molkernels.federated.population import Population
 from molkernels.federated.problems import make_problem
+from molkernels.posttrain import JointTrainer
+from molkernels.posttrain.synthetic import make_data
 
 SMALL = FLConfig(clients=6, dim=3, rounds=4, local_steps=2, join_rate=0.4, leave_rate=0.4, sigma=0.5)
 
@@ -270,9 +270,6 @@ def test_property_every_tensor_entry_is_checked(fl_state, fl_target):
 
 # ----------------------------------------------------------------------------------------------
 # JointTrainer
-
-from molkernels.posttrain import JointTrainer  # noqa: E402
-from molkernels.posttrain.synthetic import make_data  # noqa: E402
 
 SFT, PREF = make_data(8, 8, seed=3)
 
