@@ -58,7 +58,7 @@ from .population import (check_device, check_integer, check_number, check_state_
 
 PROBLEMS = ("quadratic", "logreg")
 DATASETS = ("breast_cancer", "digits")
-DTYPES = (torch.float32, torch.float64)
+PROBLEM_DTYPES = (torch.float32, torch.float64)
 
 
 def _noise(shape, sigma: float, generator: torch.Generator, device, dtype) -> Optional[torch.Tensor]:
@@ -150,7 +150,7 @@ def _check_common(clients: int, sigma: float, min_size: int, max_size: int, devi
     check_integer("max_size", max_size, low=1)
     if min_size > max_size:
         raise ValueError(f"min_size, max_size: need 1 <= min_size <= max_size, got {min_size}, {max_size}")
-    if dtype not in DTYPES:
+    if dtype not in PROBLEM_DTYPES:
         raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
     return check_device("device", device)
 

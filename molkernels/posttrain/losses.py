@@ -5,6 +5,10 @@ input, prompt and padding positions hold `ignore_index`, and the logits at posit
 token at t + 1 (the one-token shift happens here). Log-probabilities are computed in float32 (bf16
 and fp16 logits are upcast chunk by chunk) as logit − logsumexp(logits), by one autograd function
 that never materialises log_softmax or a float32 copy of the logits, forward or backward.
+
+Every argument is checked first, naming it: a label that is neither a token id in [0, V) nor
+ignore_index raises ValueError with its position (that check reads the labels on the host: one
+synchronisation per call on CUDA, next to the loss's own .item() in a training step).
 """
 
 from __future__ import annotations
