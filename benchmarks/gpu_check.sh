@@ -328,7 +328,6 @@ stop_background() {  # ends the background processes still running; a summary li
       finished=$((finished + 1))
     else
       failed="$failed $name(exit code $rc)"
-      [ "$rc" = 124 ] && [ "$name" = probe ] && echo "timed out after $PROBE_LIMIT s" > "$STATE/moco_fp64"
     fi
   done
   BACKGROUND=()
@@ -348,17 +347,25 @@ trap 'for entry in "${BACKGROUND[@]}"; do kill "${entry##*:}" 2> /dev/null; done
 
 run_stage env
 # The warm-up needs no extension (Triton kernels are Python): it runs alongside the build.
+# The probe's own limit: correct.py skips the cases it gates unless it wrote "ok".
 PROBE_LIMIT=120
-start_background probe "$PROBE_LIMIT" "$PY" "$SCRIPTS/warm_triton.py" --probe moco_fp64
 WARM_LIMIT=$(( DEADLINE - $(now) - $(after bandwidth SHARE) ))
+start_background probe "$WARM_LIMIT" bash -c 'timeout --foreground "$0" "$@"; rc=$?
+  [ "$rc" = 124 ] && echo "timed out after $0 s" > "$GPU_CHECK_STATE_DIR/moco_fp64"; exit "$rc"' \
+  "$PROBE_LIMIT" "$PY" "$SCRIPTS/warm_triton.py" --probe moco_fp64
 for ((shard = 0; shard < WARMERS; shard++)); do
   start_background "warm-up$((shard + 1))" "$WARM_LIMIT" "$PY" "$SCRIPTS/warm_triton.py" --shard "$shard" --shards "$WARMERS"
 done
 run_stage build
-# The dry run waits for its warm-up (a broken warm-up script must fail it); on the GPU it goes on
-# compiling for the later stages until the sanitizer stage, whose timings it would disturb.
+# The dry run waits for its warm-up (a broken warm-up script must fail it). On the GPU the warm-up
+# goes on compiling for the later stages, the bandwidth stage included (its 100-odd Triton variants
+# would take minutes there); what still runs then is named in the summary, and ended before the
+# sanitizer stage.
 [ "$DRY" = 1 ] && stop_background wait
 run_stage correct
+running=0
+for entry in "${BACKGROUND[@]}"; do kill -0 "${entry##*:}" 2> /dev/null && running=$((running + 1)); done
+[ "$running" -gt 0 ] && summary_line "- warm-up: $running processes still compiling when the bandwidth stage starts"
 run_stage bandwidth
 stop_background
 run_stage sanitizer

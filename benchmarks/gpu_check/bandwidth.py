@@ -267,7 +267,7 @@ def kernel_launches(fn: Callable[[], object]):
     memsets on the GPU; the molkernels ops dispatched on the CPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [ProfilerActivity.CPU]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
         common.synchronize()

@@ -1,7 +1,6 @@
 """What the stage scripts of `make gpu-check` share: the mode (a real GPU run, or the dry run on CPU
 tensors), the device and the sizes, the project's test helpers loaded by path, the stage deadline,
-the CUDA-only pieces (host-sync detection, side streams, graph capture, event timing), and the
-JSON-lines writer.
+and the CUDA-only pieces (host-sync detection, side streams, graph capture, event timing).
 
 The CUDA-only pieces degrade to plain calls on CPU tensors, so that the dry run executes the same
 code as the GPU run everywhere except inside those few wrappers.
@@ -28,8 +27,6 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-
-from records import JsonLines, read_json_lines  # noqa: E402,F401  (re-exported for the stage scripts)
 
 DEVICE = torch.device("cpu" if DRY else "cuda")
 OUT_DIR = os.environ.get("BENCH_OUT", os.path.join(REPO, "bench-out"))

@@ -33,6 +33,7 @@ from typing import Callable, List, Optional
 
 import common
 from common import DEVICE, DRY, Sizes, stacks, tol
+from records import JsonLines, read_json_lines
 
 import pytest  # noqa: E402  (the test helpers raise pytest.skip)
 import torch  # noqa: E402
@@ -395,8 +396,11 @@ def test_function_case(group: str, name: str, backend: str, test: Callable, *arg
         return [Check("test", error is None, detail="" if error is None else common.first_line(error))]
 
     label = "/".join(common.dtype_name(a) if isinstance(a, torch.dtype) else str(a) for a in args)
+    described = dict(op=group, test=name)
+    described.update({"dtype": common.dtype_name(a) for a in args if isinstance(a, torch.dtype)})
+    described.update(fields or {})
     return Case(f"{group}/{backend}/{name}" + (f"/{label}" if label else ""), group, backend, lambda: None, call,
-                check, fields=dict(op=group, test=name, **(fields or {})), sync_free=False)
+                check, fields=described, sync_free=False)
 
 
 def min_norm_cases(backends) -> List[Case]:
@@ -1029,16 +1033,17 @@ def main(argv=None) -> int:
             print(case.id)
         return 0
 
-    done = {r["case"] for r in common.read_json_lines(args.out)} if args.resume else set()
-    writer = common.JsonLines(args.out, append=args.resume)
+    done = {r["case"] for r in read_json_lines(args.out)} if args.resume else set()
+    writer = JsonLines(args.out, append=args.resume)
     if not args.resume:
         for backend in common.kernel_backends():
             if backend not in backends:
                 writer.write({"case": f"backend/{backend}", "group": "backends", "backend": backend, "status": "fail",
                               "failed": [f"unavailable: {common.unavailable_reason(backend)}"]})
     todo = [c for c in cases if c.id not in done]
-    print(f"{len(todo)} cases on {DEVICE.type} ({', '.join(backends)})" + (f", {len(done)} already done" if done else ""),
-          flush=True)
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU tensors (dry run)"
+    print(f"# correct.py on {where}: {len(todo)} cases ({', '.join(backends)})"
+          + (f", {len(done)} already done" if done else ""), flush=True)
     counts = {}
     for index, case in enumerate(todo):
         if common.seconds_left() <= 0:

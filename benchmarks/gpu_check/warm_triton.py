@@ -4,8 +4,8 @@ so that those stages find the kernels compiled in TRITON_CACHE_DIR (each odd sha
 dtype and BLOCK size is its own variant, 0.7-5 s to compile; and a compile during CUDA-graph
 capture is unsafe).
 
-    warm_triton.py --shard I --shards N   every N-th call of correct.py, bandwidth.py and
-                                          sanitize_calls.py, in the order those stages run them
+    warm_triton.py --shard I --shards N   every N-th call of correct.py, sanitize_calls.py and
+                                          bandwidth.py, each in the order its stage runs them
     warm_triton.py --probe NAME           the calls gated on that probe (the float64 Triton MoCo at
                                           K ≥ 17, GPU-NOTES 1.1.3: over a minute to compile); writes
                                           "ok <seconds>" or the error to $GPU_CHECK_STATE_DIR/NAME
@@ -34,9 +34,10 @@ def warm_calls():
     for case in correct.build_cases(["triton"]):
         if case.warm and case.probe is None:
             calls.append((case.id, correct_thunk(case)))
+    # the sanitizer's few calls before the bandwidth stage's many: its tools have tens of seconds each
+    calls += [(f"sanitize/{name}", thunk) for name, thunk in sanitize_calls.calls("triton")]
     for case in bandwidth.build_cases(["triton"]):
         calls.append((case.id, lambda case=case: case.call(case.prepare())))
-    calls += [(f"sanitize/{name}", thunk) for name, thunk in sanitize_calls.calls("triton")]
     return calls
 
 
