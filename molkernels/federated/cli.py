@@ -82,6 +82,19 @@ def summarise_run(history: List[dict]) -> dict:
             "empty_rounds": int(sum(r["active"] == 0 for r in history))}
 
 
+def mean_over_seeds(curves: Sequence[Sequence[float]]):
+    """The per-round mean of equally long curves over the seeds, skipping NaN (a round where every
+    seed is NaN, e.g. after all of them diverged, is NaN without a warning)."""
+    import numpy as np
+
+    d = np.array(curves, dtype=float)
+    present = ~np.isnan(d)
+    counts = present.sum(axis=0)
+    totals = np.where(present, d, 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, totals / counts, np.nan)
+
+
 def run_setting(config, seeds: Sequence[int], progress=None) -> dict:
     """`config` (an FLConfig) on every seed: per-seed histories and summaries, and the averages."""
     import numpy as np
@@ -97,19 +110,35 @@ def run_setting(config, seeds: Sequence[int], progress=None) -> dict:
         for seed in seeds:
             sim = OpenFLSimulator(config, seed=seed)
             started = time.perf_counter()
-            history = sim.run(callback=(lambda _: progress.update(1)) if progress is not None else None)
+            # A diverged seed ends at its diverging round (the simulator's FloatingPointError); the
+            # sweep goes on and reports the setting as diverged rather than losing every other one.
+            diverged_round = None
+            try:
+                sim.run(callback=(lambda _: progress.update(1)) if progress is not None else None)
+            except FloatingPointError:
+                diverged_round = sim.history[-1]["round"]
             seconds = time.perf_counter() - started
-            runs.append(dict(summarise_run(history), seed=seed, seconds=seconds,
-                             history={m: [r[m] for r in history] for m in METRICS}))
+            history = sim.history
+            summary = summarise_run(history)
+            if diverged_round is not None:
+                summary.update(bounded=False, radius=float("inf"), radius_max=float("inf"))
+            # A diverged run's metrics are NaN after its last round, so that every seed's curve has
+            # config.rounds points.
+            missing = [float("nan")] * (config.rounds - len(history))
+            runs.append(dict(summary, seed=seed, seconds=seconds, diverged_round=diverged_round,
+                             history={m: [r[m] for r in history] + missing for m in METRICS}))
     finally:
         torch.set_num_threads(threads)
     per_seed = [r["radius"] for r in runs]
+    with np.errstate(invalid="ignore"):  # a diverged seed's radius is inf: the std is then NaN
+        radius_std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
     return {
         "radius": float(np.mean(per_seed)),
-        "radius_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+        "radius_std": radius_std,
         "radius_max": float(np.mean([r["radius_max"] for r in runs])),
         "radius_per_seed": per_seed,
         "bounded": all(r["bounded"] for r in runs),
+        "diverged_rounds": [r["diverged_round"] for r in runs],
         "drift": [r["drift"] for r in runs],
         "mean_active": float(np.mean([r["mean_active"] for r in runs])),
         "empty_rounds": sum(r["empty_rounds"] for r in runs),
@@ -187,9 +216,7 @@ def _strip_runs(result: dict, keep_history: bool) -> dict:
     if keep_history:
         out["history"] = [dict(seed=r["seed"], **r["history"]) for r in result["runs"]]
     else:
-        d = np.array([r["history"]["distance"] for r in result["runs"]], dtype=float)
-        with np.errstate(all="ignore"):
-            out["mean_distance"] = [float(v) for v in np.nanmean(d, axis=0)]
+        out["mean_distance"] = [float(v) for v in mean_over_seeds([r["history"]["distance"] for r in result["runs"]])]
     out["seeds"] = [r["seed"] for r in result["runs"]]
     return out
 
@@ -207,12 +234,22 @@ def print_single(config, result: dict) -> None:
           f"(std over seeds); max {result['radius_max']:.4g}")
     print(f"  drift (last-quarter / second-quarter mean) {', '.join(f'{d:.2f}' for d in result['drift'])}: "
           f"{'bounded' if result['bounded'] else 'NOT bounded'} (limit {DRIFT_LIMIT})")
+    for run in result["runs"]:
+        if run["diverged_round"] is not None:
+            print(f"  seed {run['seed']} DIVERGED at round {run['diverged_round']} (the server model became non-finite)")
     first = result["runs"][0]["history"]
     joins = sum(first["joined"]) / max(1, len(first["joined"]))
     leaves = sum(first["left"]) / max(1, len(first["left"]))
     print(f"  active clients {result['mean_active']:.1f} on average; {joins:.1f} joins and {leaves:.1f} departures "
           f"per round (seed {result['runs'][0]['seed']}); {result['empty_rounds']} rounds without clients; "
           f"{result['ms_per_round']:.2f} ms per round")
+
+
+def _unbounded_mark(result: dict) -> str:
+    diverged = sorted({t for t in result["diverged_rounds"] if t is not None})
+    if diverged:
+        return " DIVERGED at round " + ", ".join(str(t) for t in diverged)
+    return "" if result["bounded"] else " UNBOUNDED"
 
 
 def print_sweep(config, sweep: dict) -> None:
@@ -224,7 +261,7 @@ def print_sweep(config, sweep: dict) -> None:
         row = [f"{value:g}"]
         for a, rs in sweep["results"].items():
             r = rs[i]
-            row.append(f"{r['radius']:.4g} ± {r['radius_std']:.2g} [{r['radius_max']:.3g}]" + ("" if r["bounded"] else " UNBOUNDED"))
+            row.append(f"{r['radius']:.4g} ± {r['radius_std']:.2g} [{r['radius_max']:.3g}]" + _unbounded_mark(r))
         rows.append(row)
     widths = [max(len(line[i]) for line in [header] + rows) for i in range(len(header))]
     for line in [header, ["-" * w for w in widths]] + rows:
@@ -295,8 +332,7 @@ def plot_sweep(config, sweep: dict, path: str) -> None:
                     label=f"{LABELS[a]}: mean over the second half")
         ax.plot(values, [x["radius_max"] for x in rs], color=COLORS[a], ls=":", marker=".", label=f"{LABELS[a]}: max")
         for i, x in enumerate(rs):
-            curve = x.get("mean_distance") or np.nanmean(np.array([s["history"]["distance"] for s in x["runs"]],
-                                                                  dtype=float), axis=0)
+            curve = x.get("mean_distance") or mean_over_seeds([s["history"]["distance"] for s in x["runs"]])
             bx.plot(curve, color=COLORS[a], alpha=0.35 + 0.65 * (i + 1) / len(rs), lw=1,
                     label=f"{LABELS[a]}, {p}={x['value']:g}")
     if log_x:

@@ -26,6 +26,19 @@ def test_single_run_writes_json_and_png(tmp_path, capsys):
     assert "radius" in capsys.readouterr().out
 
 
+def test_a_diverging_setting_is_reported_and_the_sweep_goes_on(tmp_path, capsys):
+    # lr = 1e6 on a quadratic with curvature up to 1 overflows local SGD within a few rounds; the
+    # simulator raises FloatingPointError there, and the sweep must record it, not stop.
+    assert main(["fl", "--algorithm", "local_sgd", "--sweep", "lr=0.1,1e6", "--out", str(tmp_path)] + TINY) == 0
+    data = json.loads((tmp_path / "fl_sweep.json").read_text())
+    stable, diverged = data["sweep"]["results"]["local_sgd"]
+    assert stable["bounded"] and stable["diverged_rounds"] == [None, None] and 0 < stable["radius"] < float("inf")
+    assert not diverged["bounded"] and diverged["radius"] == float("inf")
+    assert all(isinstance(t, int) and 0 <= t < 8 for t in diverged["diverged_rounds"])
+    assert len(diverged["mean_distance"]) == 8
+    assert "DIVERGED at round" in capsys.readouterr().out
+
+
 def test_logreg_run(tmp_path):
     assert main(["fl", "--problem", "logreg", "--kappa", "20", "--out", str(tmp_path)] + TINY) == 0
     data = json.loads((tmp_path / "fl.json").read_text())
