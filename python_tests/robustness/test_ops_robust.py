@@ -4,7 +4,7 @@ and arguments the kernels cannot read.
 - gram, cross_gram and MoCo's Gram passes for K above one 64-row Triton tile, where the output is a
   grid of tiles, each summed from several partials (item 1);
 - project_simplex at magnitudes from 1e-30 to 1.7e308, where τ lost its "− 1" above 2⁵³ and a row
-  whose sum overflows came back NaN (item 2);
+  whose sum overflows came back NaN, and through it MoCo's and MoDo's weights (item 2);
 - min_norm on float64 Grams with entries near the largest double (item 4);
 - sparse and nested tensors as arguments, and flat_buffer's K and shapes (item 14).
 """
@@ -21,6 +21,7 @@ from molkernels import _ops, reference
 from stacks import (
     BLOCK_SHAPES,
     LARGE_KS,
+    as_list,
     backend_params,
     cases,
     check_min_norm_kkt,
@@ -55,7 +56,7 @@ def _large_k_cases(spec):
 
 
 def _cpu(stack):
-    return [b.cpu() for b in ([stack] if isinstance(stack, torch.Tensor) else stack)]
+    return [b.cpu() for b in as_list(stack)]
 
 
 @pytest.mark.parametrize("be,K,layout,d,dtype", cases(_large_k_cases), indirect=["be"])
@@ -220,6 +221,20 @@ def test_project_simplex_non_finite_rows_stay_nan_at_large_magnitudes(be):
     assert torch.equal(x[3], torch.tensor([0.0, 1.0], dtype=torch.float64)), x[3]
 
 
+@pytest.mark.parametrize("be", backend_params(), indirect=True)
+def test_steps_keep_weights_on_the_simplex_for_large_gradients(be):
+    """MoCo's and MoDo's λ step, λ − γ (G λ) with ‖g‖² ~ 1e18, projects onto the simplex: the
+    weights sum to 1 and the direction is not zero (λ came back [0, 0] once ‖g‖ ≳ 3e8)."""
+    params = [torch.zeros(5, device=be.device)]
+    grads = [randn(2, 5, device=be.device, scale=1e9)]
+    lam = molkernels.moco_step(params, grads, molkernels.MoCoState(params, 2), backend=be.backend)
+    assert abs(lam.sum().item() - 1) <= 1e-6 and (lam >= 0).all(), f"MoCo λ = {lam.tolist()}"
+    assert params[0].grad.abs().max() > 0, "MoCo's direction is zero"
+    lam = molkernels.modo_step(params, grads, grads, grads, molkernels.MoDoState(params, 2), backend=be.backend)
+    assert abs(lam.sum().item() - 1) <= 1e-6 and (lam >= 0).all(), f"MoDo λ = {lam.tolist()}"
+    assert params[0].grad.abs().max() > 0, "MoDo's direction is zero"
+
+
 # --------------------------------------------------------------------------------------------------
 # Item 4: min_norm near the largest double
 
@@ -308,12 +323,10 @@ UNREADABLE_ARGUMENTS = {
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
 @pytest.mark.parametrize("case", sorted(UNREADABLE_ARGUMENTS))
-@pytest.mark.parametrize("be", backend_params(exclude=("cuda",)), indirect=True)
+@pytest.mark.parametrize("be", [p for p in backend_params() if p.values[0].device == "cpu"], indirect=True)
 def test_sparse_and_nested_tensors_are_rejected(be, case):
-    """A TypeError naming the argument, raised before any backend sees it."""
+    """A TypeError naming the argument (CPU tensors), raised before any backend sees it."""
     call, name = UNREADABLE_ARGUMENTS[case]
-    if be.device != "cpu":
-        pytest.skip("the inputs are CPU tensors")
     with pytest.raises(TypeError, match=rf"^{name}: expected a dense"):
         call(be.backend)
 
