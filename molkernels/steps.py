@@ -16,69 +16,23 @@ the changed values.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import _ops
+from ._checks import (Labelled, check_disjoint, check_flag, check_integer, check_number, check_on_simplex, labelled,
+                      mark_written)
 from ._stack import Stack, accum_dtype, as_blocks, check_float_tensor, flat_buffer
 from .profiling import nvtx_range
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
-Labelled = List[Tuple[str, torch.Tensor]]
-
-
-def _check_scalar(value, name: str, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-
-
-def _check_disjoint(written: Labelled, read: Labelled = ()) -> None:
-    """ValueError "B: overlaps A" when a tensor in `written` shares memory with another written one
-    or with one in `read` (A comes first in written + read; reading one tensor twice is fine).
-
-    Each tensor counts as the address range from its first to its last element on its device:
-    exact for contiguous tensors (everything a kernel writes is contiguous), conservative for a
-    strided one (two interleaved views count as overlapping). Sorting the ranges by address makes
-    this O(n log n) in the number of tensors; it reads pointers and strides only, no data (about
-    2 µs per tensor). Meta tensors hold no memory, and under torch.compile tracing there are no
-    addresses (fake tensors): they are not checked."""
-    if torch.compiler.is_compiling():
-        return
-    ranges = []
-    for position, (label, t, is_written) in enumerate([(label, t, True) for label, t in written]
-                                                      + [(label, t, False) for label, t in read]):
-        if t.numel() == 0 or t.is_meta:
-            continue
-        start = t.data_ptr()
-        if t.is_contiguous():
-            nbytes = t.nbytes
-        else:
-            nbytes = (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1) * t.itemsize
-        # get_device(): -1 on the CPU, the index on an accelerator (cheaper than t.device)
-        ranges.append((t.get_device(), start, position, start + nbytes, label, is_written))
-    ranges.sort()
-    # per (device, written?): the range seen so far that reaches furthest, as (end, position, label);
-    # a later range overlaps an earlier one exactly when it starts before that one's end
-    furthest = {}
-    for device, start, position, end, label, is_written in ranges:
-        for other_written in ((True, False) if is_written else (True,)):
-            other = furthest.get((device, other_written))
-            if other is not None and other[0] > start:
-                (_, first), (_, second) = sorted([(position, label), (other[1], other[2])])
-                raise ValueError(f"{second}: overlaps {first}")
-        best = furthest.get((device, is_written))
-        if best is None or end > best[0]:
-            furthest[(device, is_written)] = (end, position, label)
-
-
-def _labelled(tensors: Sequence[torch.Tensor], name: str) -> Labelled:
-    return [(f"{name}[{j}]", t) for j, t in enumerate(tensors)]
+def _check_lr(lr) -> None:
+    """lr: None (the direction goes into p.grad) or a step size >= 0."""
+    if lr is not None:
+        check_number("lr", lr, 0.0)
 
 
 def _aligned_blocks(params: Sequence[torch.Tensor], grads: Stack, K: int, name: str) -> List[torch.Tensor]:
@@ -128,7 +82,7 @@ def _destinations(params: Sequence[torch.Tensor], lr: Optional[float]) -> Labell
     for j, p in enumerate(params):
         if not p.is_contiguous():
             raise ValueError(f"params[{j}]: must be contiguous to be updated in place")
-    return _labelled(params, "params")
+    return labelled(params, "params")
 
 
 def _outputs(params: Sequence[torch.Tensor], lr: Optional[float]):
@@ -144,15 +98,6 @@ def _outputs(params: Sequence[torch.Tensor], lr: Optional[float]):
         return outs, 1.0, False
     # p.detach() shares p's memory and version counter: the kernels write p's values in place
     return [p.detach() for p in params], -float(lr), True
-
-
-def _mark_written(tensors: Sequence[torch.Tensor]) -> None:
-    """Bump the version counters of tensors the kernels wrote through raw pointers, which torch
-    does not see (the compiled and Triton ops have no in-place autograd kernel): an autograd graph
-    that saved one of them then raises "modified by an inplace operation" on backward. (A compiled
-    graph writes its mutated inputs back with copy_, which bumps them itself.)"""
-    if not torch.compiler.is_compiling():
-        torch.autograd.graph.increment_version(list(tensors))
 
 
 def _check_params(params) -> List[torch.Tensor]:
@@ -176,7 +121,7 @@ def _check_params(params) -> List[torch.Tensor]:
             raise TypeError(f"params[{j}]: dtype {p.dtype} differs from params[0]'s {params[0].dtype}")
         if p.device != params[0].device:
             raise ValueError(f"params[{j}]: on {p.device}, params[0] on {params[0].device}")
-    _check_disjoint(_labelled(params, "params"))
+    check_disjoint(labelled(params, "params"))
     return params
 
 
@@ -246,9 +191,7 @@ class _StepState:
         params = _check_params(params)
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype: the state is float32 or float64, got {dtype}")
-        if isinstance(num_objectives, bool) or not isinstance(num_objectives, int) or num_objectives < 1:
-            raise ValueError(f"num_objectives: expected an integer >= 1, got {num_objectives!r}")
-        self.num_objectives = num_objectives
+        self.num_objectives = check_integer("num_objectives", num_objectives, 1)
         self.shapes = [p.shape for p in params]
         self.device = params[0].device
         self.lam = torch.full((num_objectives,), 1.0 / num_objectives, dtype=dtype, device=self.device)
@@ -298,12 +241,7 @@ class _StepState:
         if K != self.num_objectives:
             raise ValueError(f"state['num_objectives']: saved with {K} objectives, this state has {self.num_objectives}")
         lam = self._checked_tensor(state, "lam", self.lam)
-        lam64 = lam.to(torch.float64)
-        if not bool(torch.isfinite(lam64).all()) or bool((lam64 < 0).any()):
-            raise ValueError(f"state['lam']: λ must be finite and >= 0 (on the simplex), got {lam.tolist()}")
-        tolerance = 256 * K * torch.finfo(self.lam.dtype).eps
-        if abs(float(lam64.sum()) - 1) > tolerance:
-            raise ValueError(f"state['lam']: λ must sum to 1 (on the simplex), got a sum of {float(lam64.sum())!r}")
+        check_on_simplex(lam, "state['lam']")
         step = state["step"]
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(f"state['step']: expected an int, got {step!r} ({type(step).__name__})")
@@ -438,11 +376,6 @@ def _check_normalize(normalize) -> None:
         raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
 
 
-def _check_flag(value, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {value!r}")
-
-
 def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: float = 0.1, rho: float = 0.0,
               lr: Optional[float] = None, *, beta_decay: float = 0.0, gamma_decay: float = 0.0,
               normalize: str = "none", losses=None, check_finite: bool = False,
@@ -477,19 +410,17 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
     _check_state(state, MoCoState, params)
     K = state.num_objectives
     blocks = _aligned_blocks(params, grads, K, "grads")
-    for value, name in ((beta, "beta"), (gamma, "gamma"), (rho, "rho"), (beta_decay, "beta_decay"),
-                        (gamma_decay, "gamma_decay")):
-        _check_scalar(value, name)
-    _check_scalar(lr, "lr", allow_none=True)
-    if beta > 1:
-        raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
+    check_number("beta", beta, 0.0, 1.0)
+    for value, name in ((gamma, "gamma"), (rho, "rho"), (beta_decay, "beta_decay"), (gamma_decay, "gamma_decay")):
+        check_number(name, value, 0.0)
+    _check_lr(lr)
     _check_normalize(normalize)
-    _check_flag(check_finite, "check_finite")
+    check_flag("check_finite", check_finite)
     f = _checked_losses(normalize, losses, K, check_finite)
     if accum_dtype(blocks[0].dtype) != state.y_flat.dtype:
         raise TypeError(f"grads: {blocks[0].dtype} gradients need a {accum_dtype(blocks[0].dtype)} tracking state, "
                         f"the state is {state.y_flat.dtype}")
-    _check_disjoint(_destinations(params, lr) + [("state.y", state.y_flat)], _labelled(blocks, "grads"))
+    check_disjoint(_destinations(params, lr) + [("state.y", state.y_flat)], labelled(blocks, "grads"))
     backend = _ops.resolve_backend(backend, blocks[0].device)
     _check_process_group(process_group)
     t = state.step
@@ -520,7 +451,7 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
         else:
             _ops.op("moco_track_combine", backend)(state.y, blocks, scale, beta_t, lam, outs, alpha, accumulate)
         state.lam.copy_(lam)
-    _mark_written(outs + [state.y_flat])
+    mark_written(outs + [state.y_flat])
     state.step += 1
     return state.lam
 
@@ -550,13 +481,13 @@ def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoSt
     g2 = _aligned_blocks(params, grads2, K, "grads2")
     g3 = _aligned_blocks(params, grads3, K, "grads3")
     for value, name in ((gamma, "gamma"), (rho, "rho"), (gamma_decay, "gamma_decay")):
-        _check_scalar(value, name)
-    _check_scalar(lr, "lr", allow_none=True)
-    _check_flag(check_finite, "check_finite")
+        check_number(name, value, 0.0)
+    _check_lr(lr)
+    check_flag("check_finite", check_finite)
     if g2[0].dtype != g1[0].dtype:  # G₁G₂ᵀ reads both in one kernel; G₃ may have any float dtype
         raise TypeError(f"grads2: dtype {g2[0].dtype} differs from grads1's {g1[0].dtype}")
-    _check_disjoint(_destinations(params, lr),
-                    _labelled(g1, "grads1") + _labelled(g2, "grads2") + _labelled(g3, "grads3"))
+    check_disjoint(_destinations(params, lr),
+                    labelled(g1, "grads1") + labelled(g2, "grads2") + labelled(g3, "grads3"))
     backend = _ops.resolve_backend(backend, g1[0].device)
     _check_process_group(process_group)
     gamma_t = gamma / (state.step + 1) ** gamma_decay
@@ -576,7 +507,7 @@ def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoSt
         outs, alpha, accumulate = _outputs(params, lr)
         _ops.op("combine_into", backend)(g3, lam, outs, alpha, accumulate)
         state.lam.copy_(lam)
-    _mark_written(outs)
+    mark_written(outs)
     state.step += 1
     return state.lam
 
@@ -601,11 +532,11 @@ def mgda_step(params, grads: Stack, lr: Optional[float] = None, *, normalize: st
     params = _check_params(params)
     K = as_blocks(grads, "grads")[0].shape[0]
     blocks = _aligned_blocks(params, grads, K, "grads")
-    _check_scalar(lr, "lr", allow_none=True)
+    _check_lr(lr)
     _check_normalize(normalize)
-    _check_flag(check_finite, "check_finite")
+    check_flag("check_finite", check_finite)
     f = _checked_losses(normalize, losses, K, check_finite)
-    _check_disjoint(_destinations(params, lr), _labelled(blocks, "grads"))
+    check_disjoint(_destinations(params, lr), labelled(blocks, "grads"))
     backend = _ops.resolve_backend(backend, blocks[0].device)
     _check_process_group(process_group)
     with torch.no_grad(), nvtx_range("mgda_step"):
@@ -625,5 +556,5 @@ def mgda_step(params, grads: Stack, lr: Optional[float] = None, *, normalize: st
             _raise_if_not_finite(gram, "the Gram matrix of the objective gradients", lam)
         outs, alpha, accumulate = _outputs(params, lr)
         _ops.op("combine_into", backend)(blocks, weights, outs, alpha, accumulate)
-    _mark_written(outs)
+    mark_written(outs)
     return lam

@@ -40,8 +40,8 @@ from typing import Callable, Dict, Union
 
 import torch
 
+from .._checks import check_integer, check_number
 from .kernels import batched_adam_step
-from .population import check_integer, check_number
 
 STATE_KEY = "molkernels.local_adam"
 

@@ -29,29 +29,19 @@ inplace operation" on backward instead of using the new values.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from .. import _ops
+from .._checks import check_dense, check_disjoint, check_number, mark_written
 from .._stack import FLOAT_DTYPES, accum_dtype
 from ..profiling import nvtx_range
-from ..steps import _check_disjoint, _mark_written
-
-
-def _check_tensor(t, name: str) -> None:
-    """A dense tensor: the kernels read strided memory, and a sparse or nested tensor would fail
-    inside them (or in is_contiguous) with a message that names no argument."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.is_nested or t.layout != torch.strided:
-        raise TypeError(f"{name}: expected a dense (strided) tensor, got a {'nested' if t.is_nested else t.layout} one")
 
 
 def _check_clients(params, name: str) -> None:
     """params-like [C, ...]: a contiguous float tensor with C >= 1 rows."""
-    _check_tensor(params, name)
+    check_dense(params, name)
     if params.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {params.dtype}")
     if params.dim() < 1 or params.shape[0] < 1:
@@ -62,7 +52,7 @@ def _check_clients(params, name: str) -> None:
 
 def _check_like(t, name: str, params: torch.Tensor, dtype: torch.dtype, *, mutable: bool = True) -> None:
     """t has params' shape and device and the given dtype (contiguous when updated in place)."""
-    _check_tensor(t, name)
+    check_dense(t, name)
     if t.dim() < 1 or t.shape[0] != params.shape[0]:
         raise ValueError(f"{name}: has C = {t.shape[0] if t.dim() else 'no'} clients, params has C = {params.shape[0]}")
     if t.shape != params.shape:
@@ -77,7 +67,7 @@ def _check_like(t, name: str, params: torch.Tensor, dtype: torch.dtype, *, mutab
 
 def _check_vector(t, name: str, C: int, dtype: torch.dtype, device: torch.device, what: str) -> None:
     """A contiguous [C] tensor of one dtype, on the clients' device."""
-    _check_tensor(t, name)
+    check_dense(t, name)
     if t.dtype != dtype:
         raise TypeError(f"{name}: expected a {dtype} tensor ({what}), got {t.dtype}")
     if t.shape != (C,):
@@ -86,16 +76,6 @@ def _check_vector(t, name: str, C: int, dtype: torch.dtype, device: torch.device
         raise ValueError(f"{name}: on {t.device}, params on {device}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: must be contiguous")
-
-
-def _check_number(value, name: str, *, low: float = 0.0, below: Optional[float] = None) -> float:
-    """A finite Python number in [low, below) (or [low, inf) without `below`)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    if value < low or (below is not None and value >= below):
-        interval = f"[{low}, {below})" if below is not None else f">= {low}"
-        raise ValueError(f"{name}: expected a value in {interval}, got {value!r}")
-    return float(value)
 
 
 def batched_adam_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -131,23 +111,23 @@ def batched_adam_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.
     _check_like(exp_avg_sq, "exp_avg_sq", params, state_dtype)
     _check_vector(step, "step", C, torch.int64, params.device, "per-client step counts")
     _check_vector(active, "active", C, torch.bool, params.device, "the mask of clients that step")
-    lr = _check_number(lr, "lr")
-    beta1 = _check_number(beta1, "beta1", below=1.0)
-    beta2 = _check_number(beta2, "beta2", below=1.0)
-    eps = _check_number(eps, "eps")
-    weight_decay = _check_number(weight_decay, "weight_decay")
+    lr = check_number("lr", lr, 0.0)
+    beta1 = check_number("beta1", beta1, 0.0, 1.0, high_open=True)
+    beta2 = check_number("beta2", beta2, 0.0, 1.0, high_open=True)
+    eps = check_number("eps", eps, 0.0)
+    weight_decay = check_number("weight_decay", weight_decay, 0.0)
     if step.device.type == "cpu" and not torch.compiler.is_compiling():  # a host read, not traceable
         negative = torch.nonzero(step < 0).flatten().tolist()
         if negative:
             raise ValueError(f"step: client {negative[0]} has step count {int(step[negative[0]])}; counts are >= 0 "
                              "(reset_client_state starts a client at 0)")
     written = [("params", params), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("step", step)]
-    _check_disjoint(written, [("grads", grads), ("active", active)])
+    check_disjoint(written, [("grads", grads), ("active", active)])
     backend = _ops.resolve_backend(backend, params.device)
     with torch.no_grad(), nvtx_range("batched_adam_step"):
         _ops.op("fl_adam_step", backend)(params, grads, exp_avg, exp_avg_sq, step, active, lr, beta1, beta2, eps,
                                          weight_decay)
-    _mark_written([t for _, t in written])
+    mark_written([t for _, t in written])
 
 
 def batched_sgd_step(params: torch.Tensor, grads: torch.Tensor, active: torch.Tensor, *, lr: float,
@@ -172,9 +152,9 @@ def batched_sgd_step(params: torch.Tensor, grads: torch.Tensor, active: torch.Te
     C = params.shape[0]
     _check_like(grads, "grads", params, params.dtype, mutable=False)
     _check_vector(active, "active", C, torch.bool, params.device, "the mask of clients that step")
-    lr = _check_number(lr, "lr")
-    momentum = _check_number(momentum, "momentum")
-    weight_decay = _check_number(weight_decay, "weight_decay")
+    lr = check_number("lr", lr, 0.0)
+    momentum = check_number("momentum", momentum, 0.0)
+    weight_decay = check_number("weight_decay", weight_decay, 0.0)
     if momentum > 0:
         if momentum_buffer is None:
             raise ValueError("momentum_buffer: required when momentum > 0 (a zero-initialised tensor like params)")
@@ -182,11 +162,11 @@ def batched_sgd_step(params: torch.Tensor, grads: torch.Tensor, active: torch.Te
     else:
         momentum_buffer = None
     written = [("params", params)] + ([("momentum_buffer", momentum_buffer)] if momentum_buffer is not None else [])
-    _check_disjoint(written, [("grads", grads), ("active", active)])
+    check_disjoint(written, [("grads", grads), ("active", active)])
     backend = _ops.resolve_backend(backend, params.device)
     with torch.no_grad(), nvtx_range("batched_sgd_step"):
         _ops.op("fl_sgd_step", backend)(params, grads, momentum_buffer, active, lr, momentum, weight_decay)
-    _mark_written([t for _, t in written])
+    mark_written([t for _, t in written])
 
 
 def masked_weighted_mean(x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor, *, check: bool = False,
@@ -208,7 +188,7 @@ def masked_weighted_mean(x: torch.Tensor, weights: torch.Tensor, active: torch.T
     """
     _check_clients(x, "x")
     C = x.shape[0]
-    _check_tensor(weights, "weights")
+    check_dense(weights, "weights")
     if weights.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weights: expected a float tensor, got {weights.dtype}")
     if weights.shape != (C,):
@@ -243,7 +223,7 @@ def reset_client_state(joined: torch.Tensor, *state: Optional[torch.Tensor]) -> 
 
     joined: bool [C]; each state tensor [C, ...] on joined's device.
     """
-    _check_tensor(joined, "joined")
+    check_dense(joined, "joined")
     if joined.dtype != torch.bool:
         raise TypeError(f"joined: expected a torch.bool tensor (the mask of clients that join), got {joined.dtype}")
     if joined.dim() != 1:
@@ -253,7 +233,7 @@ def reset_client_state(joined: torch.Tensor, *state: Optional[torch.Tensor]) -> 
     for i, t in enumerate(state):
         if t is None:
             continue
-        _check_tensor(t, f"state[{i}]")
+        check_dense(t, f"state[{i}]")
         if t.dim() < 1 or t.shape[0] != C:
             raise ValueError(f"state[{i}]: expected C = {C} rows (joined's length), got shape {tuple(t.shape)}")
         if t.device != joined.device:

@@ -25,45 +25,15 @@ nothing here synchronises with the host.
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from .._checks import (check_device, check_number, check_state_keys, check_state_tensor, check_state_values,
+                       state_path)
+
 CHURN_MODELS = ("bernoulli", "replacement")
 STATE_KEYS = ("model", "join_rate", "leave_rate", "initial_active", "active", "client_id", "age", "next_id")
-
-
-def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
-                 high_open: bool = False) -> float:
-    """`value` as a float: a real number (not a bool, a string or None), finite, in the interval
-    from `low` to `high` (open at an end with low_open / high_open); ValueError naming `name`."""
-    opening = "(" if low_open or low == -math.inf else "["
-    closing = ")" if high_open or high == math.inf else "]"
-    interval = f"{opening}{low:g}, {high:g}{closing}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value < low or value > high or (low_open and value == low) or (high_open and value == high):
-        raise ValueError(f"{name}: a finite number in {interval}, got {value!r}")
-    return float(value)
-
-
-def check_integer(name: str, value, low: int = 0) -> int:
-    """`value` as an int: an integer (not a bool, not a float such as 3.0) >= `low`; ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name}: an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_device(name: str, device) -> torch.device:
-    """`device` as a torch.device that exists here; ValueError naming `name`."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{name}: not a torch device: {device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name}: {str(device)!r}, but no CUDA device is visible")
-    return device
 
 
 def check_rate(name: str, value: float) -> float:
@@ -71,79 +41,6 @@ def check_rate(name: str, value: float) -> float:
         return check_number(name, value, 0.0, 1.0)
     except ValueError:
         raise ValueError(f"{name}: a probability per round in [0, 1], got {value!r}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint validation, shared by the simulator's state (simulator.py), the problems' states
-# (problems.py) and JointTrainer's (posttrain/trainer.py): a loader checks the whole state with
-# these first and only then writes anything, so a bad state leaves the object unchanged. `path`
-# names the entry as the caller wrote it, e.g. "state['population']['active']".
-
-
-def state_path(path: str, key) -> str:
-    return f"{path}[{key!r}]"
-
-
-def check_state_keys(state, path: str, keys: Sequence[str]) -> None:
-    """`state` is a dict with exactly `keys`: TypeError or ValueError naming the missing or unknown key."""
-    if not isinstance(state, dict):
-        raise TypeError(f"{path}: expected a dict, got {type(state).__name__}")
-    for key in keys:
-        if key not in state:
-            raise ValueError(f"{state_path(path, key)}: missing")
-    for key in state:
-        if key not in keys:
-            raise ValueError(f"{state_path(path, key)}: unknown key (expected {', '.join(map(repr, keys))})")
-
-
-def check_dense(value, name: str) -> torch.Tensor:
-    """`value` is a dense (strided, not nested, not sparse) tensor; TypeError naming `name`."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
-    if value.is_nested or value.layout != torch.strided:
-        kind = "a nested tensor" if value.is_nested else value.layout
-        raise TypeError(f"{name}: expected a dense (strided) tensor, got {kind}")
-    return value
-
-
-def check_state_tensor(value, path: str, like: torch.Tensor) -> torch.Tensor:
-    """`value` is a dense tensor of `like`'s shape and dtype (on any device: loading copies it).
-    Nothing is broadcast or cast: a different shape or dtype is an error."""
-    check_dense(value, path)
-    if value.shape != like.shape:
-        raise ValueError(f"{path}: shape {tuple(value.shape)}, expected {tuple(like.shape)}")
-    if value.dtype != like.dtype:
-        raise TypeError(f"{path}: dtype {value.dtype}, expected {like.dtype}")
-    return value
-
-
-def check_state_values(value: torch.Tensor, path: str, *, low: Optional[float] = None, high: Optional[float] = None,
-                       finite: bool = False) -> None:
-    """Every entry of `value` is finite (finite=True) and within [low, high] (NaN never is)."""
-    if value.numel() == 0:
-        return
-    if finite and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{path}: has non-finite entries")
-    if low is not None and not bool((value >= low).all()):
-        raise ValueError(f"{path}: has entries below {low:g} (or NaN)")
-    if high is not None and not bool((value <= high).all()):
-        raise ValueError(f"{path}: has entries above {high:g} (or NaN)")
-
-
-def check_state_generator(value, path: str, generator: torch.Generator) -> None:
-    """`value` is a state that `generator` accepts: tried on a scratch generator of its device, so a
-    bad state raises here and the real generator is untouched."""
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
-        raise TypeError(f"{path}: expected a torch.uint8 generator state (Generator.get_state()), got "
-                        f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}")
-    expected = generator.get_state().shape
-    if value.shape != expected:
-        raise ValueError(f"{path}: shape {tuple(value.shape)}, expected {tuple(expected)} (the state of a "
-                         f"{generator.device.type} generator)")
-    try:
-        torch.Generator(device=generator.device).set_state(value)
-    except RuntimeError as error:
-        raise ValueError(f"{path}: not a valid generator state ({error})") from None
 
 
 def stationary_fraction(model: str, join_rate: float, leave_rate: float) -> float:

@@ -53,8 +53,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .population import (check_device, check_integer, check_number, check_state_keys, check_state_tensor,
-                         check_state_values, state_path)
+from .._checks import (check_device, check_integer, check_number, check_state_keys, check_state_tensor,
+                       check_state_values, state_path)
 
 PROBLEMS = ("quadratic", "logreg")
 DATASETS = ("breast_cancer", "digits")

@@ -58,8 +58,9 @@ import torch
 
 from .. import _ops
 from . import kernels
-from .population import (CHURN_MODELS, Population, check_device, check_integer, check_number, check_rate,
-                         check_state_generator, check_state_keys, check_state_tensor, check_state_values)
+from .._checks import (check_device, check_integer, check_number, check_state_generator, check_state_keys,
+                       check_state_tensor, check_state_values)
+from .population import CHURN_MODELS, Population, check_rate
 from .problems import PROBLEMS, Problem, make_problem, problem_options
 
 ALGORITHMS = ("local_sgd", "local_adam")

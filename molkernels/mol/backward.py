@@ -6,6 +6,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .._checks import check_disjoint, labelled
 from .._stack import flat_buffer
 from .base import Aggregator, GramWeighting
 
@@ -73,9 +74,8 @@ def _check_params(params, name: str = "params") -> List[torch.Tensor]:
     # A tensor listed twice, or two that share memory, would get two gradient rows for one p.grad:
     # "params[2]: overlaps params[0]" (DTensors by their local shards), before any backward pass.
     from ..distributed import local_tensors
-    from ..steps import _check_disjoint, _labelled
 
-    _check_disjoint(_labelled(local_tensors(params), name))
+    check_disjoint(labelled(local_tensors(params), name))
     return params
 
 

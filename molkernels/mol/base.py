@@ -51,6 +51,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import _ops
+from .._checks import check_state_keys, mark_written
 from .._stack import Stack, accum_dtype, as_blocks, check_float_tensor
 from ..ops import combine, gram
 
@@ -80,7 +81,7 @@ class Aggregator:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict() returned (stateless aggregators: only ``{}``)."""
-        check_state_keys(state, (), type(self).__name__)
+        check_state_keys(state, "state", ())
 
     def reset(self) -> None:
         """Forget the state (stateless aggregators: nothing to do)."""
@@ -233,51 +234,4 @@ def write_direction(params, views, weights: torch.Tensor, backend: str = "auto")
     backend = _ops.resolve_backend(backend, views[0].device)
     w = weights.to(accum_dtype(views[0].dtype))
     _ops.op("combine_into", backend)(list(views), w, outs, 1.0, False)
-
-
-# --------------------------------------------------------------------------------------------------
-# load_state_dict's checks: everything is checked before anything is applied, errors name the key.
-
-
-def check_state_keys(state, keys: Sequence[str], owner: str) -> None:
-    """Raises unless `state` is a dict with exactly `keys` (a dict of another class misses some)."""
-    if not isinstance(state, dict):
-        raise TypeError(f"state: expected a dict from {owner}.state_dict(), got {type(state).__name__}")
-    expected = f"a {owner} state has the keys {list(keys)}" if keys else f"{owner} has no state"
-    for key in keys:
-        if key not in state:
-            raise ValueError(f"state[{key!r}]: missing ({expected}, got {list(state)})")
-    for key in state:
-        if key not in keys:
-            raise ValueError(f"state[{key!r}]: unexpected key ({expected})")
-
-
-def state_count(state: dict, key: str) -> int:
-    """state[key] as a step count: an int >= 0."""
-    value = state[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"state[{key!r}]: expected an integer >= 0, got {value!r}")
-    return value
-
-
-def state_vector(value, label: str, dtype: torch.dtype, size: Optional[int] = None) -> torch.Tensor:
-    """`value` checked as a finite 1-D tensor of `dtype` (of length `size` when given); returns it."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{label}: expected a tensor, got {type(value).__name__}")
-    if value.dtype != dtype:
-        raise TypeError(f"{label}: dtype {value.dtype}, expected {dtype}")
-    if value.dim() != 1 or value.numel() < 1 or (size is not None and value.numel() != size):
-        expected = f"({size},)" if size is not None else "(K,) with K >= 1"
-        raise ValueError(f"{label}: shape {tuple(value.shape)}, expected {expected}")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{label}: has non-finite entries {value.tolist()}")
-    return value
-
-
-def check_on_simplex(lam: torch.Tensor, label: str) -> None:
-    """Raises unless the finite vector lam is on the probability simplex: entries >= 0 summing to 1
-    within 256·K·eps of its dtype (as molkernels.MoCoState's loader)."""
-    total = float(lam.sum())
-    tol = 256 * lam.numel() * torch.finfo(lam.dtype).eps
-    if bool((lam < 0).any()) or abs(total - 1.0) > tol:
-        raise ValueError(f"{label}: not on the simplex (entries >= 0 summing to 1): {lam.tolist()}")
+    mark_written(outs)

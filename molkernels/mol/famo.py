@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional, Sequence
 
 import torch
 
+from .._checks import check_integer, check_number, check_state_keys, check_state_vector
 from .._stack import Stack, accum_dtype, as_blocks
 from ..ops import combine
-from .base import Aggregator, check_state_keys, nan_unless, state_vector
+from .base import Aggregator, nan_unless
 
 
 class FAMO(Aggregator):
@@ -46,11 +46,9 @@ class FAMO(Aggregator):
 
     def __init__(self, num_objectives: int, *, gamma: float = 0.01, w_lr: float = 0.025, min_losses=None,
                  eps: float = 1e-8, max_norm: float = 0.0, device=None):
-        if isinstance(num_objectives, bool) or not isinstance(num_objectives, int) or num_objectives < 1:
-            raise ValueError(f"num_objectives: expected an integer >= 1, got {num_objectives!r}")
+        check_integer("num_objectives", num_objectives, 1)
         for value, name in ((gamma, "gamma"), (w_lr, "w_lr"), (eps, "eps"), (max_norm, "max_norm")):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+            check_number(name, value, 0.0)
         self.num_objectives = num_objectives
         self.gamma, self.w_lr, self.eps, self.max_norm = float(gamma), float(w_lr), float(eps), float(max_norm)
         self.logits = torch.zeros(num_objectives, dtype=torch.float32, device=device, requires_grad=True)
@@ -152,13 +150,13 @@ class FAMO(Aggregator):
         """Restore what state_dict() returned. Checked before anything changes: finite float32 [K]
         logits, min_losses and prev_losses (or None), and an Adam state for this FAMO's one
         parameter with its hyperparameters (w_lr, gamma, ...) and float32 [K] moments."""
-        check_state_keys(state, ("logits", "optimizer", "min_losses", "prev_losses"), "FAMO")
+        check_state_keys(state, "state", ("logits", "optimizer", "min_losses", "prev_losses"))
         K = self.num_objectives
-        logits = state_vector(state["logits"], "state['logits']", torch.float32, K)
-        min_losses = state_vector(state["min_losses"], "state['min_losses']", torch.float32, K)
+        logits = check_state_vector(state["logits"], "state['logits']", torch.float32, K)
+        min_losses = check_state_vector(state["min_losses"], "state['min_losses']", torch.float32, K)
         prev = state["prev_losses"]
         if prev is not None:
-            state_vector(prev, "state['prev_losses']", torch.float32, K)
+            check_state_vector(prev, "state['prev_losses']", torch.float32, K)
         self._check_optimizer_state(state["optimizer"])
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # no aliasing of the caller's moments
         with torch.no_grad():
@@ -201,8 +199,8 @@ class FAMO(Aggregator):
             raise ValueError(f"{label}['state'][0]['step']: expected a 0-dim float tensor holding an integer >= 1, "
                              f"got {step!r}")
         K = self.num_objectives
-        state_vector(entry["exp_avg"], f"{label}['state'][0]['exp_avg']", torch.float32, K)
-        exp_avg_sq = state_vector(entry["exp_avg_sq"], f"{label}['state'][0]['exp_avg_sq']", torch.float32, K)
+        check_state_vector(entry["exp_avg"], f"{label}['state'][0]['exp_avg']", torch.float32, K)
+        exp_avg_sq = check_state_vector(entry["exp_avg_sq"], f"{label}['state'][0]['exp_avg_sq']", torch.float32, K)
         if bool((exp_avg_sq < 0).any()):
             raise ValueError(f"{label}['state'][0]['exp_avg_sq']: a mean of squares is >= 0, got {exp_avg_sq.tolist()}")
 

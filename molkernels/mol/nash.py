@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from .base import (GramWeighting, check_gram, check_state_keys, nan_unless, normalized_gram, state_count,
-                   state_vector)
+from .._checks import check_integer, check_number, check_state_keys, check_state_vector
+from .base import GramWeighting, check_gram, nan_unless, normalized_gram
 
 
 class NashMTL(GramWeighting):
@@ -48,14 +47,11 @@ class NashMTL(GramWeighting):
 
     def __init__(self, *, max_norm: float = 1.0, update_weights_every: int = 1, max_iters: int = 20,
                  tol: float = 1e-7, reg_eps: float = 1e-8):
-        for value, name in ((max_norm, "max_norm"), (tol, "tol"), (reg_eps, "reg_eps")):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-        if reg_eps <= 0:
-            raise ValueError(f"reg_eps: expected a number > 0, got {reg_eps!r}")
-        for value, name in ((update_weights_every, "update_weights_every"), (max_iters, "max_iters")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        check_number("max_norm", max_norm, 0.0)
+        check_number("tol", tol, 0.0)
+        check_number("reg_eps", reg_eps, 0.0, low_open=True)
+        check_integer("update_weights_every", update_weights_every, 1)
+        check_integer("max_iters", max_iters, 1)
         self.max_norm = float(max_norm)
         self.update_weights_every = update_weights_every
         self.max_iters = max_iters
@@ -123,13 +119,13 @@ class NashMTL(GramWeighting):
         """Restore what state_dict() returned: α None or a positive float64 [K] vector (the K of
         the current α, if there is one: reset() first to load another K), the step an int >= 0;
         checked before anything changes."""
-        check_state_keys(state, ("alpha", "step"), "NashMTL")
+        check_state_keys(state, "state", ("alpha", "step"))
         alpha = state["alpha"]
         if alpha is not None:
-            state_vector(alpha, "state['alpha']", torch.float64, None if self.alpha is None else self.alpha.numel())
+            check_state_vector(alpha, "state['alpha']", torch.float64, None if self.alpha is None else self.alpha.numel())
             if not bool((alpha > 0).all()):
                 raise ValueError(f"state['alpha']: the bargaining weights are > 0, got {alpha.tolist()}")
-        step = state_count(state, "step")
+        step = check_integer("state['step']", state["step"])
         self.alpha = None if alpha is None else alpha.clone()
         self.step = step
 

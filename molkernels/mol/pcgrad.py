@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import GramWeighting, check_gram, check_state_keys, nan_unless, normalized_gram, to_device
+from .._checks import check_state_keys
+from .base import GramWeighting, check_gram, nan_unless, normalized_gram, to_device
 
 
 class PCGrad(GramWeighting):
@@ -59,7 +60,7 @@ class PCGrad(GramWeighting):
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict() returned: an integer seed and a CPU generator state (checked on
         a scratch generator first, so a bad one changes nothing)."""
-        check_state_keys(state, ("seed", "generator"), "PCGrad")
+        check_state_keys(state, "state", ("seed", "generator"))
         seed, generator_state = state["seed"], state["generator"]
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"state['seed']: expected an integer, got {seed!r}")

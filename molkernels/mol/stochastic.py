@@ -6,24 +6,15 @@ are stateful; mol.backward runs them with molkernels' fused steps.
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 import torch
 
+from .._checks import check_integer, check_number, check_on_simplex, check_state_keys, check_state_vector
 from .._stack import Stack, accum_dtype, as_blocks, check_same_structure
 from ..ops import combine, cross_gram, project_simplex
 from ..steps import MoCoState, NORMALIZATIONS, moco_step
-from .base import (Aggregator, check_gram, check_on_simplex, check_state_keys, nan_unless, state_count, state_vector,
-                   write_direction)
-
-
-def _check_number(value, name: str, *, upper: Optional[float] = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-    if upper is not None and value > upper:
-        raise ValueError(f"{name}: expected a value in [0, {upper}], got {value!r}")
-    return float(value)
+from .base import Aggregator, check_gram, nan_unless, write_direction
 
 
 def _placeholders(blocks: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -51,11 +42,11 @@ class MoCo(Aggregator):
 
     def __init__(self, beta: float = 0.5, gamma: float = 0.1, rho: float = 0.0, *, beta_decay: float = 0.0,
                  gamma_decay: float = 0.0, normalize: str = "none", y_init: str = "zero"):
-        self.beta = _check_number(beta, "beta", upper=1.0)
-        self.gamma = _check_number(gamma, "gamma")
-        self.rho = _check_number(rho, "rho")
-        self.beta_decay = _check_number(beta_decay, "beta_decay")
-        self.gamma_decay = _check_number(gamma_decay, "gamma_decay")
+        self.beta = check_number("beta", beta, 0.0, 1.0)
+        self.gamma = check_number("gamma", gamma, 0.0)
+        self.rho = check_number("rho", rho, 0.0)
+        self.beta_decay = check_number("beta_decay", beta_decay, 0.0)
+        self.gamma_decay = check_number("gamma_decay", gamma_decay, 0.0)
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
         if y_init not in ("zero", "first"):
@@ -114,7 +105,7 @@ class MoCo(Aggregator):
         first step the parameters' structure is unknown, so the inner dict is kept and
         MoCoState.load_state_dict checks it when the first step builds the state (a bad one raises
         there, before any change, and again until a good state is loaded or reset())."""
-        check_state_keys(state, ("state",), "MoCo")
+        check_state_keys(state, "state", ("state",))
         inner = state["state"]
         if inner is not None and not isinstance(inner, dict):
             raise TypeError(f"state['state']: expected a dict from MoCoState.state_dict() or None, "
@@ -152,9 +143,9 @@ class MoDo(Aggregator):
     samples = 3
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.0, *, gamma_decay: float = 0.0):
-        self.gamma = _check_number(gamma, "gamma")
-        self.rho = _check_number(rho, "rho")
-        self.gamma_decay = _check_number(gamma_decay, "gamma_decay")
+        self.gamma = check_number("gamma", gamma, 0.0)
+        self.rho = check_number("rho", rho, 0.0)
+        self.gamma_decay = check_number("gamma_decay", gamma_decay, 0.0)
         self.lam: Optional[torch.Tensor] = None  # float64
         self.step = 0
 
@@ -207,12 +198,12 @@ class MoDo(Aggregator):
         """Restore what state_dict() returned: λ None or a float64 [K] vector on the simplex (the K
         of the current λ, if there is one: reset() first to load another K), the step an int >= 0;
         checked before anything changes."""
-        check_state_keys(state, ("lam", "step"), "MoDo")
+        check_state_keys(state, "state", ("lam", "step"))
         lam = state["lam"]
         if lam is not None:
             size = None if self.lam is None else self.lam.numel()
-            check_on_simplex(state_vector(lam, "state['lam']", torch.float64, size), "state['lam']")
-        step = state_count(state, "step")
+            check_on_simplex(check_state_vector(lam, "state['lam']", torch.float64, size), "state['lam']")
+        step = check_integer("state['step']", state["step"])
         self.lam = None if lam is None else lam.clone()
         self.step = step
 

@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Sequence, Union
 
 import torch
 
+from .._checks import check_integer
+
 IGNORE_INDEX = -100
 SFT_FIELDS = ("prompt", "completion")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -124,10 +126,8 @@ class _TokenizedDataset:
             value = getattr(tokenizer, attribute, None)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"tokenizer: needs an integer attribute {attribute!r} (>= 0)")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length: expected an integer >= 2, got {max_length!r}")
         self.pad_token_id = tokenizer.pad_token_id
-        self.max_length = max_length
+        self.max_length = check_integer("max_length", max_length, 2)
 
     def _pad(self, sequences: List[List[int]], value: int) -> torch.Tensor:
         width = max(len(s) for s in sequences)
@@ -214,10 +214,9 @@ class BatchStream:
     continues identically."""
 
     def __init__(self, size: int, batch_size: int, seed: int):
-        for name, value, low in (("size", size, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.size = check_integer("size", size, 1)
+        self.batch_size = check_integer("batch_size", batch_size, 1)
+        self.seed = check_integer("seed", seed, 0)
         self.position = 0
         self._epoch, self._order = -1, None
 

@@ -13,15 +13,14 @@ synchronisation per call on CUDA, next to the loss's own .item() in a training s
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_dense, check_number
 from .._stack import accum_dtype
-from ..federated.population import check_dense
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -160,11 +159,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
             raise ValueError(f"{name}: on {value.device}, policy_chosen_logps on {device}")
     if batch == 0:
         raise ValueError("policy_chosen_logps: the batch is empty")
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta > 0 or not math.isfinite(beta):
-        raise ValueError(f"beta: expected a finite number > 0, got {beta!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
-            or not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing!r}")
+    check_number("beta", beta, 0.0, low_open=True)
+    check_number("label_smoothing", label_smoothing, 0.0, 0.5, high_open=True)
     if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if label_smoothing and loss_type != "sigmoid":

@@ -31,9 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _ops
+from .._checks import (check_integer, check_number, check_state_generator, check_state_keys, check_state_tensor,
+                       check_state_values, state_path)
 from .._stack import flat_buffer
-from ..federated.population import (check_integer, check_state_generator, check_state_keys, check_state_tensor,
-                                    check_state_values, state_path)
 from ..steps import NORMALIZATIONS, MoCoState, mgda_step, moco_step
 from .data import BatchStream, ByteTokenizer, PreferenceDataset, SFTDataset
 from .losses import LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
@@ -66,7 +66,7 @@ def precompute_reference_logps(model, data: PreferenceDataset, *, batch_size: in
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(data, PreferenceDataset):
         raise TypeError(f"data: expected a PreferenceDataset, got {type(data).__name__}")
-    _check_count(batch_size, "batch_size")
+    check_integer("batch_size", batch_size, 1)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -109,20 +109,6 @@ class _PeakMemory:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _check_number(value, name: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < low or value > high or (low_open and value == low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise ValueError(f"{name}: expected a finite number in {bound}, got {value!r}")
-    return float(value)
-
-
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
-
-
 class JointTrainer:
     """Joint SFT + DPO training of a causal LM (see the module docstring for the methods).
 
@@ -158,27 +144,27 @@ class JointTrainer:
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(method, str) or method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-        self.lam = _check_number(lam, "lam", 0.0, 1.0)
-        self.beta = _check_number(beta, "beta", 0.0, low_open=True)
+        self.lam = check_number("lam", lam, 0.0, 1.0)
+        self.beta = check_number("beta", beta, 0.0, low_open=True)
         if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-        self.label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 0.5)
+        self.label_smoothing = check_number("label_smoothing", label_smoothing, 0.0, 0.5)
         if self.label_smoothing == 0.5 or (self.label_smoothing and loss_type != "sigmoid"):
             raise ValueError(f"label_smoothing: expected a value in [0, 0.5) and only with loss_type='sigmoid', got "
                              f"{label_smoothing} with {loss_type!r}")
-        self.optima = {"sft": 0.0 if sft_opt is None else _check_number(sft_opt, "sft_opt", -math.inf),
-                       "dpo": 0.0 if dpo_opt is None else _check_number(dpo_opt, "dpo_opt", -math.inf)}
-        self.max_eval_steps = _check_count(max_eval_steps, "max_eval_steps")
-        self.grad_accum = _check_count(grad_accum, "grad_accum")
-        _check_count(batch_size, "batch_size")
+        self.optima = {"sft": 0.0 if sft_opt is None else check_number("sft_opt", sft_opt, -math.inf),
+                       "dpo": 0.0 if dpo_opt is None else check_number("dpo_opt", dpo_opt, -math.inf)}
+        self.max_eval_steps = check_integer("max_eval_steps", max_eval_steps, 1)
+        self.grad_accum = check_integer("grad_accum", grad_accum, 1)
+        check_integer("batch_size", batch_size, 1)
         if method == "sequential":
             if total_steps is None:
                 raise ValueError("total_steps: `sequential` splits a step budget between its phases; give total_steps")
         if total_steps is not None:
-            _check_count(total_steps, "total_steps")
+            check_integer("total_steps", total_steps, 1)
         self.total_steps = total_steps
-        self.moco_beta = _check_number(moco_beta, "moco_beta", 0.0, 1.0)
-        self.moco_gamma = _check_number(moco_gamma, "moco_gamma", 0.0)
+        self.moco_beta = check_number("moco_beta", moco_beta, 0.0, 1.0)
+        self.moco_gamma = check_number("moco_gamma", moco_gamma, 0.0)
         if not isinstance(normalize, str) or normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
         if normalize != "none" and method not in ("mgda", "moco"):
@@ -370,7 +356,7 @@ class JointTrainer:
 
     def train(self, steps: int, *, callback=None) -> List[dict]:
         """Run `steps` steps under a tqdm bar; callback(trainer, record) after each one."""
-        _check_count(steps, "steps")
+        check_integer("steps", steps, 1)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback: expected callback(trainer, record), got {type(callback).__name__}")
         records = []
@@ -390,7 +376,7 @@ class JointTrainer:
             raise TypeError(f"sft_data: expected an SFTDataset, got {type(sft_data).__name__}")
         if not isinstance(pref_data, PreferenceDataset):
             raise TypeError(f"pref_data: expected a PreferenceDataset, got {type(pref_data).__name__}")
-        _check_count(batch_size, "batch_size")
+        check_integer("batch_size", batch_size, 1)
         if self.reference == "precomputed" and pref_data.reference_logps is None:
             raise ValueError("pref_data: this trainer's reference is precomputed log-probabilities; compute them for "
                              "the evaluation pairs too (precompute_reference_logps)")

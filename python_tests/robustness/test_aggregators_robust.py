@@ -21,30 +21,16 @@ import molkernels as mk
 import molkernels.mol as mol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mol"))
-from mol_helpers import one_thread, rel_err  # noqa: E402, F401
-from test_mol_structure import _NoScalarReads  # noqa: E402
+from mol_helpers import FACTORIES as MOL_FACTORIES  # noqa: E402
+from mol_helpers import NoScalarReads, one_thread, rel_err  # noqa: E402, F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAN, INF = float("nan"), float("inf")
 
-# name -> fresh aggregator for K objectives; every Aggregator class molkernels.mol exports is here
-# (test_every_exported_aggregator_is_covered).
-FACTORIES = {
-    "Mean": lambda K: mol.Mean(),
-    "Linear": lambda K: mol.Linear(torch.linspace(0.5, 1.5, K)),
-    "MGDA": lambda K: mol.MGDA(),
-    "UPGrad": lambda K: mol.UPGrad(),
-    "DualProj": lambda K: mol.DualProj(),
-    "PCGrad": lambda K: mol.PCGrad(seed=7),
-    "CAGrad": lambda K: mol.CAGrad(0.4),
-    "IMTLG": lambda K: mol.IMTLG(),
-    "AlignedMTL": lambda K: mol.AlignedMTL(),
-    "NashMTL": lambda K: mol.NashMTL(),
-    "MoCo": lambda K: mol.MoCo(beta=0.6, gamma=0.2, rho=0.01),
-    "MoDo": lambda K: mol.MoDo(gamma=0.2, rho=0.01),
-    "FAMO": lambda K: mol.FAMO(K),
-}
+# name -> fresh aggregator for K objectives: mol_helpers' and the two it leaves out, so every
+# Aggregator class molkernels.mol exports is here (test_every_exported_aggregator_is_covered).
+FACTORIES = dict(MOL_FACTORIES, MoDo=lambda K: mol.MoDo(gamma=0.2, rho=0.01), FAMO=lambda K: mol.FAMO(K))
 # The direction is Σ_k w_k g_k with weights that do not depend on the gradients: a non-finite entry
 # reaches only its own coordinate.
 COORDINATEWISE = ("Mean", "Linear", "FAMO")
@@ -182,7 +168,7 @@ def test_nonfinite_weights_read_nothing_on_the_host(name):
     G = J @ J.T
     G[1, 2] = NAN
     agg = mol.NashMTL(tol=0.0) if name == "NashMTL" else FACTORIES[name](K)
-    with _NoScalarReads() as mode:
+    with NoScalarReads() as mode:
         w = agg.weights(G)
     assert torch.isnan(w).all()
     assert not mode.reads, f"{name}: {len(mode.reads)} host reads of tensor values"
@@ -435,7 +421,7 @@ def test_corrupted_state_raises_and_changes_nothing(name):
 def test_stateless_aggregators_accept_only_an_empty_state(name):
     agg = FACTORIES[name](3)
     agg.load_state_dict({})
-    with pytest.raises(ValueError, match=r"^state\['lam'\]: unexpected key"):
+    with pytest.raises(ValueError, match=r"^state\['lam'\]: unknown key"):
         agg.load_state_dict(_trained("MoDo").state_dict())
     with pytest.raises(TypeError, match="^state: expected a dict"):
         agg.load_state_dict(None)

@@ -84,7 +84,7 @@ def test_simulator_arguments_are_checked():
     with raises(TypeError, "problem_instance: expected a Problem"):
         OpenFLSimulator(FLConfig(**TINY), problem_instance="quadratic")
     sim = OpenFLSimulator(FLConfig(**TINY))
-    with raises(ValueError, "rounds: an integer >= 0"):
+    with raises(ValueError, "rounds: expected an integer >= 0"):
         sim.run("5")
     with raises(TypeError, "callback: expected callback(record)"):
         sim.run(1, callback=3)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import molkernels as mk
-from molkernels import _ops, steps
+from molkernels import _checks, _ops
 from stacks import backend_params
 
 K = 3
@@ -133,7 +133,7 @@ def _bad_calls():
          r"state: expected a MoCoState, got MoDoState"),
         ("modo-state-of-moco", "modo", lambda p, g, s: (p, g, mk.MoCoState(p, K), {}), TypeError,
          r"state: expected a MoDoState, got MoCoState"),
-        ("moco-beta", "moco", lambda p, g, s: (p, g, s, {"beta": 1.5}), ValueError, r"beta: expected a value in"),
+        ("moco-beta", "moco", lambda p, g, s: (p, g, s, {"beta": 1.5}), ValueError, r"beta: expected a finite number in"),
         ("moco-float64-grads", "moco", lambda p, g, s: (p, [b.double() for b in g], s, {}), TypeError,
          r"grads: torch.float64 gradients need a torch.float64 tracking state"),
         ("modo-grads2-dtype", "modo",
@@ -285,7 +285,7 @@ def test_gradients_aliasing_the_tracking_state_are_rejected(no_kernel):
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 12)), min_size=1, max_size=12))
 def test_overlap_check_matches_pairwise_ranges(ranges):
-    """_check_disjoint (sorted by address) against the pairwise definition: parameters that are
+    """check_disjoint (sorted by address) against the pairwise definition: parameters that are
     1-D views [start, start + length) of one buffer are rejected exactly when two of the non-empty
     ones intersect, and the error names such a pair, the later position first."""
     buffer = torch.zeros(60)
@@ -295,10 +295,10 @@ def test_overlap_check_matches_pairwise_ranges(ranges):
              and max(ranges[i][0], ranges[j][0]) < min(sum(ranges[i]), sum(ranges[j]))]
     labelled = [(f"params[{j}]", v) for j, v in enumerate(views)]
     if not pairs:
-        steps._check_disjoint(labelled)
+        _checks.check_disjoint(labelled)
         return
     with pytest.raises(ValueError) as error:
-        steps._check_disjoint(labelled)
+        _checks.check_disjoint(labelled)
     named = [int(part.split("]")[0]) for part in str(error.value).split("params[")[1:]]
     assert len(named) == 2 and (named[1], named[0]) in pairs, (str(error.value), pairs)
 
@@ -354,6 +354,19 @@ def test_p_grad_written_in_place_bumps_its_version(be):
     grad, version = p.grad, p.grad._version
     g = torch.randn(K, 6, device=be.device)
     mk.modo_step([p], g, g, g, mk.MoDoState([p], K), backend=be.backend)
+    assert p.grad is grad and grad._version > version
+
+
+@pytest.mark.parametrize("be", backend_params(), indirect=True)
+@pytest.mark.parametrize("aggregator", [mk.mol.UPGrad, lambda: mk.mol.Linear([1.0, 2.0, 3.0])], ids=["UPGrad", "Linear"])
+def test_mol_backward_bumps_the_version_of_the_p_grad_it_reuses(be, aggregator):
+    """mol.backward writes the direction into an existing p.grad (base.write_direction) through the
+    kernels' raw pointers: its version counter moves, as after the steps."""
+    p = torch.nn.Parameter(torch.randn(6, device=be.device))
+    p.grad = torch.zeros(6, device=be.device)
+    grad, version = p.grad, p.grad._version
+    losses = torch.stack([(p ** (k + 1)).sum() for k in range(K)])
+    mk.mol.backward(losses, [p], aggregator(), backend=be.backend)
     assert p.grad is grad and grad._version > version
 
 
