@@ -1,4 +1,4 @@
-"""Shared pieces of the molkernels.mol tests: aggregator factories, stacks, comparisons."""
+"""Shared pieces of the molkernels.mol tests: aggregator factories, stacks, comparisons, a recorder of host reads."""
 
 from __future__ import annotations
 
@@ -70,3 +70,18 @@ def random_matrix(K: int, d: int, dtype=torch.float64, kind: str = "random", gen
     elif kind == "scaled":
         J = J * torch.logspace(-2, 2, K, dtype=torch.float64)[:, None]
     return J.to(dtype)
+
+
+class NoScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every read of a tensor value by the host (aten._local_scalar_dense: .item(),
+    bool(t), int(t), indexing with a 0-dim tensor converted to an int). On CUDA each one is a
+    host synchronisation, so none may happen while the weights are computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(func)
+        return func(*args, **(kwargs or {}))

@@ -11,7 +11,8 @@ import torch
 
 import molkernels as mk
 import molkernels.mol as mol
-from mol_helpers import FACTORIES, GRAM_FACTORIES, flatten, one_thread, random_matrix, rel_err, split  # noqa: F401
+from mol_helpers import (FACTORIES, GRAM_FACTORIES, NoScalarReads, flatten, one_thread, random_matrix,  # noqa: F401
+                         rel_err, split)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -231,21 +232,6 @@ def test_nan_propagates():
         assert torch.isnan(d).any(), name
 
 
-class _NoScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every read of a tensor value by the host (aten._local_scalar_dense: .item(),
-    bool(t), int(t), indexing with a 0-dim tensor converted to an int). On CUDA each one is a
-    host synchronisation, so none may happen while the weights are computed."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.reads.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", sorted(GRAM_FACTORIES))
 def test_weights_never_read_values_on_the_host(name):
     """A CPU proxy for "no host synchronisation on CUDA" (no GPU here): no tensor value is read
@@ -257,7 +243,7 @@ def test_weights_never_read_values_on_the_host(name):
     J[1] = -J[0] + 0.1 * J[1]
     G = J @ J.T
     agg = mol.NashMTL(tol=0.0) if name == "NashMTL" else GRAM_FACTORIES[name](K)
-    with _NoScalarReads() as mode:
+    with NoScalarReads() as mode:
         w = agg.weights(G)
         agg.weights(G)
     assert torch.isfinite(w).all()
@@ -265,6 +251,6 @@ def test_weights_never_read_values_on_the_host(name):
 
 
 def test_the_host_read_detector_detects():
-    with _NoScalarReads() as mode:
+    with NoScalarReads() as mode:
         bool(torch.ones(2).sum() > 0)
     assert mode.reads
