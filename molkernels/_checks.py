@@ -73,7 +73,7 @@ def check_dense(value, name: str) -> torch.Tensor:
     kernels read strided memory: a sparse or nested tensor would fail inside them (or in
     is_contiguous) with a message that names no argument."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.is_nested or value.layout != torch.strided:
         kind = "nested" if value.is_nested else value.layout
         raise TypeError(f"{name}: expected a dense (strided) tensor, got a {kind} one")
@@ -199,9 +199,11 @@ def check_on_simplex(lam: torch.Tensor, path: str) -> None:
     """`lam` is on the probability simplex: finite entries >= 0 whose sum (in float64) is 1 within
     256·K·eps of lam's dtype."""
     lam64 = lam.to(torch.float64)
+    if not bool(torch.isfinite(lam64).all()) or bool((lam64 < 0).any()):
+        raise ValueError(f"{path}: λ must be finite and >= 0 (on the simplex), got {lam.tolist()}")
     tolerance = 256 * lam.numel() * torch.finfo(lam.dtype).eps
-    if not bool(torch.isfinite(lam64).all()) or bool((lam64 < 0).any()) or abs(float(lam64.sum()) - 1) > tolerance:
-        raise ValueError(f"{path}: not on the simplex (finite entries >= 0 summing to 1): {lam.tolist()}")
+    if abs(float(lam64.sum()) - 1) > tolerance:
+        raise ValueError(f"{path}: λ must sum to 1 (on the simplex), got a sum of {float(lam64.sum())!r}")
 
 
 def check_state_generator(value, path: str, generator: torch.Generator) -> None:

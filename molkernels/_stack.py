@@ -11,6 +11,8 @@ from typing import List, Sequence, Union
 
 import torch
 
+from ._checks import check_dense
+
 Stack = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -18,14 +20,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_float_tensor(t, name: str) -> None:
     """A dense (strided, not nested) tensor of a float dtype; else TypeError naming `name`."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    # The kernels read strided memory: a nested tensor (whatever its layout) or a sparse one would
-    # fail inside them with a message that names none of the user's arguments.
-    if t.is_nested:
-        raise TypeError(f"{name}: expected a dense tensor, got a nested tensor (layout {t.layout})")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}; convert it with .to_dense()")
+    check_dense(t, name)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
 

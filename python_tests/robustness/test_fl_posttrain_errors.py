@@ -231,7 +231,7 @@ def test_logits_and_labels_of_the_wrong_kind(loss):
     logits, labels = _logits_labels()
     with raises(TypeError, "labels: expected an integer tensor"):
         loss(logits, labels.to(torch.uint8))
-    with raises(TypeError, "labels: expected a tensor"):
+    with raises(TypeError, "labels: expected a torch.Tensor"):
         loss(logits, labels.tolist())
     with raises(ValueError, "labels: expected shape (2, 5)"):
         loss(logits, labels[:, :4])
@@ -287,7 +287,7 @@ def test_dpo_loss_inputs():
         dpo_loss(good, good, torch.zeros(3, 1), good)
     with raises(ValueError, "policy_rejected_logps: expected a floating [B] tensor"):
         dpo_loss(good, torch.zeros(3, dtype=torch.long), good, good)
-    with raises(TypeError, "ref_rejected_logps: expected a tensor"):
+    with raises(TypeError, "ref_rejected_logps: expected a torch.Tensor"):
         dpo_loss(good, good, good, [0.0, 0.0, 0.0])
     with raises(ValueError, "ref_rejected_logps: has batch size 2"):
         dpo_loss(good, good, good, torch.zeros(2))

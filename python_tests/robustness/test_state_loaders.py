@@ -58,6 +58,13 @@ def assert_refused(target, state, key, error=(TypeError, ValueError)):
     assert_same_state(target.state_dict(), before)
 
 
+def assert_corruption_refused(target, good_state, corrupt, key):
+    """corrupt(a copy of good_state) is refused as assert_refused says (good_state untouched)."""
+    state = copy.deepcopy(good_state)
+    corrupt(state)
+    assert_refused(target, state, key)
+
+
 # ----------------------------------------------------------------------------------------------
 # OpenFLSimulator
 
@@ -111,7 +118,7 @@ FL_CORRUPTIONS = [
     ("x broadcast from one entry", _set(("tensors", "x"), torch.tensor([7.0])),
      "state['tensors']['x']: shape (1,), expected (3,)"),
     ("x cast from float64", _set(("tensors", "x"), lambda x: x.double()), "state['tensors']['x']: dtype"),
-    ("x a list", _set(("tensors", "x"), [0.0, 0.0, 0.0]), "state['tensors']['x']: expected a tensor"),
+    ("x a list", _set(("tensors", "x"), [0.0, 0.0, 0.0]), "state['tensors']['x']: expected a torch.Tensor"),
     ("x NaN", _set(("tensors", "x"), lambda x: torch.full_like(x, math.nan)), "state['tensors']['x']: has non-finite"),
     ("client_params transposed", _set(("tensors", "client_params"), lambda x: x.T.contiguous()),
      "state['tensors']['client_params']: shape (3, 6)"),
@@ -165,9 +172,7 @@ FL_CORRUPTIONS = [
 
 @pytest.mark.parametrize("corrupt, key", [pytest.param(c, k, id=i) for i, c, k in FL_CORRUPTIONS])
 def test_simulator_refuses_a_corrupted_state_and_stays_unchanged(fl_state, fl_target, corrupt, key):
-    state = copy.deepcopy(fl_state)
-    corrupt(state)
-    assert_refused(fl_target, state, key)
+    assert_corruption_refused(fl_target, fl_state, corrupt, key)
 
 
 def test_simulator_refuses_what_is_not_a_state():
@@ -204,9 +209,7 @@ def test_logreg_problem_state_must_match_the_dataset():
         ("mask", lambda p: p["mask"].fill_(1), "state['problem']['mask']"),
         ("y", lambda p: p["y"].add_(0.5), "state['problem']['y']"),
     ]:
-        bad = copy.deepcopy(state)
-        corrupt(bad["problem"])
-        assert_refused(target, bad, key)
+        assert_corruption_refused(target, state, lambda s: corrupt(s["problem"]), key)
 
 
 def test_population_and_problem_loaders_check_alone():
@@ -261,9 +264,7 @@ def test_property_every_tensor_entry_is_checked(fl_state, fl_target):
                      "dtype": lambda: value.to(other_dtype[value.dtype])}[kind]()
         if kind != "dtype" and value.dim() != 1:
             corrupted = corrupted.reshape(-1)
-        state = copy.deepcopy(fl_state)
-        _set(path, corrupted)(state)
-        assert_refused(fl_target, state, key)
+        assert_corruption_refused(fl_target, fl_state, _set(path, corrupted), key)
 
     run()
 
@@ -355,9 +356,7 @@ TRAINER_CORRUPTIONS = [
 
 @pytest.mark.parametrize("corrupt, key", [pytest.param(c, k, id=i) for i, c, k in TRAINER_CORRUPTIONS])
 def test_trainer_refuses_a_corrupted_state_and_stays_unchanged(trainer_state, trainer_target, corrupt, key):
-    state = copy.deepcopy(trainer_state)
-    corrupt(state)
-    assert_refused(trainer_target, state, key)
+    assert_corruption_refused(trainer_target, trainer_state, corrupt, key)
 
 
 def test_trainer_refuses_what_is_not_its_state():
