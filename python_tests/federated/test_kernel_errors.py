@@ -6,35 +6,10 @@ import math
 import pytest
 import torch
 
-from molkernels import _ops
 from molkernels.federated import batched_adam_step, batched_sgd_step, masked_weighted_mean, reset_client_state
+from fl_kernel_args import C, D, adam_args, no_kernel, sgd_args  # noqa: F401
 
-
-@pytest.fixture(autouse=True)
-def no_kernel(monkeypatch):
-    def forbidden(name, backend):
-        raise AssertionError(f"kernel {name!r} on {backend!r} was reached with a bad argument")
-
-    monkeypatch.setattr(_ops, "op", forbidden)
-
-
-C, D = 3, 5
-
-
-def adam_args(**changes):
-    """Valid arguments of batched_adam_step, with some replaced."""
-    args = dict(params=torch.zeros(C, D), grads=torch.zeros(C, D), exp_avg=torch.zeros(C, D),
-                exp_avg_sq=torch.zeros(C, D), step=torch.zeros(C, dtype=torch.int64),
-                active=torch.ones(C, dtype=torch.bool), lr=1e-3)
-    args.update(changes)
-    return args
-
-
-def sgd_args(**changes):
-    args = dict(params=torch.zeros(C, D), grads=torch.zeros(C, D), active=torch.ones(C, dtype=torch.bool), lr=0.1,
-                momentum=0.9, momentum_buffer=torch.zeros(C, D))
-    args.update(changes)
-    return args
+pytestmark = pytest.mark.usefixtures("no_kernel")
 
 
 def mean_args(**changes):

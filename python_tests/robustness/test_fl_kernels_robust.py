@@ -10,34 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from molkernels import _ops
 from molkernels.federated import batched_adam_step, batched_sgd_step, masked_weighted_mean, reset_client_state
+from fl_kernel_args import C, D, adam_args, no_kernel, sgd_args  # noqa: F401
 from stacks import backend_params
-
-C, D = 3, 5
-
-
-@pytest.fixture
-def no_kernel(monkeypatch):
-    def forbidden(name, backend):
-        raise AssertionError(f"kernel {name!r} on {backend!r} was reached with a bad argument")
-
-    monkeypatch.setattr(_ops, "op", forbidden)
-
-
-def adam_args(**changes):
-    args = dict(params=torch.randn(C, D), grads=torch.randn(C, D), exp_avg=torch.rand(C, D),
-                exp_avg_sq=torch.rand(C, D), step=torch.tensor([0, 4, 1]), active=torch.ones(C, dtype=torch.bool),
-                lr=1e-2)
-    args.update(changes)
-    return args
-
-
-def sgd_args(**changes):
-    args = dict(params=torch.randn(C, D), grads=torch.randn(C, D), active=torch.ones(C, dtype=torch.bool), lr=0.1,
-                momentum=0.9, momentum_buffer=torch.randn(C, D))
-    args.update(changes)
-    return args
 
 
 def copies(args):
