@@ -272,13 +272,48 @@ def check_simplex(x, v):
     assert torch.equal(sorted_x[..., 1:][ties], sorted_x[..., :-1][ties]), "equal entries of v got different x"
 
 
+def simplex_tolerance(dtype, K: int) -> float:
+    """Independent of the magnitude of v: the kernels work on v − max(v), whose entries that get mass
+    lie within 1 of 0, so τ carries the rounding of K terms of size at most 1."""
+    t = tol.PROJECT_SIMPLEX[dtype]
+    return t.out + 2 * K * t.acc
+
+
+def check_projection(x: torch.Tensor, v: torch.Tensor) -> None:
+    """x = project_simplex(v) for finite rows of any magnitude: x ≥ 0, Σx = 1, the optimality
+    conditions (x = max(w − τ, 0), w = v − max v, one τ on the support, every zero at or below it)
+    and the sorting reference, all within a tolerance that does not grow with |v|."""
+    assert x.shape == v.shape and x.dtype == v.dtype and x.device == v.device
+    K = v.shape[-1]
+    bound = simplex_tolerance(v.dtype, K)
+    x64 = x.detach().cpu().to(torch.float64)
+    v64 = v.detach().cpu().to(torch.float64)
+    assert torch.isfinite(x64).all(), f"non-finite output for finite rows:\n{x64}"
+    assert (x64 >= 0).all(), f"negative entries: {x64.min().item()}"
+    sums = x64.sum(-1)
+    assert ((sums - 1).abs() <= K * bound).all(), f"row sums {sums.flatten()[:8].tolist()}"
+    w = v64 - v64.amax(-1, keepdim=True)  # may be −inf far below the maximum: it gets no mass
+    support = x64 > 0
+    tau = torch.where(support, w - x64, torch.inf).amin(-1, keepdim=True)
+    spread = torch.where(support, w - x64 - tau, 0.0)
+    assert (spread <= 2 * bound).all(), f"τ differs across the support by {spread.max().item():.3g}"
+    assert (torch.where(support, -torch.inf, w) <= tau + 2 * bound).all(), "a zero entry lies above τ"
+    expected = reference.project_simplex(v.detach().cpu())
+    error = (x64 - expected).abs()
+    assert (error <= bound).all(), f"worst error {error.max().item():.3g} against the sorting reference"
+
+
 def check_min_norm_kkt(lam, gram, *, reference_lambda=None):
     """λ on the simplex and optimal (KKT): (Gλ)_i ≥ λᵀGλ − tol for every i, with equality where
     λ_i > 0; with reference_lambda, λᵀGλ within the objective tolerance of the reference's."""
     assert lam.shape == gram.shape[:-1], f"shape {tuple(lam.shape)}, expected {tuple(gram.shape[:-1])}"
     assert lam.dtype == gram.dtype and lam.device == gram.device
     t = tol.MIN_NORM[gram.dtype]
+    # divided by a power of two near its largest entry first (exact), so that G_ij + G_ji cannot
+    # overflow for entries near the largest double; every tolerance below is relative to the scale
     G = _cpu64(gram)
+    largest = G.abs().amax((-2, -1), keepdim=True)
+    G = torch.ldexp(G, -torch.frexp(largest).exponent)
     G = 0.5 * (G + G.transpose(-1, -2))
     x = _cpu64(lam)
     K = G.shape[-1]

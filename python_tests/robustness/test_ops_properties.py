@@ -22,8 +22,7 @@ from hypothesis import strategies as st  # noqa: E402
 import molkernels  # noqa: E402
 import tolerances as tol  # noqa: E402
 from molkernels import reference  # noqa: E402
-from stacks import backend_params, check_combine, check_min_norm_kkt  # noqa: E402
-from test_ops_robust import check_projection  # noqa: E402
+from stacks import backend_params, check_combine, check_min_norm_kkt, check_projection  # noqa: E402
 
 # Under the interpreter NumPy warns on Inf · 0 and Inf − Inf, which the poisoned inputs cause by design.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
