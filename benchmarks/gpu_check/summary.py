@@ -10,10 +10,12 @@ Lines starting with "summary: " in a stage's text file are copied as they are.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import sys
 from collections import Counter
+from typing import Optional
 
 from records import read_json_lines
 
@@ -25,12 +27,20 @@ def out_path(name: str) -> str:
     return os.path.join(OUT, name)
 
 
-def marked_lines(name: str) -> list:
+def read_text(name: str) -> Optional[str]:
+    """The text of a file the stages wrote (torn or non-UTF-8 bytes replaced), None when there is none."""
     path = out_path(name)
     if not os.path.exists(path):
-        return []
+        return None
     with open(path, encoding="utf-8", errors="replace") as file:
-        return ["  - " + line[len("summary: "):].rstrip() for line in file if line.startswith("summary: ")]
+        return file.read()
+
+
+def marked_lines(name: str) -> list:
+    text = read_text(name)
+    if text is None:
+        return []
+    return ["  - " + line[len("summary: "):].rstrip() for line in text.splitlines() if line.startswith("summary: ")]
 
 
 def ratio(record: dict) -> float:
@@ -101,11 +111,10 @@ def correct_digest() -> list:
 
 
 def bandwidth_lines() -> list:
-    path = out_path("bench.csv")
-    if not os.path.exists(path):
+    text = read_text("bench.csv")
+    if text is None:
         return ["  - no bench.csv"]
-    with open(path, newline="", encoding="utf-8") as file:
-        rows = list(csv.DictReader(file))
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
     errors = [r for r in rows if r.get("note", "").startswith("error")]
     lines = [f"  - {len(rows)} rows, {len(errors)} errors"]
     for r in errors[:WORST]:
@@ -139,11 +148,9 @@ def bandwidth_lines() -> list:
 
 
 def sanitizer_lines() -> list:
-    path = out_path("sanitizer.txt")
-    if not os.path.exists(path):
+    text = read_text("sanitizer.txt")
+    if text is None:
         return ["  - no sanitizer.txt"]
-    with open(path, encoding="utf-8", errors="replace") as file:
-        text = file.read()
     lines = ["  - " + line.lstrip("# ").strip() for line in text.splitlines() if re.match(r"^## [\w ]+: ", line)]
     lines += ["  - " + line.strip("= ").strip() for line in text.splitlines() if "ERROR SUMMARY" in line]
     return lines or ["  - no tool ran"]
