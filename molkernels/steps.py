@@ -410,7 +410,8 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
     _check_state(state, MoCoState, params)
     K = state.num_objectives
     blocks = _aligned_blocks(params, grads, K, "grads")
-    check_number("beta", beta, 0.0, 1.0)
+    if check_number("beta", beta, 0.0) > 1:
+        raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
     for value, name in ((gamma, "gamma"), (rho, "rho"), (beta_decay, "beta_decay"), (gamma_decay, "gamma_decay")):
         check_number(name, value, 0.0)
     _check_lr(lr)

@@ -228,7 +228,7 @@ def test_check_finite_raises_on_nan():
         (lambda p, g, s: mk.moco_step(p, g, s, lr=-1.0), "lr: expected a finite number >= 0"),
         (lambda p, g, s: mk.moco_step(p, g, s, lr=float("nan")), "lr: expected a finite number"),
         (lambda p, g, s: mk.moco_step(p, g, s, beta=-0.1), "beta: expected"),
-        (lambda p, g, s: mk.moco_step(p, g, s, beta=1.5), "beta: expected a finite number in"),
+        (lambda p, g, s: mk.moco_step(p, g, s, beta=1.5), "beta: expected a value in"),
         (lambda p, g, s: mk.moco_step(p, g, s, gamma=float("inf")), "gamma: expected"),
         (lambda p, g, s: mk.moco_step(p, g, s, normalize="max"), "normalize: expected one of"),
         (lambda p, g, s: mk.moco_step(p, g, s, normalize="loss"), "losses: normalize='loss' needs"),
