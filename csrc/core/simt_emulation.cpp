@@ -1,12 +1,18 @@
 // The SIMT emulation's scheduler (simt_emulation.h describes the semantics). One OS thread runs a
-// launch block by block; within a block, each CUDA thread is a fiber with its own stack, switched
-// to with swapcontext. A round resumes every live fiber once and lets it run until it reaches a
-// barrier or returns, so a barrier is passed only after the whole block has arrived, and a block
+// launch block by block; within a block, each CUDA thread is a fiber with its own stack. A round
+// resumes every live fiber once and lets it run until it reaches a barrier or returns, so a barrier is passed only after the whole block has arrived, and a block
 // that can never pass one is detected at the end of the round instead of waiting forever.
+//
+// The switch is a few instructions of x86-64 assembly (callee-saved registers, the SSE and x87
+// control words, the stack pointer): glibc's swapcontext also saves the signal mask with a system
+// call, which made it most of the suite's run time.
 #include "simt_emulation.h"
 
 #include <sys/mman.h>
-#include <ucontext.h>
+
+#if !defined(__x86_64__)
+#error "the SIMT emulation's context switch is written for x86-64"
+#endif
 
 #include <cstdarg>
 #include <cstdio>
@@ -18,6 +24,39 @@
 #include <sanitizer/common_interface_defs.h>
 #define MK_SIMT_ASAN 1
 #endif
+
+// mk_simt_switch(from, to): saves the running context's stack pointer to *from and resumes the
+// context whose stack pointer is `to` (one suspended by mk_simt_switch, or a new one from
+// new_context).
+extern "C" void mk_simt_switch(void** from, void* to);
+asm(R"(
+  .text
+  .globl mk_simt_switch
+  .type mk_simt_switch, @function
+mk_simt_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size mk_simt_switch, .-mk_simt_switch
+)");
 
 namespace mk {
 namespace simt {
@@ -35,7 +74,7 @@ constexpr unsigned kMaxGridX = 2147483647u, kMaxGridYZ = 65535;
 enum class FiberState { running, at_barrier, exited };
 
 struct Fiber {
-  ucontext_t context;
+  void* context = nullptr;  // the saved stack pointer
   void* stack = nullptr;
   FiberState state = FiberState::running;
   const char* barrier_file = nullptr;
@@ -54,7 +93,7 @@ struct StaticSlot {
 // Everything one OS thread needs to run blocks; the fiber stacks are kept for later launches.
 struct Scheduler {
   std::vector<Fiber> fibers;
-  ucontext_t context;
+  void* context = nullptr;
   const std::function<void()>* thread = nullptr;
   unsigned current = 0;
   bool in_kernel = false;
@@ -79,7 +118,7 @@ void switch_to_fiber(Fiber& fiber) {
   void* fake_stack = nullptr;
   __sanitizer_start_switch_fiber(&fake_stack, fiber.stack, kStackBytes);
 #endif
-  swapcontext(&scheduler.context, &fiber.context);
+  mk_simt_switch(&scheduler.context, fiber.context);
 #if defined(MK_SIMT_ASAN)
   __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #endif
@@ -92,13 +131,13 @@ void switch_to_scheduler(Fiber& fiber) {
   __sanitizer_start_switch_fiber(exiting ? nullptr : &fiber.fake_stack, scheduler.stack_bottom,
                                  scheduler.stack_size);
 #endif
-  swapcontext(&fiber.context, &scheduler.context);
+  mk_simt_switch(&fiber.context, scheduler.context);
 #if defined(MK_SIMT_ASAN)
   __sanitizer_finish_switch_fiber(fiber.fake_stack, nullptr, nullptr);
 #endif
 }
 
-void fiber_main() {
+[[noreturn]] void fiber_main() {
   Fiber& fiber = scheduler.fibers[scheduler.current];
 #if defined(MK_SIMT_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, &scheduler.stack_bottom, &scheduler.stack_size);
@@ -106,6 +145,22 @@ void fiber_main() {
   (*scheduler.thread)();
   fiber.state = FiberState::exited;
   switch_to_scheduler(fiber);
+  __builtin_unreachable();
+}
+
+// A context that starts in fiber_main on the top of `stack`, laid out as mk_simt_switch leaves a
+// suspended one: the control words, six registers, then the return address, with the stack
+// aligned as at a call.
+void* new_context(void* stack) {
+  uint64_t* top = reinterpret_cast<uint64_t*>(static_cast<char*>(stack) + kStackBytes);
+  *--top = 0;  // fiber_main's own return address: it never returns
+  *--top = reinterpret_cast<uint64_t>(&fiber_main);
+  for (int r = 0; r < 6; ++r) *--top = 0;
+  uint32_t control[2];
+  asm volatile("stmxcsr %0" : "=m"(control[0]));
+  asm volatile("fnstcw %0" : "=m"(control[1]));
+  *--top = uint64_t(control[0]) | uint64_t(control[1]) << 32;
+  return top;
 }
 
 void reserve_fibers(unsigned n) {
@@ -123,11 +178,7 @@ void run_block(dim3 block, unsigned threads) {
   scheduler.static_slots.clear();
   for (unsigned i = 0; i < threads; ++i) {
     Fiber& fiber = scheduler.fibers[i];
-    getcontext(&fiber.context);
-    fiber.context.uc_stack.ss_sp = fiber.stack;
-    fiber.context.uc_stack.ss_size = kStackBytes;
-    fiber.context.uc_link = nullptr;
-    makecontext(&fiber.context, fiber_main, 0);
+    fiber.context = new_context(fiber.stack);
     fiber.state = FiberState::running;
   }
   for (unsigned round = 0;; ++round) {

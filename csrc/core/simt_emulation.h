@@ -1,7 +1,7 @@
 // Test-only SIMT execution layer: the CUDA sources of the core compile as C++ (MK_SIMT_EMULATION,
 // never with nvcc, never in the Python extension) and their kernels run on the CPU with CUDA's
 // semantics where the kernels depend on them:
-// - each block's threads are fibers (ucontext) on one OS thread, so __syncthreads() is a real
+// - each block's threads are fibers on one OS thread, so __syncthreads() is a real
 //   barrier: every thread runs until it reaches a barrier or exits, and only then does any thread
 //   pass it. A barrier that only part of the block reaches, or threads waiting at different
 //   barriers, is an error, reported and fatal, never a hang;
