@@ -42,6 +42,9 @@ bool is_poison(const T& x) {
   return std::all_of(bytes, bytes + sizeof(T), [](unsigned char b) { return b == 0xFF; });
 }
 
+// memcmp of n bytes; also for n = 0, where the pointers of empty vectors may be null.
+bool same_bytes(const void* a, const void* b, size_t n) { return n == 0 || std::memcmp(a, b, n) == 0; }
+
 template <class T>
 double as_double(T x) {
   return double(mk::to_float(x));
@@ -451,14 +454,14 @@ void test_fl_steps(int64_t C, int64_t D) {
   mk::fl::adam_step_cpu<T>(params_cpu.data(), grads.data(), m_cpu.data(), v_cpu.data(), step_cpu.data(), active.get(),
                            C, D, adam);
   const size_t n = size_t(C * D);
-  CHECK(std::memcmp(params_gpu.data(), params_cpu.data(), n * sizeof(T)) == 0 &&
-            std::memcmp(m_gpu.data(), m_cpu.data(), n * sizeof(A)) == 0 &&
-            std::memcmp(v_gpu.data(), v_cpu.data(), n * sizeof(A)) == 0 && step_gpu == step_cpu,
+  CHECK(same_bytes(params_gpu.data(), params_cpu.data(), n * sizeof(T)) &&
+            same_bytes(m_gpu.data(), m_cpu.data(), n * sizeof(A)) &&
+            same_bytes(v_gpu.data(), v_cpu.data(), n * sizeof(A)) && step_gpu == step_cpu,
         "adam %s C=%lld D=%lld: differs from the CPU kernel", type_name<T>(), (long long)C, (long long)D);
   for (int64_t c = 0; c < C; ++c) {
     CHECK(step_gpu[c] == step[c] + (active[c] ? 1 : 0), "adam: step of client %lld", (long long)c);
     if (!active[c])
-      CHECK(std::memcmp(&params_gpu[c * D], &params[c * D], size_t(D) * sizeof(T)) == 0,
+      CHECK(same_bytes(params_gpu.data() + c * D, params.data() + c * D, size_t(D) * sizeof(T)),
             "adam %s: inactive client %lld written", type_name<T>(), (long long)c);
   }
 
@@ -470,8 +473,8 @@ void test_fl_steps(int64_t C, int64_t D) {
     A* const cb = momentum != 0.0 ? b_cpu.data() : nullptr;
     mk::fl::sgd_step_cuda<T>(p_gpu.data(), grads.data(), gb, active.get(), C, D, sgd, stream);
     mk::fl::sgd_step_cpu<T>(p_cpu.data(), grads.data(), cb, active.get(), C, D, sgd);
-    CHECK(std::memcmp(p_gpu.data(), p_cpu.data(), n * sizeof(T)) == 0 &&
-              std::memcmp(b_gpu.data(), b_cpu.data(), n * sizeof(A)) == 0,
+    CHECK(same_bytes(p_gpu.data(), p_cpu.data(), n * sizeof(T)) &&
+              same_bytes(b_gpu.data(), b_cpu.data(), n * sizeof(A)),
           "sgd %s momentum=%g C=%lld D=%lld: differs from the CPU kernel", type_name<T>(), momentum, (long long)C,
           (long long)D);
   }
