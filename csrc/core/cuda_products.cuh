@@ -139,8 +139,8 @@ __global__ void reduce_partials_kernel(const A* partials, int64_t parts, int64_t
 template <class A>
 inline void reduce_partials(const A* partials, int64_t parts, int64_t rows, bool symmetric, A* out,
                             cudaStream_t stream) {
-  launch_kernel(reduce_partials_kernel<A>, unsigned(blocks_for(rows * rows, 256)), 256, 0, stream, partials, parts, rows,
-                symmetric, out);
+  launch_kernel(reduce_partials_kernel<A>, unsigned(blocks_for(rows * rows, 256)), 256, 0, stream, partials, parts,
+                rows, symmetric, out);
 }
 
 // One block's products; the caller passes part0 and advances it by ctas_for_columns(cols).

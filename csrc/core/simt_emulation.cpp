@@ -1,7 +1,8 @@
 // The SIMT emulation's scheduler (simt_emulation.h describes the semantics). One OS thread runs a
 // launch block by block; within a block, each CUDA thread is a fiber with its own stack. A round
-// resumes every live fiber once and lets it run until it reaches a barrier or returns, so a barrier is passed only after the whole block has arrived, and a block
-// that can never pass one is detected at the end of the round instead of waiting forever.
+// resumes every live fiber once and lets it run until it reaches a barrier or returns, so a barrier
+// is passed only after the whole block has arrived, and a block that can never pass one is
+// detected at the end of the round instead of waiting forever.
 //
 // The switch is a few instructions of x86-64 assembly (callee-saved registers, the SSE and x87
 // control words, the stack pointer): glibc's swapcontext also saves the signal mask with a system

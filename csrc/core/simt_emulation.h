@@ -49,14 +49,10 @@ using cudaStream_t = struct CUstream_st*;
 inline thread_local uint3 threadIdx{}, blockIdx{};
 inline thread_local dim3 blockDim, gridDim;
 
-// CUDA's device overloads of min and max, which the kernels call unqualified.
+// CUDA's device overload of min, which the kernels call unqualified.
 template <class T>
 inline T min(T a, T b) {
   return b < a ? b : a;
-}
-template <class T>
-inline T max(T a, T b) {
-  return a < b ? b : a;
 }
 
 namespace mk {
