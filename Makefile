@@ -38,6 +38,14 @@ core-test:
 	cmake --build build-core -j $(MAX_JOBS)
 	ctest --test-dir build-core --output-on-failure
 
+# The CUDA kernels on the SIMT emulation once more, under AddressSanitizer and UBSan (its own build
+# directory; not part of `make test`).
+.PHONY: core-test-sanitized
+core-test-sanitized:
+	cmake -S . -B build-core-sanitized -DCMAKE_BUILD_TYPE=Release -DMOLKERNELS_SANITIZE=ON > /dev/null
+	cmake --build build-core-sanitized -j $(MAX_JOBS) --target cuda_emulated_tests simt_emulation_tests
+	ctest --test-dir build-core-sanitized -L cuda-emulated --output-on-failure
+
 python-test: install
 	$(PY) -m pytest -q python_tests
 

@@ -70,12 +70,12 @@ void combine_cuda(const StackView<T>& g, const accum_t<T>* weights, T* const* ou
 
 template <class T>
 void project_simplex_cuda(const T* v, int64_t rows, int64_t K, T* out, cudaStream_t stream) {
-  project_simplex_kernel<T><<<unsigned(blocks_for(rows, 128)), 128, 0, stream>>>(v, rows, K, out);
+  launch_kernel(project_simplex_kernel<T>, unsigned(blocks_for(rows, 128)), 128, 0, stream, v, rows, K, out);
 }
 
 template <class T>
 void min_norm_cuda(const T* gram, int64_t batch, int64_t K, T* out, double* work, cudaStream_t stream) {
-  min_norm_kernel<T><<<unsigned(blocks_for(batch, 64)), 64, 0, stream>>>(gram, batch, K, out, work);
+  launch_kernel(min_norm_kernel<T>, unsigned(blocks_for(batch, 64)), 64, 0, stream, gram, batch, K, out, work);
 }
 
 #define MK_INSTANTIATE_INTO(T, U)                                                                            \

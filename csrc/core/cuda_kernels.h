@@ -3,7 +3,7 @@
 // host, so every launcher is safe under CUDA graph capture.
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include "cuda_runtime_types.h"
 
 #include "cpu_kernels.h"  // StackView
 

@@ -8,6 +8,7 @@
 
 #include "convert.h"
 #include "cpu_kernels.h"  // StackView
+#include "gpu_launch.cuh"
 
 namespace mk {
 namespace gpu {
@@ -83,8 +84,8 @@ template <class A, class LoadA, class LoadB>
 __global__ void __launch_bounds__(kThreads)
     products_kernel(LoadA load_a, LoadB load_b, int64_t rows, int64_t cols, bool symmetric, A* partials,
                     int64_t part0) {
-  __shared__ A slab_a[kRowTile][kColTile + 1];
-  __shared__ A slab_b[kRowTile][kColTile + 1];
+  MK_SHARED(A, slab_a, [kRowTile][kColTile + 1]);
+  MK_SHARED(A, slab_b, [kRowTile][kColTile + 1]);
   int64_t ti, tj;
   tile_pair(blockIdx.y, ceil_div(rows, kRowTile), symmetric, ti, tj);
   const bool same_slab = symmetric && ti == tj;
@@ -138,8 +139,8 @@ __global__ void reduce_partials_kernel(const A* partials, int64_t parts, int64_t
 template <class A>
 inline void reduce_partials(const A* partials, int64_t parts, int64_t rows, bool symmetric, A* out,
                             cudaStream_t stream) {
-  reduce_partials_kernel<A><<<unsigned(blocks_for(rows * rows, 256)), 256, 0, stream>>>(partials, parts, rows,
-                                                                                       symmetric, out);
+  launch_kernel(reduce_partials_kernel<A>, unsigned(blocks_for(rows * rows, 256)), 256, 0, stream, partials, parts,
+                rows, symmetric, out);
 }
 
 // One block's products; the caller passes part0 and advances it by ctas_for_columns(cols).
@@ -147,15 +148,15 @@ template <class A, class LoadA, class LoadB>
 inline void launch_products(const LoadA& load_a, const LoadB& load_b, int64_t rows, int64_t cols, bool symmetric,
                             A* partials, int64_t part0, cudaStream_t stream) {
   const dim3 grid(unsigned(ctas_for_columns(cols)), unsigned(tile_pairs(rows, symmetric)));
-  products_kernel<A, LoadA, LoadB><<<grid, kThreads, 0, stream>>>(load_a, load_b, rows, cols, symmetric, partials,
-                                                                  part0);
+  launch_kernel(products_kernel<A, LoadA, LoadB>, grid, kThreads, 0, stream, load_a, load_b, rows, cols, symmetric,
+                partials, part0);
 }
 
 // out[c] (+)= alpha * sum_k weights[k] * load(k, c), accumulated in A, rounded once on store.
 template <class A, class U, class Load>
 __global__ void combine_kernel(Load load, int64_t K, int64_t cols, const A* weights, U* out, A alpha,
                                bool accumulate) {
-  extern __shared__ unsigned char weight_bytes[];
+  MK_DYNAMIC_SHARED(unsigned char, weight_bytes);
   A* w = reinterpret_cast<A*>(weight_bytes);
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) w[k] = weights[k];
   __syncthreads();
@@ -172,8 +173,8 @@ inline void launch_combine(const Load& load, int64_t K, int64_t cols, const A* w
                            bool accumulate, cudaStream_t stream) {
   constexpr int threads = 256;
   const int64_t grid = std::min<int64_t>(blocks_for(cols, threads), 65535);
-  combine_kernel<A, U, Load><<<unsigned(grid), threads, size_t(K) * sizeof(A), stream>>>(load, K, cols, weights, out,
-                                                                                       alpha, accumulate);
+  launch_kernel(combine_kernel<A, U, Load>, unsigned(grid), threads, size_t(K) * sizeof(A), stream, load, K, cols,
+                weights, out, alpha, accumulate);
 }
 
 }  // namespace gpu

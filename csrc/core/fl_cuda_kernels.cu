@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "convert.h"
+#include "gpu_launch.cuh"
 
 namespace mk {
 namespace fl {
@@ -97,11 +98,11 @@ __global__ void mean_finish_kernel(const accum_t<T>* partials, int64_t groups, i
 template <class T>
 void adam_step_cuda(T* params, const T* grads, accum_t<T>* exp_avg, accum_t<T>* exp_avg_sq, int64_t* step,
                     const bool* active, int64_t C, int64_t D, const AdamHyper& hyper, cudaStream_t stream) {
-  count_steps_kernel<<<unsigned(ceil_div(C, kThreads)), kThreads, 0, stream>>>(step, active, C);
+  launch_kernel(count_steps_kernel, unsigned(ceil_div(C, kThreads)), kThreads, 0, stream, step, active, C);
   if (D == 0) return;
   const int64_t chunks = ceil_div(D, kColumnChunk);
-  adam_kernel<T><<<unsigned(C * chunks), kThreads, 0, stream>>>(params, grads, exp_avg, exp_avg_sq, step, active, D,
-                                                               chunks, hyper, adam_constants<accum_t<T>>(hyper));
+  launch_kernel(adam_kernel<T>, unsigned(C * chunks), kThreads, 0, stream, params, grads, exp_avg, exp_avg_sq, step,
+                active, D, chunks, hyper, adam_constants<accum_t<T>>(hyper));
 }
 
 template <class T>
@@ -109,8 +110,8 @@ void sgd_step_cuda(T* params, const T* grads, accum_t<T>* momentum_buffer, const
                    const SgdHyper& hyper, cudaStream_t stream) {
   if (D == 0) return;
   const int64_t chunks = ceil_div(D, kColumnChunk);
-  sgd_kernel<T><<<unsigned(C * chunks), kThreads, 0, stream>>>(params, grads, momentum_buffer, active, D, chunks,
-                                                              sgd_constants<accum_t<T>>(hyper));
+  launch_kernel(sgd_kernel<T>, unsigned(C * chunks), kThreads, 0, stream, params, grads, momentum_buffer, active, D,
+                chunks, sgd_constants<accum_t<T>>(hyper));
 }
 
 int64_t weighted_mean_cuda_partials(int64_t C, int64_t D) { return ceil_div(C, kMeanGroup) * D + 1; }
@@ -121,11 +122,12 @@ void weighted_mean_cuda(const T* x, const accum_t<T>* weights, const bool* activ
   using A = accum_t<T>;
   const int64_t groups = ceil_div(C, kMeanGroup), column_blocks = ceil_div(D, kThreads);
   A* total = partials + groups * D;
-  total_weight_kernel<A><<<1, 1, 0, stream>>>(weights, active, C, total);
+  launch_kernel(total_weight_kernel<A>, 1, 1, 0, stream, weights, active, C, total);
   if (D == 0) return;
-  mean_partials_kernel<T><<<unsigned(groups * column_blocks), kThreads, 0, stream>>>(x, weights, active, C, D,
-                                                                                    column_blocks, partials);
-  mean_finish_kernel<T><<<unsigned(column_blocks), kThreads, 0, stream>>>(partials, groups, D, total, out);
+  launch_kernel(mean_partials_kernel<T>, unsigned(groups * column_blocks), kThreads, 0, stream, x, weights, active, C,
+                D, column_blocks, partials);
+  launch_kernel(mean_finish_kernel<T>, unsigned(column_blocks), kThreads, 0, stream, partials, groups, D, total,
+                out);
 }
 
 #define MK_INSTANTIATE(T)                                                                                          \

@@ -3,7 +3,7 @@
 // the mask are read on the device.
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include "cuda_runtime_types.h"
 
 #include "fl_kernels.h"
 

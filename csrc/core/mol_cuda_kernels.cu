@@ -74,7 +74,7 @@ void track_gram_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& 
       gpu::launch_products<A>(tracked, tracked, g.K, g.cols[j], true, partials, part0, stream);
     } else {
       const int64_t grid = std::min<int64_t>(gpu::blocks_for(g.K * g.cols[j], 256), 65535);
-      track_kernel<T><<<unsigned(grid), 256, 0, stream>>>(tracked, g.K, g.cols[j]);
+      launch_kernel(track_kernel<T>, unsigned(grid), 256, 0, stream, tracked, g.K, g.cols[j]);
       const gpu::BlockLoad<A> state{y.data[j], y.row_stride[j]};
       gpu::launch_products<A>(state, state, g.K, g.cols[j], true, partials, part0, stream);
     }

@@ -1,0 +1,285 @@
+// The SIMT emulation's scheduler (simt_emulation.h describes the semantics). One OS thread runs a
+// launch block by block; within a block, each CUDA thread is a fiber with its own stack. A round
+// resumes every live fiber once and lets it run until it reaches a barrier or returns, so a barrier
+// is passed only after the whole block has arrived, and a block that can never pass one is
+// detected at the end of the round instead of waiting forever.
+//
+// The switch is a few instructions of x86-64 assembly (callee-saved registers, the SSE and x87
+// control words, the stack pointer): glibc's swapcontext also saves the signal mask with a system
+// call, which made it most of the suite's run time.
+#include "simt_emulation.h"
+
+#include <sys/mman.h>
+
+#if !defined(__x86_64__)
+#error "the SIMT emulation's context switch is written for x86-64"
+#endif
+
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define MK_SIMT_ASAN 1
+#endif
+
+// mk_simt_switch(from, to): saves the running context's stack pointer to *from and resumes the
+// context whose stack pointer is `to` (one suspended by mk_simt_switch, or a new one from
+// new_context).
+extern "C" void mk_simt_switch(void** from, void* to);
+asm(R"(
+  .text
+  .globl mk_simt_switch
+  .type mk_simt_switch, @function
+mk_simt_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size mk_simt_switch, .-mk_simt_switch
+)");
+
+namespace mk {
+namespace simt {
+namespace {
+
+// AddressSanitizer's instrumented frames are several times larger.
+#if defined(MK_SIMT_ASAN)
+constexpr size_t kStackBytes = 1024 * 1024;
+#else
+constexpr size_t kStackBytes = 256 * 1024;
+#endif
+constexpr unsigned kMaxThreadsPerBlock = 1024;
+constexpr unsigned kMaxGridX = 2147483647u, kMaxGridYZ = 65535;
+
+enum class FiberState { running, at_barrier, exited };
+
+struct Fiber {
+  void* context = nullptr;  // the saved stack pointer
+  void* stack = nullptr;
+  FiberState state = FiberState::running;
+  const char* barrier_file = nullptr;
+  int barrier_line = 0;
+#if defined(MK_SIMT_ASAN)
+  void* fake_stack = nullptr;
+#endif
+};
+
+struct StaticSlot {
+  const char* file;
+  int line;
+  size_t offset;
+};
+
+// Everything one OS thread needs to run blocks; the fiber stacks are kept for later launches.
+struct Scheduler {
+  std::vector<Fiber> fibers;
+  void* context = nullptr;
+  const std::function<void()>* thread = nullptr;
+  unsigned current = 0;
+  bool in_kernel = false;
+  // Shared memory of the running block: the dynamic part first, static arrays after it.
+  alignas(16) unsigned char shared[kMaxSharedBytesPerBlock];
+  size_t dynamic_bytes = 0, shared_used = 0;
+  std::vector<StaticSlot> static_slots;
+#if defined(MK_SIMT_ASAN)
+  const void* stack_bottom = nullptr;
+  size_t stack_size = 0;
+#endif
+};
+
+thread_local Scheduler scheduler;
+
+uint3 unflatten(uint64_t i, dim3 extent) {
+  return uint3{unsigned(i % extent.x), unsigned(i / extent.x % extent.y), unsigned(i / extent.x / extent.y)};
+}
+
+void switch_to_fiber(Fiber& fiber) {
+#if defined(MK_SIMT_ASAN)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, fiber.stack, kStackBytes);
+#endif
+  mk_simt_switch(&scheduler.context, fiber.context);
+#if defined(MK_SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+// Back to the scheduler from the running fiber; a fiber that has exited is never resumed.
+void switch_to_scheduler(Fiber& fiber) {
+#if defined(MK_SIMT_ASAN)
+  const bool exiting = fiber.state == FiberState::exited;
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &fiber.fake_stack, scheduler.stack_bottom,
+                                 scheduler.stack_size);
+#endif
+  mk_simt_switch(&fiber.context, scheduler.context);
+#if defined(MK_SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(fiber.fake_stack, nullptr, nullptr);
+#endif
+}
+
+[[noreturn]] void fiber_main() {
+  Fiber& fiber = scheduler.fibers[scheduler.current];
+#if defined(MK_SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(nullptr, &scheduler.stack_bottom, &scheduler.stack_size);
+#endif
+  (*scheduler.thread)();
+  fiber.state = FiberState::exited;
+  switch_to_scheduler(fiber);
+  __builtin_unreachable();
+}
+
+// A context that starts in fiber_main on the top of `stack`, laid out as mk_simt_switch leaves a
+// suspended one: the control words, six registers, then the return address, with the stack
+// aligned as at a call.
+void* new_context(void* stack) {
+  uint64_t* top = reinterpret_cast<uint64_t*>(static_cast<char*>(stack) + kStackBytes);
+  *--top = 0;  // fiber_main's own return address: it never returns
+  *--top = reinterpret_cast<uint64_t>(&fiber_main);
+  for (int r = 0; r < 6; ++r) *--top = 0;
+  uint32_t control[2];
+  asm volatile("stmxcsr %0" : "=m"(control[0]));
+  asm volatile("fnstcw %0" : "=m"(control[1]));
+  *--top = uint64_t(control[0]) | uint64_t(control[1]) << 32;
+  return top;
+}
+
+void reserve_fibers(unsigned n) {
+  while (scheduler.fibers.size() < n) {
+    Fiber fiber;
+    fiber.stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (fiber.stack == MAP_FAILED) fail("cannot map a %zu-byte fiber stack", kStackBytes);
+    scheduler.fibers.push_back(fiber);
+  }
+}
+
+void run_block(dim3 block, unsigned threads) {
+  std::memset(scheduler.shared, 0xFF, sizeof scheduler.shared);
+  scheduler.shared_used = scheduler.dynamic_bytes;
+  scheduler.static_slots.clear();
+  for (unsigned i = 0; i < threads; ++i) {
+    Fiber& fiber = scheduler.fibers[i];
+    fiber.context = new_context(fiber.stack);
+    fiber.state = FiberState::running;
+  }
+  for (unsigned round = 0;; ++round) {
+    const bool descending = round % 2 == 1;
+    for (unsigned n = 0; n < threads; ++n) {
+      const unsigned i = descending ? threads - 1 - n : n;
+      Fiber& fiber = scheduler.fibers[i];
+      if (fiber.state == FiberState::exited) continue;
+      fiber.state = FiberState::running;
+      scheduler.current = i;
+      threadIdx = unflatten(i, block);
+      switch_to_fiber(fiber);
+    }
+    unsigned waiting = 0, first_waiting = 0;
+    for (unsigned i = 0; i < threads; ++i) {
+      const Fiber& fiber = scheduler.fibers[i];
+      if (fiber.state != FiberState::at_barrier) continue;
+      if (waiting++ == 0) {
+        first_waiting = i;
+        continue;
+      }
+      const Fiber& first = scheduler.fibers[first_waiting];
+      if (fiber.barrier_line != first.barrier_line || std::strcmp(fiber.barrier_file, first.barrier_file) != 0)
+        fail("block (%u, %u, %u): thread %u waits at the __syncthreads() of %s:%d, thread %u at the one of %s:%d",
+             blockIdx.x, blockIdx.y, blockIdx.z, first_waiting, first.barrier_file, first.barrier_line, i,
+             fiber.barrier_file, fiber.barrier_line);
+    }
+    if (waiting == 0) return;
+    if (waiting != threads) {
+      const Fiber& first = scheduler.fibers[first_waiting];
+      fail("block (%u, %u, %u): the __syncthreads() of %s:%d is reached by %u of its %u threads; the others exited",
+           blockIdx.x, blockIdx.y, blockIdx.z, first.barrier_file, first.barrier_line, waiting, threads);
+    }
+  }
+}
+
+}  // namespace
+
+void fail(const char* format, ...) {
+  std::fflush(stdout);
+  std::fprintf(stderr, "SIMT emulation error: ");
+  va_list args;
+  va_start(args, format);
+  std::vfprintf(stderr, format, args);
+  va_end(args);
+  std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+  std::_Exit(86);
+}
+
+void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& thread) {
+  if (scheduler.in_kernel) fail("a kernel launched from inside a kernel");
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  if (threads == 0 || threads > kMaxThreadsPerBlock || block.x > 1024 || block.y > 1024 || block.z > 64)
+    fail("block (%u, %u, %u): a block has 1..1024 threads, x and y <= 1024, z <= 64", block.x, block.y, block.z);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > kMaxGridX || grid.y > kMaxGridYZ || grid.z > kMaxGridYZ)
+    fail("grid (%u, %u, %u): a grid has x in 1..2^31-1, y and z in 1..65535", grid.x, grid.y, grid.z);
+  if (dynamic_shared_bytes > kMaxSharedBytesPerBlock)
+    fail("%zu bytes of dynamic shared memory: above the %zu a block gets without the opt-in", dynamic_shared_bytes,
+         kMaxSharedBytesPerBlock);
+  reserve_fibers(unsigned(threads));
+  scheduler.thread = &thread;
+  scheduler.dynamic_bytes = dynamic_shared_bytes;
+  scheduler.in_kernel = true;
+  gridDim = grid;
+  blockDim = block;
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  for (uint64_t b = blocks; b-- > 0;) {
+    blockIdx = unflatten(b, grid);
+    run_block(block, unsigned(threads));
+  }
+  scheduler.in_kernel = false;
+}
+
+void sync_threads(const char* file, int line) {
+  if (!scheduler.in_kernel) fail("__syncthreads() at %s:%d called outside a kernel", file, line);
+  Fiber& fiber = scheduler.fibers[scheduler.current];
+  fiber.state = FiberState::at_barrier;
+  fiber.barrier_file = file;
+  fiber.barrier_line = line;
+  switch_to_scheduler(fiber);
+}
+
+void* static_shared_bytes(const char* file, int line, size_t bytes, size_t alignment) {
+  if (!scheduler.in_kernel) fail("__shared__ array of %s:%d declared outside a kernel", file, line);
+  for (const StaticSlot& slot : scheduler.static_slots)
+    if (slot.line == line && std::strcmp(slot.file, file) == 0) return scheduler.shared + slot.offset;
+  const size_t offset = (scheduler.shared_used + alignment - 1) / alignment * alignment;
+  if (offset + bytes > kMaxSharedBytesPerBlock)
+    fail("__shared__ array of %s:%d: the block's shared memory exceeds %zu bytes", file, line,
+         kMaxSharedBytesPerBlock);
+  scheduler.shared_used = offset + bytes;
+  scheduler.static_slots.push_back({file, line, offset});
+  return scheduler.shared + offset;
+}
+
+void* dynamic_shared_bytes() {
+  if (!scheduler.in_kernel) fail("dynamic shared memory used outside a kernel");
+  return scheduler.shared;
+}
+
+}  // namespace simt
+}  // namespace mk

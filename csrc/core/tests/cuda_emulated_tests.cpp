@@ -1,0 +1,564 @@
+// The CUDA kernels of the core, compiled as C++ and run on the SIMT emulation (simt_emulation.h),
+// against the CPU kernels and float64 sums: every launcher of cuda_kernels.h and fl_cuda_kernels.h,
+// for K = 1..64, widths 1..4099 (and one of 100003), one block, many tiny blocks, offset views of
+// a flat buffer with empty blocks, in fp16, bf16, fp32 and fp64. Outputs, workspaces and the
+// padding around every block are filled with NaN bytes (0xFF) first, so an element a kernel forgot
+// to write, or one it wrote out of bounds, shows.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "convert.h"
+#include "cpu_kernels.h"
+#include "cuda_kernels.h"
+#include "fl_cuda_kernels.h"
+#include "min_norm.h"
+#include "mol_kernels.h"
+
+namespace {
+
+using mk::accum_t;
+
+std::mt19937_64 rng(20261201);
+cudaStream_t const stream = nullptr;
+
+template <class T>
+std::vector<T> poisoned(size_t n) {
+  std::vector<T> v(n);
+  std::memset(static_cast<void*>(v.data()), 0xFF, n * sizeof(T));
+  return v;
+}
+
+template <class T>
+bool is_poison(const T& x) {
+  unsigned char bytes[sizeof(T)];
+  std::memcpy(bytes, &x, sizeof(T));
+  return std::all_of(bytes, bytes + sizeof(T), [](unsigned char b) { return b == 0xFF; });
+}
+
+// memcmp of n bytes; also for n = 0, where the pointers of empty vectors may be null.
+bool same_bytes(const void* a, const void* b, size_t n) { return n == 0 || std::memcmp(a, b, n) == 0; }
+
+template <class T>
+double as_double(T x) {
+  return double(mk::to_float(x));
+}
+
+template <class T>
+T random_value(double scale = 1.0) {
+  std::normal_distribution<double> normal;
+  return mk::from_float<T>(accum_t<T>(scale * normal(rng)));
+}
+
+// Relative precision of a value stored in T.
+template <class T>
+double storage_eps() {
+  if (std::is_same_v<T, double>) return 0x1p-53;
+  if (std::is_same_v<T, float>) return 0x1p-24;
+  if (std::is_same_v<T, mk::half_t>) return 0x1p-11;
+  return 0x1p-8;
+}
+template <class T>
+const char* type_name() {
+  if (std::is_same_v<T, double>) return "fp64";
+  if (std::is_same_v<T, float>) return "fp32";
+  if (std::is_same_v<T, mk::half_t>) return "fp16";
+  return "bf16";
+}
+
+// A stack of K rows per block in one poisoned buffer: block j starts at offset[j], its rows
+// row_stride[j] apart, and the elements between and after the rows stay poisoned. A copy owns a
+// copy of the storage and points into it.
+template <class T>
+struct Stack {
+  int64_t K = 0;
+  std::vector<int64_t> cols, row_stride, offset;
+  std::vector<T> storage;
+  std::vector<T*> data;
+
+  Stack() = default;
+  Stack(const Stack& other)
+      : K(other.K), cols(other.cols), row_stride(other.row_stride), offset(other.offset), storage(other.storage) {
+    point_into_storage();
+  }
+  Stack& operator=(const Stack&) = delete;
+  void point_into_storage() {
+    data.clear();
+    for (int64_t o : offset) data.push_back(storage.data() + o);
+  }
+
+  T& at(size_t j, int64_t row, int64_t col) { return data[j][row * row_stride[j] + col]; }
+  const T& at(size_t j, int64_t row, int64_t col) const { return data[j][row * row_stride[j] + col]; }
+  mk::StackView<T> view() const {
+    return {const_cast<const T* const*>(data.data()), cols.data(), row_stride.data(), int64_t(cols.size()), K};
+  }
+  mk::MutableStackView<T> mutable_view() const {
+    return {data.data(), cols.data(), row_stride.data(), int64_t(cols.size()), K};
+  }
+  int64_t total_cols() const {
+    int64_t n = 0;
+    for (int64_t c : cols) n += c;
+    return n;
+  }
+};
+
+enum class Layout { one_block, flat_views, tiny_blocks };
+const char* layout_name(Layout layout) {
+  return layout == Layout::one_block ? "one block" : layout == Layout::flat_views ? "flat views" : "tiny blocks";
+}
+
+std::vector<int64_t> widths_for(Layout layout, int64_t d) {
+  if (layout == Layout::one_block) return {d};
+  if (layout == Layout::flat_views) return {0, d / 3, 0, d - d / 3, 1, 0};
+  std::vector<int64_t> widths;
+  for (int j = 0; j < 60; ++j) widths.push_back(1 + j % 3);
+  return widths;
+}
+
+// Blocks with these widths: separate padded blocks, or (flat) column views of one [K, total] matrix.
+template <class T>
+Stack<T> make_stack(int64_t K, const std::vector<int64_t>& widths, bool flat, bool fill) {
+  Stack<T> s;
+  s.K = K;
+  s.cols = widths;
+  int64_t total = 0;
+  for (int64_t w : widths) total += w;
+  int64_t size = 0;
+  for (int64_t w : widths) {
+    if (flat) {
+      s.offset.push_back(size);
+      s.row_stride.push_back(total + 3);
+      size += w;
+    } else {
+      s.offset.push_back(size);
+      s.row_stride.push_back(w + 2);
+      size += K * (w + 2) + 5;
+    }
+  }
+  if (flat) size = K * (total + 3);
+  s.storage = poisoned<T>(size_t(size) + 1);
+  s.point_into_storage();
+  if (fill)
+    for (size_t j = 0; j < widths.size(); ++j)
+      for (int64_t r = 0; r < K; ++r)
+        for (int64_t c = 0; c < widths[j]; ++c) s.at(j, r, c) = random_value<T>();
+  return s;
+}
+
+// Every element outside the stack's blocks is still poison.
+template <class T>
+bool padding_intact(const Stack<T>& s) {
+  std::vector<char> inside(s.storage.size(), 0);
+  for (size_t j = 0; j < s.cols.size(); ++j)
+    for (int64_t r = 0; r < s.K; ++r)
+      for (int64_t c = 0; c < s.cols[j]; ++c) inside[size_t(&s.at(j, r, c) - s.storage.data())] = 1;
+  for (size_t i = 0; i < s.storage.size(); ++i)
+    if (!inside[i] && !is_poison(s.storage[i])) return false;
+  return true;
+}
+
+// sum over blocks and columns of a[r] b[s] (and of |a[r] b[s]|, the scale of the rounding error).
+template <class T, class U>
+void oracle_products(const Stack<T>& a, const Stack<U>& b, std::vector<double>& dot, std::vector<double>& scale) {
+  const int64_t Ka = a.K, Kb = b.K;
+  dot.assign(size_t(Ka * Kb), 0.0);
+  scale.assign(size_t(Ka * Kb), 0.0);
+  for (size_t j = 0; j < a.cols.size(); ++j)
+    for (int64_t r = 0; r < Ka; ++r)
+      for (int64_t s = 0; s < Kb; ++s)
+        for (int64_t c = 0; c < a.cols[j]; ++c) {
+          const double p = as_double(a.at(j, r, c)) * as_double(b.at(j, s, c));
+          dot[r * Kb + s] += p;
+          scale[r * Kb + s] += std::fabs(p);
+        }
+}
+
+template <class A>
+void check_products(const std::vector<A>& got, const std::vector<double>& dot, const std::vector<double>& scale,
+                    const std::string& what) {
+  const double eps = std::is_same_v<A, double> ? 1e-14 : 2e-6;
+  for (size_t e = 0; e < dot.size(); ++e) {
+    const double tol = eps * scale[e] + 1e-300;
+    CHECK(std::fabs(double(got[e]) - dot[e]) <= tol, "%s: element %zu = %.17g, float64 sum %.17g", what.c_str(), e,
+          double(got[e]), dot[e]);
+  }
+}
+
+template <class A>
+bool exactly_symmetric(const std::vector<A>& G, int64_t K) {
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < i; ++j)
+      if (std::memcmp(&G[i * K + j], &G[j * K + i], sizeof(A)) != 0) return false;
+  return true;
+}
+
+std::string label(const char* op, const char* type, Layout layout, int64_t K, int64_t d) {
+  char text[160];
+  std::snprintf(text, sizeof text, "%s %s %s K=%lld d=%lld", op, type, layout_name(layout), (long long)K,
+                (long long)d);
+  return text;
+}
+
+template <class T>
+void test_gram(Layout layout, int64_t K, int64_t d) {
+  using A = accum_t<T>;
+  const std::vector<int64_t> widths = widths_for(layout, d);
+  const bool flat = layout == Layout::flat_views;
+  const Stack<T> a = make_stack<T>(K, widths, flat, true), b = make_stack<T>(K, widths, flat, true);
+  const int64_t parts = mk::gram_cuda_parts(a.cols.data(), int64_t(a.cols.size()), K);
+  std::vector<double> dot, scale;
+
+  std::vector<A> partials = poisoned<A>(size_t(parts * K * K)), G = poisoned<A>(size_t(K * K)), cpu(size_t(K * K));
+  mk::gram_cuda<T>(a.view(), nullptr, partials.data(), G.data(), stream);
+  mk::gram_cpu<T>(a.view(), cpu.data());
+  oracle_products(a, a, dot, scale);
+  check_products(G, dot, scale, label("gram", type_name<T>(), layout, K, d));
+  check_products(cpu, dot, scale, label("gram (CPU kernel)", type_name<T>(), layout, K, d));
+  CHECK(exactly_symmetric(G, K), "%s: not exactly symmetric", label("gram", type_name<T>(), layout, K, d).c_str());
+
+  partials = poisoned<A>(size_t(parts * K * K));
+  G = poisoned<A>(size_t(K * K));
+  const mk::StackView<T> bv = b.view();
+  mk::gram_cuda<T>(a.view(), &bv, partials.data(), G.data(), stream);
+  oracle_products(a, b, dot, scale);
+  check_products(G, dot, scale, label("cross_gram", type_name<T>(), layout, K, d));
+  CHECK(padding_intact(a) && padding_intact(b), "gram: padding written");
+}
+
+// out_j (+)= alpha sum_k w_k g_k into U, and combine (U = T, alpha = 1, no accumulation).
+template <class T, class U>
+void test_combine_into(Layout layout, int64_t K, int64_t d, bool accumulate) {
+  using A = accum_t<T>;
+  const std::vector<int64_t> widths = widths_for(layout, d);
+  const bool flat = layout == Layout::flat_views;
+  const Stack<T> g = make_stack<T>(K, widths, flat, true);
+  Stack<U> out = make_stack<U>(1, widths, flat, accumulate), cpu = out;
+  std::vector<A> weights(K);
+  for (auto& w : weights) w = A(std::uniform_real_distribution<double>(-1.0, 1.0)(rng));
+  const A alpha = accumulate ? A(-0.375) : A(1);
+  const Stack<U> before = out;
+  if (accumulate || !std::is_same_v<T, U>) {
+    mk::combine_into_cuda<T, U>(g.view(), weights.data(), out.data.data(), alpha, accumulate, stream);
+    mk::combine_into_cpu<T, U>(g.view(), weights.data(), cpu.data.data(), alpha, accumulate);
+  } else {
+    mk::combine_cuda<T>(g.view(), weights.data(), reinterpret_cast<T* const*>(out.data.data()), stream);
+    mk::combine_cpu<T>(g.view(), weights.data(), reinterpret_cast<T* const*>(cpu.data.data()));
+  }
+  const std::string what = label(accumulate ? "combine_into (accumulate)" : "combine", type_name<T>(), layout, K, d) +
+                           " into " + type_name<U>();
+  const double eps_a = std::is_same_v<A, double> ? 0x1p-53 : 0x1p-24;
+  for (size_t j = 0; j < widths.size(); ++j)
+    for (int64_t c = 0; c < widths[j]; ++c) {
+      double ref = 0.0, scale = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        ref += double(weights[k]) * as_double(g.at(j, k, c));
+        scale += std::fabs(double(weights[k]) * as_double(g.at(j, k, c)));
+      }
+      ref *= double(alpha);
+      scale *= std::fabs(double(alpha));
+      if (accumulate) {
+        ref += as_double(before.at(j, 0, c));
+        scale += std::fabs(as_double(before.at(j, 0, c)));
+      }
+      const double tol = storage_eps<U>() * std::fabs(ref) + 4.0 * (K + 2) * eps_a * scale + 0x1p-24;
+      CHECK(std::fabs(as_double(out.at(j, 0, c)) - ref) <= tol, "%s: block %zu column %lld = %.9g, float64 %.9g",
+            what.c_str(), j, (long long)c, as_double(out.at(j, 0, c)), ref);
+      CHECK(std::fabs(as_double(cpu.at(j, 0, c)) - ref) <= tol, "%s (CPU kernel): block %zu column %lld",
+            what.c_str(), j, (long long)c);
+    }
+  CHECK(padding_intact(out), "%s: padding written", what.c_str());
+}
+
+template <class T>
+void test_project_simplex(int64_t rows, int64_t K) {
+  std::vector<T> v(size_t(rows * K)), out = poisoned<T>(size_t(rows * K)), cpu(size_t(rows * K));
+  for (auto& x : v) x = random_value<T>(2.0);
+  mk::project_simplex_cuda<T>(v.data(), rows, K, out.data(), stream);
+  mk::project_simplex_cpu<T>(v.data(), rows, K, cpu.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      const double x = as_double(out[r * K + k]), y = as_double(cpu[r * K + k]);
+      CHECK(x >= 0.0 && std::fabs(x - y) <= storage_eps<T>() * 2.0 + 1e-14, "project_simplex %s rows=%lld K=%lld: "
+            "row %lld entry %lld = %.17g, CPU kernel %.17g", type_name<T>(), (long long)rows, (long long)K,
+            (long long)r, (long long)k, x, y);
+      sum += x;
+    }
+    CHECK(std::fabs(sum - 1.0) <= K * storage_eps<T>() + 1e-12, "project_simplex %s K=%lld: row %lld sums to %.17g",
+          type_name<T>(), (long long)K, (long long)r, sum);
+  }
+}
+
+// min_norm on Grams of random vectors (rank-deficient for K > 4): the CUDA weights reach the CPU
+// kernel's objective and lie on the simplex.
+template <class T>
+void test_min_norm(int64_t batch, int64_t K) {
+  const int64_t dim = 4;
+  std::vector<T> G(size_t(batch * K * K)), out = poisoned<T>(size_t(batch * K)), cpu(size_t(batch * K));
+  std::vector<double> Gd(G.size());
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<double> x(size_t(K * dim));
+    for (auto& e : x) e = as_double(random_value<T>());
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j <= i; ++j) {
+        double s = 0.0;
+        for (int64_t c = 0; c < dim; ++c) s += x[i * dim + c] * x[j * dim + c];
+        G[b * K * K + i * K + j] = G[b * K * K + j * K + i] = mk::from_float<T>(accum_t<T>(s));
+      }
+  }
+  for (size_t e = 0; e < G.size(); ++e) Gd[e] = as_double(G[e]);
+  std::vector<double> work = poisoned<double>(size_t(batch * mk::min_norm_workspace(K)));
+  mk::min_norm_cuda<T>(G.data(), batch, K, out.data(), work.data(), stream);
+  mk::min_norm_cpu<T>(G.data(), batch, K, cpu.data());
+  for (int64_t b = 0; b < batch; ++b) {
+    const double* Gb = Gd.data() + b * K * K;
+    auto objective = [&](const std::vector<T>& l) {
+      double f = 0.0, scale = 0.0;
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t j = 0; j < K; ++j) {
+          f += as_double(l[b * K + i]) * Gb[i * K + j] * as_double(l[b * K + j]);
+          scale = std::max(scale, std::fabs(Gb[i * K + j]));
+        }
+      return std::make_pair(f, scale);
+    };
+    double sum = 0.0;
+    for (int64_t i = 0; i < K; ++i) {
+      CHECK(as_double(out[b * K + i]) >= 0.0, "min_norm %s K=%lld: lambda %lld < 0", type_name<T>(), (long long)K,
+            (long long)i);
+      sum += as_double(out[b * K + i]);
+    }
+    const auto [f, scale] = objective(out);
+    const double f_cpu = objective(cpu).first;
+    CHECK(std::fabs(sum - 1.0) <= 2.0 * K * storage_eps<T>() + 1e-12, "min_norm %s K=%lld batch %lld: sum %.17g",
+          type_name<T>(), (long long)K, (long long)b, sum);
+    CHECK(std::fabs(f - f_cpu) <= 8.0 * K * storage_eps<T>() * scale + 1e-12 * scale,
+          "min_norm %s K=%lld batch %lld: objective %.17g, CPU kernel %.17g", type_name<T>(), (long long)K,
+          (long long)b, f, f_cpu);
+  }
+}
+
+template <class A>
+double tracking_tol(double y, double g) {
+  const double eps = std::is_same_v<A, double> ? 0x1p-53 : 0x1p-24;
+  return 8.0 * eps * (std::fabs(y) + std::fabs(g)) + 1e-300;
+}
+
+// MoCo's pass 1 (track_gram), the normalised tracking's joint Gram and pass 2 (track_combine).
+template <class T>
+void test_moco_passes(Layout layout, int64_t K, int64_t d) {
+  using A = accum_t<T>;
+  const std::vector<int64_t> widths = widths_for(layout, d);
+  const bool flat = layout == Layout::flat_views;
+  const Stack<T> g = make_stack<T>(K, widths, flat, true);
+  const Stack<A> y0 = make_stack<A>(K, widths, flat, true);
+  const int64_t parts = mk::gram_cuda_parts(g.cols.data(), int64_t(g.cols.size()), K);
+  const A beta = A(0.3);
+  const std::string type = type_name<T>();
+
+  // Pass 1: y <- y - beta (y - g), then the Gram of the new y.
+  Stack<A> y = y0;
+  std::vector<A> partials = poisoned<A>(size_t(parts * K * K)), G = poisoned<A>(size_t(K * K));
+  mk::track_gram_cuda<T>(g.view(), y.mutable_view(), beta, partials.data(), G.data(), stream);
+  for (size_t j = 0; j < widths.size(); ++j)
+    for (int64_t r = 0; r < K; ++r)
+      for (int64_t c = 0; c < widths[j]; ++c) {
+        const double yo = double(y0.at(j, r, c)), gv = as_double(g.at(j, r, c));
+        const double ref = yo - double(beta) * (yo - gv);
+        CHECK(std::fabs(double(y.at(j, r, c)) - ref) <= tracking_tol<A>(yo, gv), "%s: y[%zu][%lld][%lld] = %.9g, "
+              "float64 %.9g", label("track_gram", type.c_str(), layout, K, d).c_str(), j, (long long)r, (long long)c,
+              double(y.at(j, r, c)), ref);
+      }
+  std::vector<double> dot, scale;
+  oracle_products(y, y, dot, scale);
+  check_products(G, dot, scale, label("track_gram", type.c_str(), layout, K, d));
+  CHECK(exactly_symmetric(G, K) && padding_intact(y), "track_gram: asymmetric or padding written");
+
+  // The 2K x 2K Gram of [y; g].
+  Stack<double> joint;
+  joint.K = 2 * K;
+  joint.cols = widths;
+  for (size_t j = 0; j < widths.size(); ++j) {
+    joint.offset.push_back(int64_t(joint.storage.size()));
+    joint.row_stride.push_back(widths[j]);
+    for (int64_t r = 0; r < 2 * K; ++r)
+      for (int64_t c = 0; c < widths[j]; ++c)
+        joint.storage.push_back(r < K ? double(y.at(j, r, c)) : as_double(g.at(j, r - K, c)));
+  }
+  joint.point_into_storage();
+  std::vector<A> partials2 = poisoned<A>(size_t(parts * 4 * K * K)), J = poisoned<A>(size_t(4 * K * K));
+  mk::joint_gram_cuda<T>(g.view(), y.view(), partials2.data(), J.data(), stream);
+  oracle_products(joint, joint, dot, scale);
+  check_products(J, dot, scale, label("joint_gram", type.c_str(), layout, K, d));
+
+  // Pass 2: y <- y + beta (scale_k g_k - y), out (+)= alpha sum_k w_k y_k.
+  const Stack<A> y1 = y;
+  std::vector<A> row_scale(K), weights(K);
+  for (auto& s : row_scale) s = A(std::uniform_real_distribution<double>(0.5, 2.0)(rng));
+  for (auto& w : weights) w = A(std::uniform_real_distribution<double>(0.0, 1.0)(rng));
+  Stack<T> out = make_stack<T>(1, widths, flat, true);
+  const Stack<T> out0 = out;
+  const A alpha = A(-0.25);
+  mk::track_combine_cuda<T, T>(g.view(), y.mutable_view(), row_scale.data(), beta, weights.data(), out.data.data(),
+                               alpha, true, stream);
+  const double eps_a = std::is_same_v<A, double> ? 0x1p-53 : 0x1p-24;
+  for (size_t j = 0; j < widths.size(); ++j)
+    for (int64_t c = 0; c < widths[j]; ++c) {
+      double ref = 0.0, sc = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double yo = double(y1.at(j, k, c)), gv = double(row_scale[k]) * as_double(g.at(j, k, c));
+        const double yn = yo + double(beta) * (gv - yo);
+        CHECK(std::fabs(double(y.at(j, k, c)) - yn) <= tracking_tol<A>(yo, gv), "%s: y[%zu][%lld][%lld]",
+              label("track_combine", type.c_str(), layout, K, d).c_str(), j, (long long)k, (long long)c);
+        ref += double(weights[k]) * yn;
+        sc += std::fabs(double(weights[k]) * yn) + tracking_tol<A>(yo, gv);
+      }
+      ref = as_double(out0.at(j, 0, c)) + double(alpha) * ref;
+      const double tol = storage_eps<T>() * std::fabs(ref) + 8.0 * (K + 2) * eps_a * sc + 0x1p-24;
+      CHECK(std::fabs(as_double(out.at(j, 0, c)) - ref) <= tol, "%s: out[%zu][%lld] = %.9g, float64 %.9g",
+            label("track_combine", type.c_str(), layout, K, d).c_str(), j, (long long)c,
+            as_double(out.at(j, 0, c)), ref);
+    }
+  CHECK(padding_intact(out) && padding_intact(y), "track_combine: padding written");
+}
+
+// Adam and SGD on C clients, every third one inactive: bit for bit the CPU kernel's result (the
+// element math is shared and neither build contracts), inactive rows and steps untouched.
+template <class T>
+void test_fl_steps(int64_t C, int64_t D) {
+  using A = accum_t<T>;
+  std::vector<T> params(size_t(C * D)), grads(size_t(C * D));
+  std::vector<A> m(size_t(C * D)), v(size_t(C * D)), buffer(size_t(C * D));
+  std::vector<int64_t> step(static_cast<size_t>(C));
+  std::unique_ptr<bool[]> active(new bool[size_t(C)]);
+  for (auto& x : params) x = random_value<T>();
+  for (auto& x : grads) x = random_value<T>();
+  for (auto& x : m) x = A(0.1 * as_double(random_value<T>()));
+  for (auto& x : v) x = A(std::fabs(0.1 * as_double(random_value<T>())));
+  for (auto& x : buffer) x = A(as_double(random_value<T>()));
+  for (int64_t c = 0; c < C; ++c) {
+    step[c] = c % 4;
+    active[c] = c % 3 != 1;
+  }
+  const mk::fl::AdamHyper adam{1e-3, 0.9, 0.999, 1e-8, 0.01};
+  auto params_gpu = params, params_cpu = params;
+  auto m_gpu = m, m_cpu = m, v_gpu = v, v_cpu = v;
+  auto step_gpu = step, step_cpu = step;
+  mk::fl::adam_step_cuda<T>(params_gpu.data(), grads.data(), m_gpu.data(), v_gpu.data(), step_gpu.data(),
+                            active.get(), C, D, adam, stream);
+  mk::fl::adam_step_cpu<T>(params_cpu.data(), grads.data(), m_cpu.data(), v_cpu.data(), step_cpu.data(), active.get(),
+                           C, D, adam);
+  const size_t n = size_t(C * D);
+  CHECK(same_bytes(params_gpu.data(), params_cpu.data(), n * sizeof(T)) &&
+            same_bytes(m_gpu.data(), m_cpu.data(), n * sizeof(A)) &&
+            same_bytes(v_gpu.data(), v_cpu.data(), n * sizeof(A)) && step_gpu == step_cpu,
+        "adam %s C=%lld D=%lld: differs from the CPU kernel", type_name<T>(), (long long)C, (long long)D);
+  for (int64_t c = 0; c < C; ++c) {
+    CHECK(step_gpu[c] == step[c] + (active[c] ? 1 : 0), "adam: step of client %lld", (long long)c);
+    if (!active[c])
+      CHECK(same_bytes(params_gpu.data() + c * D, params.data() + c * D, size_t(D) * sizeof(T)),
+            "adam %s: inactive client %lld written", type_name<T>(), (long long)c);
+  }
+
+  for (const double momentum : {0.0, 0.9}) {
+    const mk::fl::SgdHyper sgd{0.01, momentum, 0.001};
+    auto p_gpu = params, p_cpu = params;
+    auto b_gpu = buffer, b_cpu = buffer;
+    A* const gb = momentum != 0.0 ? b_gpu.data() : nullptr;
+    A* const cb = momentum != 0.0 ? b_cpu.data() : nullptr;
+    mk::fl::sgd_step_cuda<T>(p_gpu.data(), grads.data(), gb, active.get(), C, D, sgd, stream);
+    mk::fl::sgd_step_cpu<T>(p_cpu.data(), grads.data(), cb, active.get(), C, D, sgd);
+    CHECK(same_bytes(p_gpu.data(), p_cpu.data(), n * sizeof(T)) &&
+              same_bytes(b_gpu.data(), b_cpu.data(), n * sizeof(A)),
+          "sgd %s momentum=%g C=%lld D=%lld: differs from the CPU kernel", type_name<T>(), momentum, (long long)C,
+          (long long)D);
+  }
+}
+
+// The masked weighted mean, bit for bit the CPU kernel's (same group order and fma), and float64
+// within rounding; all clients inactive gives NaN.
+template <class T>
+void test_weighted_mean(int64_t C, int64_t D, bool none_active) {
+  using A = accum_t<T>;
+  std::vector<T> x(size_t(C * D));
+  for (auto& e : x) e = random_value<T>();
+  std::vector<A> weights(static_cast<size_t>(C));
+  for (auto& w : weights) w = A(std::uniform_real_distribution<double>(0.1, 1.0)(rng));
+  std::unique_ptr<bool[]> active(new bool[size_t(C)]);
+  for (int64_t c = 0; c < C; ++c) active[c] = !none_active && c % 5 != 2;
+  std::vector<A> partials = poisoned<A>(size_t(mk::fl::weighted_mean_cuda_partials(C, D)));
+  std::vector<T> out = poisoned<T>(size_t(D)), cpu = poisoned<T>(size_t(D));
+  mk::fl::weighted_mean_cuda<T>(x.data(), weights.data(), active.get(), C, D, partials.data(), out.data(), stream);
+  mk::fl::weighted_mean_cpu<T>(x.data(), weights.data(), active.get(), C, D, cpu.data());
+  CHECK(std::memcmp(out.data(), cpu.data(), size_t(D) * sizeof(T)) == 0,
+        "weighted_mean %s C=%lld D=%lld: differs from the CPU kernel", type_name<T>(), (long long)C, (long long)D);
+  for (int64_t j = 0; j < D; ++j) {
+    double sum = 0.0, total = 0.0, scale = 0.0;
+    for (int64_t c = 0; c < C; ++c)
+      if (active[c]) {
+        sum += double(weights[c]) * as_double(x[c * D + j]);
+        scale += std::fabs(double(weights[c]) * as_double(x[c * D + j]));
+        total += double(weights[c]);
+      }
+    if (none_active) {
+      CHECK(std::isnan(as_double(out[j])), "weighted_mean: no active client gives NaN");
+      continue;
+    }
+    const double ref = sum / total;
+    const double tol = storage_eps<T>() * std::fabs(ref) + 4.0 * C * 0x1p-24 * scale / total;
+    CHECK(std::fabs(as_double(out[j]) - ref) <= tol, "weighted_mean %s C=%lld: column %lld = %.9g, float64 %.9g",
+          type_name<T>(), (long long)C, (long long)j, as_double(out[j]), ref);
+  }
+}
+
+const int64_t kKs[] = {1, 2, 3, 7, 16, 33, 64};
+const int64_t kWidths[] = {1, 17, 4099};
+
+template <class T>
+void test_type() {
+  for (const Layout layout : {Layout::one_block, Layout::flat_views, Layout::tiny_blocks})
+    for (const int64_t K : kKs)
+      for (const int64_t d : kWidths) {
+        if (layout == Layout::tiny_blocks && d != 1) continue;  // its widths do not depend on d
+        test_gram<T>(layout, K, d);
+        test_combine_into<T, T>(layout, K, d, false);
+        test_combine_into<T, float>(layout, K, d, true);
+        test_moco_passes<T>(layout, K, d);
+      }
+  for (const int64_t K : {1, 3, 64}) {
+    test_combine_into<T, double>(Layout::flat_views, K, 17, true);
+    test_combine_into<T, mk::half_t>(Layout::flat_views, K, 17, false);
+    test_combine_into<T, mk::bf16_t>(Layout::one_block, K, 17, true);
+  }
+  for (const int64_t K : kKs) {
+    for (const int64_t rows : {1, 5, 300}) test_project_simplex<T>(rows, K);
+    for (const int64_t batch : {1, 70}) test_min_norm<T>(batch, K);
+  }
+  for (const int64_t C : {1, 3, 40})
+    for (const int64_t D : {0, 1, 17, 4099}) test_fl_steps<T>(C, D);
+  for (const int64_t C : {1, 33, 70})
+    for (const int64_t D : {1, 17, 300}) test_weighted_mean<T>(C, D, false);
+  test_weighted_mean<T>(5, 17, true);
+  std::printf("%s done\n", type_name<T>());
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main() {
+  test_type<float>();
+  test_type<double>();
+  test_type<mk::half_t>();
+  test_type<mk::bf16_t>();
+  // One long block: the products' CTAs stride over many slabs, the combine over many columns.
+  test_gram<float>(Layout::one_block, 3, 100003);
+  test_combine_into<float, float>(Layout::one_block, 3, 100003, false);
+  test_moco_passes<float>(Layout::one_block, 33, 100003);
+  if (failures) std::printf("%d checks failed\n", failures);
+  return failures ? 1 : 0;
+}
