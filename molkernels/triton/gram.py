@@ -23,7 +23,8 @@ from .._stack import accum_dtype
 from ._launch import interpreted, merged_segments, programs_to_fill
 
 
-@triton.jit
+# K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
+@triton.jit(do_not_specialize=["K"])
 def _partial_products_kernel(
     a_ptr, b_ptr, partial_ptr, K, cols, a_row_stride, b_row_stride, span,
     SYMMETRIC: tl.constexpr, USE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -64,7 +65,8 @@ def _partial_products_kernel(
     tl.store(out + tile[:, None] * BLOCK_K + tile[None, :], acc)
 
 
-@triton.jit
+# The counts only bound loops and index tiles: no variant per model size.
+@triton.jit(do_not_specialize=["K", "n_partials", "n_tiles"])
 def _reduce_partials_kernel(
     partial_ptr, out_ptr, K, n_partials, n_tiles,
     SYMMETRIC: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
@@ -121,13 +123,14 @@ def tiling(K: int, dtype: torch.dtype, device: torch.device):
 
 def span_plans(segments, block_d: int, tile_programs: int, device: torch.device):
     """(views, cols, BLOCK_D, span, chunks) per segment: its columns split into spans, enough of
-    them to fill the device with `tile_programs` programs per span; a narrow segment gets narrower
-    tiles."""
+    them to fill the device with `tile_programs` programs per span. In the interpreter a narrow
+    segment gets narrower tiles (it pays per element of a tile); a GPU keeps one BLOCK_D, so that
+    odd widths do not each compile a variant (a masked tile costs a narrow segment little)."""
     min_span = 1 if interpreted(device) else MIN_SPAN
     plans = []
     for views in segments:
         cols = views[0].shape[1]
-        segment_block_d = min(block_d, max(16, triton.next_power_of_2(cols)))
+        segment_block_d = min(block_d, max(16, triton.next_power_of_2(cols))) if interpreted(device) else block_d
         chunks = max(1, min(programs_to_fill(device) // tile_programs, triton.cdiv(cols, max(min_span, segment_block_d))))
         span = triton.cdiv(triton.cdiv(cols, chunks), segment_block_d) * segment_block_d
         plans.append((views, cols, segment_block_d, span, triton.cdiv(cols, span)))

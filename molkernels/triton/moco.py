@@ -38,12 +38,17 @@ def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _tile_product(a, b, USE_DOT: tl.constexpr):
+    # if/else, not an early return: the compiler would also build the broadcast product after a
+    # constexpr branch's return (see federated._sqrt).
     if USE_DOT:
-        return tl.dot(a, tl.trans(b), input_precision="ieee")  # fp32 products, never TF32
-    return tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+        product = tl.dot(a, tl.trans(b), input_precision="ieee")  # fp32 products, never TF32
+    else:
+        product = tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    return product
 
 
-@triton.jit
+# K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
+@triton.jit(do_not_specialize=["K"])
 def _track_gram_kernel(
     y_ptr, g_ptr, partial_ptr, K, cols, y_row_stride, g_row_stride, span, beta_ptr,
     TRACK: tl.constexpr, USE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -91,7 +96,8 @@ def _track_gram_kernel(
     tl.store(out + tile[:, None] * BLOCK_K + tile[None, :], acc)
 
 
-@triton.jit
+# K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
+@triton.jit(do_not_specialize=["K"])
 def _joint_gram_kernel(
     y_ptr, g_ptr, yy_ptr, yg_ptr, gg_ptr, K, cols, y_row_stride, g_row_stride, span,
     USE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -118,7 +124,8 @@ def _joint_gram_kernel(
     tl.store(gg_ptr + at, gg)
 
 
-@triton.jit
+# K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
+@triton.jit(do_not_specialize=["K"])
 def _track_combine_kernel(
     g_ptr, y_ptr, scale_ptr, weights_ptr, out_ptr, K, cols, g_row_stride, y_row_stride, beta_ptr, alpha_ptr,
     TRACK: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -177,6 +184,9 @@ def moco_track_gram(y: List[torch.Tensor], g: List[torch.Tensor], beta: float) -
     K, device = g[0].shape[0], g[0].device
     acc_dtype = accum_dtype(g[0].dtype)
     block_k, block_d, use_dot, num_warps = tiling(K, g[0].dtype, device)
+    if not use_dot and not interpreted(device):
+        # Loading g and storing y on top of gram's product spilled on sm_90 (float64, 16 rows).
+        block_d //= 2
     n_tiles = triton.cdiv(K, block_k)
     plans = span_plans(_block_pairs(y, g), block_d, n_tiles * (n_tiles + 1) // 2, device)
     partials = torch.empty((sum(plan[-1] for plan in plans), n_tiles, n_tiles, block_k, block_k),
@@ -232,7 +242,9 @@ def _track_combine(y, g, scale, beta, weights, out, alpha, accumulate, *, track:
     K, device = g[0].shape[0], g[0].device
     acc_dtype = accum_dtype(g[0].dtype)
     block_k = min(triton.next_power_of_2(K), 64 if interpreted(device) else 16)
-    block_d = max(1024, (1 << 20) // block_k) if interpreted(device) else max(128, 4096 // block_k)
+    # On a GPU a [BLOCK_K, BLOCK_D] tile of 2K elements: with y, g and the stored update live at
+    # once, 4K spilled on sm_90 at BLOCK_K = 1 (the column split does not change any sum).
+    block_d = max(1024, (1 << 20) // block_k) if interpreted(device) else max(128, 2048 // block_k)
     scale = scale.to(acc_dtype).contiguous()
     weights = weights.to(acc_dtype).contiguous()
     beta_t, alpha_t = _scalar(beta, g[0]), _scalar(alpha, g[0])
@@ -244,7 +256,8 @@ def _track_combine(y, g, scale, beta, weights, out, alpha, accumulate, *, track:
             continue
         # Tracking alone (out is None) runs with weights 0 into a scratch output.
         target = out[j] if out is not None else torch.empty(cols, dtype=acc_dtype, device=device)
-        block_cols = min(block_d, triton.next_power_of_2(cols))
+        # Narrow blocks get narrow tiles in the interpreter; a GPU keeps one width, one variant.
+        block_cols = min(block_d, triton.next_power_of_2(cols)) if interpreted(device) else block_d
         _track_combine_kernel[(triton.cdiv(cols, block_cols),)](
             g_rows, y_rows, scale, weights, target, K, cols, g_rows.stride(0), y_rows.stride(0), beta_t, alpha_t,
             TRACK=track, ACCUMULATE=accumulate, ACC_DTYPE=_acc_tl(acc_dtype), BLOCK_K=block_k, BLOCK_D=block_cols,
