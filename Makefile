@@ -11,7 +11,7 @@ export MAX_JOBS
 
 EXTENSION_SOURCES := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' \))
 
-.PHONY: install test core-test python-test demo bench gpu-check gpu-check-dry clean
+.PHONY: install test core-test python-test demo bench gpu-check gpu-check-dry gpu-preflight clean
 
 install: $(VENV)/.built
 
@@ -65,6 +65,12 @@ gpu-check:
 # so that a broken check script fails `make test`.
 gpu-check-dry: install
 	GPU_CHECK_DRY=1 PYTHON=$(PY) BENCH_OUT=build/gpu-check-dry bash benchmarks/gpu_check.sh
+
+# Every Triton kernel configuration the launchers pick (K = 1..64, each dtype) and every CUDA kernel
+# of csrc/core compiled for sm_90 without a GPU: fails on a spill or a Triton compile over 20 s.
+# Results are cached in build/gpu-preflight/ by kernel source hash.
+gpu-preflight: install
+	$(PY) benchmarks/gpu_preflight.py --jobs $(MAX_JOBS)
 
 clean:
 	rm -rf build build-core molkernels/_C*.so $(VENV)/.built

@@ -9,6 +9,7 @@ for min_norm and project_simplex, and an error for the internal ops when a tenso
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import List
@@ -168,6 +169,28 @@ _TRITON_SCHEMAS = {
 }
 
 
+def _first_tensor_device(args) -> torch.device:
+    """The device of the first tensor among the arguments (tensors or lists of tensors); every
+    schema above starts with a tensor or a non-empty tensor list, and the ops check that all
+    tensors share that device."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor):
+            return arg[0].device
+    raise ValueError("a Triton op needs at least one tensor argument")
+
+
+def _launch_device_guard(device: torch.device):
+    """Makes the tensors' GPU current for a Triton launch: Triton compiles for, and launches on, the
+    current device and its stream, not the device of the pointers it is given, so tensors on cuda:1
+    while cuda:0 is current would fault or run on the wrong GPU (the C++ ops take a CUDAGuard). CPU
+    tensors (the interpreter) need no guard."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _triton_kernel(name: str):
     """The implementation of `molkernels::triton_<name>`: imports triton on its first call, so
     that importing molkernels does not, and torch.compile sees only the registered op."""
@@ -176,7 +199,8 @@ def _triton_kernel(name: str):
         kernels, reason = _triton_status()
         if kernels is None:
             raise RuntimeError(f"backend='triton' is not available: {reason}")
-        return getattr(kernels, name)(*args)
+        with _launch_device_guard(_first_tensor_device(args)):
+            return getattr(kernels, name)(*args)
 
     return run
 

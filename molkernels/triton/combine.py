@@ -18,7 +18,8 @@ from .._stack import accum_dtype
 from ._launch import interpreted, row_view
 
 
-@triton.jit
+# K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
+@triton.jit(do_not_specialize=["K"])
 def _combine_kernel(
     g_ptr, weights_ptr, out_ptr, K, cols, row_stride, weights_stride,
     ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -61,7 +62,8 @@ def combine(g: List[torch.Tensor], weights: torch.Tensor) -> List[torch.Tensor]:
         rows = row_view(block)
         cols = rows.shape[1]
         if cols > 0:
-            block_cols = min(block_d, triton.next_power_of_2(cols))  # narrow blocks, narrow tiles
+            # Narrow blocks get narrow tiles in the interpreter; a GPU keeps one width, one variant.
+            block_cols = min(block_d, triton.next_power_of_2(cols)) if interpreted(block.device) else block_d
             _combine_kernel[(triton.cdiv(cols, block_cols),)](
                 rows, weights, out, K, cols, rows.stride(0), weights.stride(0),
                 ACC_DTYPE=acc_tl, BLOCK_K=block_k, BLOCK_D=block_cols,

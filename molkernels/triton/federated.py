@@ -48,16 +48,22 @@ def _row_programs(D: int, block: int, device: torch.device) -> int:
 @triton.jit
 def _sqrt(x, IS_FP64: tl.constexpr):
     # float32 sqrt and division are approximate by default on a GPU; float64 ones are IEEE.
+    # if/else, not an early return: the compiler (unlike the interpreter) also generates the
+    # statements after a constexpr branch's return, and sqrt_rn/div_rn take float32 only.
     if IS_FP64:
-        return tl.sqrt(x)
-    return tl.sqrt_rn(x)
+        result = tl.sqrt(x)
+    else:
+        result = tl.sqrt_rn(x)
+    return result
 
 
 @triton.jit
 def _div(a, b, IS_FP64: tl.constexpr):
     if IS_FP64:
-        return a / b
-    return tl.div_rn(a, b)
+        result = a / b
+    else:
+        result = tl.div_rn(a, b)
+    return result
 
 
 @triton.jit

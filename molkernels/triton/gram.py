@@ -23,7 +23,8 @@ from .._stack import accum_dtype
 from ._launch import interpreted, merged_segments, programs_to_fill
 
 
-@triton.jit
+# K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
+@triton.jit(do_not_specialize=["K"])
 def _partial_products_kernel(
     a_ptr, b_ptr, partial_ptr, K, cols, a_row_stride, b_row_stride, span,
     SYMMETRIC: tl.constexpr, USE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -64,7 +65,8 @@ def _partial_products_kernel(
     tl.store(out + tile[:, None] * BLOCK_K + tile[None, :], acc)
 
 
-@triton.jit
+# The counts only bound loops and index tiles: no variant per model size.
+@triton.jit(do_not_specialize=["K", "n_partials", "n_tiles"])
 def _reduce_partials_kernel(
     partial_ptr, out_ptr, K, n_partials, n_tiles,
     SYMMETRIC: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
@@ -99,7 +101,7 @@ def _reduce_partials_kernel(
 MIN_SPAN = 2048
 
 
-def _tiling(K: int, dtype: torch.dtype, device: torch.device):
+def tiling(K: int, dtype: torch.dtype, device: torch.device):
     """(BLOCK_K, BLOCK_D, USE_DOT, num_warps). tl.dot needs tiles of at least 16 rows and does not
     take float64 everywhere; smaller K and float64 use a broadcast product reduced by tl.sum, whose
     [BLOCK_K, BLOCK_K, BLOCK_D] temporary bounds BLOCK_D. On a GPU the sizes keep sm_90 free of
@@ -119,26 +121,45 @@ def _tiling(K: int, dtype: torch.dtype, device: torch.device):
     return block_k, min(max(8192 // (block_k * block_k), 32), 1024), False, 4
 
 
+def span_plans(segments, block_d: int, tile_programs: int, device: torch.device):
+    """(views, cols, BLOCK_D, span, chunks) per segment: its columns split into spans, enough of
+    them to fill the device with `tile_programs` programs per span. In the interpreter a narrow
+    segment gets narrower tiles (it pays per element of a tile); a GPU keeps one BLOCK_D, so that
+    odd widths do not each compile a variant (a masked tile costs a narrow segment little)."""
+    min_span = 1 if interpreted(device) else MIN_SPAN
+    plans = []
+    for views in segments:
+        cols = views[0].shape[1]
+        segment_block_d = min(block_d, max(16, triton.next_power_of_2(cols))) if interpreted(device) else block_d
+        chunks = max(1, min(programs_to_fill(device) // tile_programs, triton.cdiv(cols, max(min_span, segment_block_d))))
+        span = triton.cdiv(triton.cdiv(cols, chunks), segment_block_d) * segment_block_d
+        plans.append((views, cols, segment_block_d, span, triton.cdiv(cols, span)))
+    return plans
+
+
+def reduce_partials(partials: torch.Tensor, K: int, symmetric: bool) -> torch.Tensor:
+    """The [K, K] sum, in a fixed order, of a [n_partials, n_tiles, n_tiles, BLOCK_K, BLOCK_K]
+    workspace of tile products (for `symmetric`, only the tiles i <= j are read)."""
+    n_partials, n_tiles, _, block_k, _ = partials.shape
+    acc_tl = tl.float64 if partials.dtype == torch.float64 else tl.float32
+    out = torch.empty((K, K), dtype=partials.dtype, device=partials.device)
+    block = min(triton.next_power_of_2(K * K), (1 << 16) if interpreted(partials.device) else 1024)
+    _reduce_partials_kernel[(triton.cdiv(K * K, block),)](
+        partials, out, K, n_partials, n_tiles, SYMMETRIC=symmetric, ACC_DTYPE=acc_tl, BLOCK_K=block_k, BLOCK=block,
+    )
+    return out
+
+
 def _products(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], symmetric: bool) -> torch.Tensor:
     K = a[0].shape[0]
     device = a[0].device
     acc_dtype = accum_dtype(a[0].dtype)
     acc_tl = tl.float64 if acc_dtype == torch.float64 else tl.float32
-    block_k, block_d, use_dot, num_warps = _tiling(K, a[0].dtype, device)
+    block_k, block_d, use_dot, num_warps = tiling(K, a[0].dtype, device)
     n_tiles = triton.cdiv(K, block_k)
     tile_programs = n_tiles * (n_tiles + 1) // 2 if symmetric else n_tiles * n_tiles
     segments = merged_segments(a) if symmetric else merged_segments(a, b)
-
-    # Split each segment's columns into spans, enough of them to fill the device; a narrow segment
-    # gets narrower tiles.
-    min_span = 1 if interpreted(device) else MIN_SPAN
-    plans = []
-    for views in segments:
-        cols = views[0].shape[1]
-        segment_block_d = min(block_d, max(16, triton.next_power_of_2(cols)))
-        chunks = max(1, min(programs_to_fill(device) // tile_programs, triton.cdiv(cols, max(min_span, segment_block_d))))
-        span = triton.cdiv(triton.cdiv(cols, chunks), segment_block_d) * segment_block_d
-        plans.append((views, cols, segment_block_d, span, triton.cdiv(cols, span)))
+    plans = span_plans(segments, block_d, tile_programs, device)
     n_partials = sum(plan[-1] for plan in plans)
     partials = torch.empty((n_partials, n_tiles, n_tiles, block_k, block_k), dtype=acc_dtype, device=device)
 
@@ -151,13 +172,7 @@ def _products(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], symmetric: b
             BLOCK_K=block_k, BLOCK_D=segment_block_d, num_warps=num_warps,
         )
         first_partial += chunks
-
-    out = torch.empty((K, K), dtype=acc_dtype, device=device)
-    block = min(triton.next_power_of_2(K * K), (1 << 16) if interpreted(device) else 1024)
-    _reduce_partials_kernel[(triton.cdiv(K * K, block),)](
-        partials, out, K, n_partials, n_tiles, SYMMETRIC=symmetric, ACC_DTYPE=acc_tl, BLOCK_K=block_k, BLOCK=block,
-    )
-    return out
+    return reduce_partials(partials, K, symmetric)
 
 
 def gram(g: List[torch.Tensor]) -> torch.Tensor:

@@ -1,14 +1,16 @@
 """The fused passes of the multi-objective steps in Triton (the CPU/CUDA kernels are in
 csrc/core/mol_*_kernels.*):
 
-- `moco_track_gram(y, g, β)`: y ← y − β (y − g) in place and the Gram of the updated y, in one pass:
-  each program updates its span of columns of all K rows and multiplies the updated tile by itself.
-- `joint_gram(y, g)`: the [2K, 2K] Gram of the rows [y; g] in one read of y and g.
+- `moco_track_gram(y, g, β)`: y ← y − β (y − g) in place and the Gram of the updated y: each
+  diagonal program updates one row tile over its span of columns and multiplies it by itself; where
+  K spans several of gram.py's row tiles, a second launch multiplies the updated tiles pairwise.
+- `joint_gram(y, g)`: the [2K, 2K] Gram of the rows [y; g], in one read of y and g where all K rows
+  fit one tile in registers (every K ≤ 64 but float64 above 16), otherwise from gram.py's products.
 - `combine_into(g, w, out, α, accumulate)` and `moco_track_combine(y, g, s, β, w, out, α, accumulate)`:
   out (+)= α Σ_k w_k r_k, where r = g, or r = y updated in place as y ← y + β (s_k g_k − y).
 
-The single-pass Gram kernels hold all K rows in one tile (K ≤ 64); a larger K tracks first and
-then reuses gram.py, one more pass over y.
+Tiles follow gram.py's `tiling`, sized so that sm_90 keeps them in registers (benchmarks/gpu_preflight.py
+checks every configuration for spills).
 """
 
 from __future__ import annotations
@@ -20,10 +22,8 @@ import triton
 import triton.language as tl
 
 from .._stack import accum_dtype
-from ._launch import interpreted, programs_to_fill, row_view
-from .gram import cross_gram, gram
-
-MAX_FUSED_K = 64
+from ._launch import interpreted, row_view
+from .gram import cross_gram, gram, reduce_partials, span_plans, tiling
 
 
 def _acc_tl(dtype: torch.dtype):
@@ -38,35 +38,66 @@ def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _tile_product(a, b, USE_DOT: tl.constexpr):
+    # if/else, not an early return: the compiler would also build the broadcast product after a
+    # constexpr branch's return (see federated._sqrt).
     if USE_DOT:
-        return tl.dot(a, tl.trans(b), input_precision="ieee")  # fp32 products, never TF32
-    return tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+        product = tl.dot(a, tl.trans(b), input_precision="ieee")  # fp32 products, never TF32
+    else:
+        product = tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    return product
 
 
-@triton.jit
+# K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
+@triton.jit(do_not_specialize=["K"])
 def _track_gram_kernel(
     y_ptr, g_ptr, partial_ptr, K, cols, y_row_stride, g_row_stride, span, beta_ptr,
-    USE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRACK: tl.constexpr, USE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
+    """With TRACK, program (i, 0, c) updates row tile i of y over span c in place and writes the
+    product of the updated tile with itself; without, program (i, j, c) with i < j multiplies the
+    already updated tiles i and j. Only the diagonal programs write y, and the off-diagonal ones run
+    in a later launch: within one launch a program reading a tile could see it before or after its
+    update."""
+    tile_i = tl.program_id(0)
+    if TRACK:
+        tile_j = tile_i
+    else:
+        tile_j = tl.program_id(1)
+    if not TRACK and tile_j <= tile_i:
+        return
+    chunk = tl.program_id(2)
+    n_tiles = tl.num_programs(0)
+    rows_i = tile_i * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows_j = tile_j * BLOCK_K + tl.arange(0, BLOCK_K)
+    y_rows_i = y_ptr + rows_i.to(tl.int64)[:, None] * y_row_stride
+    y_rows_j = y_ptr + rows_j.to(tl.int64)[:, None] * y_row_stride
+    g_rows_i = g_ptr + rows_i.to(tl.int64)[:, None] * g_row_stride
     beta = tl.load(beta_ptr)
-    rows = tl.arange(0, BLOCK_K)
-    y_rows = y_ptr + rows.to(tl.int64)[:, None] * y_row_stride
-    g_rows = g_ptr + rows.to(tl.int64)[:, None] * g_row_stride
     acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
     for offset in range(0, span, BLOCK_D):
         col = chunk.to(tl.int64) * span + offset + tl.arange(0, BLOCK_D)
-        mask = (rows < K)[:, None] & (col < cols)[None, :]
-        y = tl.load(y_rows + col[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        g = tl.load(g_rows + col[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        y = y - beta * (y - g)
-        tl.store(y_rows + col[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-        acc += _tile_product(y, y, USE_DOT)
+        in_cols = (col < cols)[None, :]
+        mask_i = (rows_i < K)[:, None] & in_cols
+        y_i = tl.load(y_rows_i + col[None, :], mask=mask_i, other=0.0).to(ACC_DTYPE)
+        if TRACK:
+            g_i = tl.load(g_rows_i + col[None, :], mask=mask_i, other=0.0).to(ACC_DTYPE)
+            y_i = y_i - beta * (y_i - g_i)
+            # The product uses the stored (rounded) value, as the Gram of y would.
+            y_i = y_i.to(y_ptr.dtype.element_ty)
+            tl.store(y_rows_i + col[None, :], y_i, mask=mask_i)
+            y_i = y_i.to(ACC_DTYPE)
+            acc += _tile_product(y_i, y_i, USE_DOT)
+        else:
+            y_j = tl.load(y_rows_j + col[None, :], mask=(rows_j < K)[:, None] & in_cols, other=0.0).to(ACC_DTYPE)
+            acc += _tile_product(y_i, y_j, USE_DOT)
     tile = tl.arange(0, BLOCK_K)
-    tl.store(partial_ptr + chunk * (BLOCK_K * BLOCK_K) + tile[:, None] * BLOCK_K + tile[None, :], acc)
+    out = partial_ptr + ((chunk * n_tiles + tile_i) * n_tiles + tile_j) * (BLOCK_K * BLOCK_K)
+    tl.store(out + tile[:, None] * BLOCK_K + tile[None, :], acc)
 
 
-@triton.jit
+# K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
+@triton.jit(do_not_specialize=["K"])
 def _joint_gram_kernel(
     y_ptr, g_ptr, yy_ptr, yg_ptr, gg_ptr, K, cols, y_row_stride, g_row_stride, span,
     USE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -93,7 +124,8 @@ def _joint_gram_kernel(
     tl.store(gg_ptr + at, gg)
 
 
-@triton.jit
+# K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
+@triton.jit(do_not_specialize=["K"])
 def _track_combine_kernel(
     g_ptr, y_ptr, scale_ptr, weights_ptr, out_ptr, K, cols, g_row_stride, y_row_stride, beta_ptr, alpha_ptr,
     TRACK: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -124,73 +156,85 @@ def _track_combine_kernel(
     tl.store(out_ptr + col, value.to(out_ptr.dtype.element_ty), mask=in_cols)
 
 
-def _gram_tiling(K: int, dtype: torch.dtype, device: torch.device):
-    """(BLOCK_K, BLOCK_D, USE_DOT): one tile holds all K rows."""
-    use_dot = dtype != torch.float64 and K > 8
-    block_k = max(triton.next_power_of_2(K), 16) if use_dot else triton.next_power_of_2(K)
-    if interpreted(device):
-        return block_k, (8192 if use_dot else min(max((1 << 20) // (block_k * block_k), 64), 8192)), use_dot
-    if use_dot:
-        return block_k, (64 if block_k == 64 else 128), True
-    return block_k, min(max(8192 // (block_k * block_k), 32), 1024), False
+def joint_tiling(K: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK_K, BLOCK_D, USE_DOT, num_warps) of the joint Gram kernel, or None where one tile of
+    all K rows does not fit in registers (float64 above gram's BLOCK_K). It holds three
+    [BLOCK_K, BLOCK_K] accumulators, so above 32 rows it gets 8 warps and narrower column steps
+    than gram's."""
+    block_k, block_d, use_dot, num_warps = tiling(K, dtype, device)
+    if block_k < K:
+        return None
+    if not interpreted(device) and block_k > 32:
+        return block_k, max(16, block_d // 2), use_dot, 8
+    return block_k, block_d, use_dot, num_warps
 
 
-def _spans(cols: int, block_d: int, device: torch.device):
-    """(span, chunks): the columns of one block cut into enough spans to fill the device."""
-    chunks = max(1, min(programs_to_fill(device), triton.cdiv(cols, block_d)))
-    span = triton.cdiv(triton.cdiv(cols, chunks), block_d) * block_d
-    return span, triton.cdiv(cols, span)
-
-
-def _reduce(partials: torch.Tensor, K: int) -> torch.Tensor:
-    """The per-program partials summed in a fixed order (torch's reduction has no atomics)."""
-    return partials.sum(0)[:K, :K]
-
-
-def _fused_gram_pass(kernel, y: Sequence[torch.Tensor], g: Sequence[torch.Tensor], products: int, *scalars):
-    """Runs a one-tile Gram kernel over every block pair (y_j, g_j); returns `products` [K, K]
-    results, each reduced in a fixed order from per-program partials."""
-    K, device = g[0].shape[0], g[0].device
-    acc_dtype = accum_dtype(g[0].dtype)
-    block_k, block_d, use_dot = _gram_tiling(K, g[0].dtype, device)
-    plans = []
-    for yb, gb in zip(y, g):
-        y_rows, g_rows = row_view(yb), row_view(gb)
-        cols = g_rows.shape[1]
-        if cols == 0:
-            continue
-        block_cols = min(block_d, max(16, triton.next_power_of_2(cols)))
-        plans.append((y_rows, g_rows, cols, block_cols) + _spans(cols, block_cols, device))
-    n_partials = max(1, sum(plan[-1] for plan in plans))
-    partials = [torch.zeros((n_partials, block_k, block_k), dtype=acc_dtype, device=device) for _ in range(products)]
-    first = 0
-    for y_rows, g_rows, cols, block_cols, span, chunks in plans:
-        kernel[(chunks,)](
-            y_rows, g_rows, *(p[first:] for p in partials), K, cols, y_rows.stride(0), g_rows.stride(0), span,
-            *scalars, USE_DOT=use_dot, ACC_DTYPE=_acc_tl(acc_dtype), BLOCK_K=block_k, BLOCK_D=block_cols,
-        )
-        first += chunks
-    return [_reduce(p, K) for p in partials]
+def _block_pairs(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor]):
+    """(y_j, g_j) row views of every non-empty block. Adjacent views are not merged, unlike gram's:
+    a flat gradient buffer then gives bitwise the step of its separate blocks (the partials' spans
+    stay per block)."""
+    return [(row_view(yb), row_view(gb)) for yb, gb in zip(y, g) if gb.numel() > 0]
 
 
 def moco_track_gram(y: List[torch.Tensor], g: List[torch.Tensor], beta: float) -> torch.Tensor:
-    """y ← y − β (y − g) in place; returns the Gram of the updated y (float32, float64 for float64)."""
-    if g[0].shape[0] > MAX_FUSED_K:
-        ones = torch.ones(g[0].shape[0], dtype=accum_dtype(g[0].dtype), device=g[0].device)
-        _track_combine(y, g, ones, beta, ones, None, 0.0, False, track=True)
-        return gram(y)
-    (result,) = _fused_gram_pass(_track_gram_kernel, y, g, 1, _scalar(beta, g[0]))
-    # The kernel computes the full tile; mirror the upper triangle so the result is exactly symmetric.
-    return torch.triu(result) + torch.triu(result, 1).T
+    """y ← y − β (y − g) in place; returns the Gram of the updated y (float32, float64 for float64).
+    One launch updates y and multiplies each row tile by itself; where K spans several tiles, a
+    second launch multiplies the updated tiles pairwise (gram's tiles, so no tile outgrows the
+    registers)."""
+    K, device = g[0].shape[0], g[0].device
+    acc_dtype = accum_dtype(g[0].dtype)
+    block_k, block_d, use_dot, num_warps = tiling(K, g[0].dtype, device)
+    if not use_dot and not interpreted(device):
+        # Loading g and storing y on top of gram's product spilled on sm_90 (float64, 16 rows).
+        block_d //= 2
+    n_tiles = triton.cdiv(K, block_k)
+    plans = span_plans(_block_pairs(y, g), block_d, n_tiles * (n_tiles + 1) // 2, device)
+    partials = torch.empty((sum(plan[-1] for plan in plans), n_tiles, n_tiles, block_k, block_k),
+                           dtype=acc_dtype, device=device)
+    beta_t = _scalar(beta, g[0])
+    for track, tile_columns in ((True, 1), (False, n_tiles)):
+        if not track and n_tiles == 1:
+            break
+        first = 0
+        for (y_rows, g_rows), cols, block_cols, span, chunks in plans:
+            _track_gram_kernel[(n_tiles, tile_columns, chunks)](
+                y_rows, g_rows, partials[first:], K, cols, y_rows.stride(0), g_rows.stride(0), span, beta_t,
+                TRACK=track, USE_DOT=use_dot, ACC_DTYPE=_acc_tl(acc_dtype), BLOCK_K=block_k, BLOCK_D=block_cols,
+                num_warps=num_warps,
+            )
+            first += chunks
+    return reduce_partials(partials, K, symmetric=True)
+
+
+def _fused_joint_gram(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor], block_k: int, block_d: int,
+                      use_dot: bool, num_warps: int):
+    """yy, yg, gg of the joint Gram in one read of y and g, all K rows in one tile; each reduced in
+    a fixed order from per-program partials."""
+    K, device = g[0].shape[0], g[0].device
+    acc_dtype = accum_dtype(g[0].dtype)
+    plans = span_plans(_block_pairs(y, g), block_d, 1, device)
+    n_partials = max(1, sum(plan[-1] for plan in plans))
+    partials = [torch.zeros((n_partials, block_k, block_k), dtype=acc_dtype, device=device) for _ in range(3)]
+    first = 0
+    for (y_rows, g_rows), cols, block_cols, span, chunks in plans:
+        _joint_gram_kernel[(chunks,)](
+            y_rows, g_rows, *(p[first:] for p in partials), K, cols, y_rows.stride(0), g_rows.stride(0), span,
+            USE_DOT=use_dot, ACC_DTYPE=_acc_tl(acc_dtype), BLOCK_K=block_k, BLOCK_D=block_cols, num_warps=num_warps,
+        )
+        first += chunks
+    return [p.sum(0)[:K, :K] for p in partials]
 
 
 def joint_gram(y: List[torch.Tensor], g: List[torch.Tensor]) -> torch.Tensor:
-    """The [2K, 2K] Gram of the rows [y; g], in one read of y and g (K ≤ 64)."""
-    if g[0].shape[0] > MAX_FUSED_K:
+    """The [2K, 2K] Gram of the rows [y; g]: in one read of y and g where all K rows fit one tile,
+    otherwise (float64 above 16 rows) as gram(y), cross_gram(y, g) and gram(g)."""
+    fused = joint_tiling(g[0].shape[0], g[0].dtype, g[0].device)
+    if fused is None:
         yy, yg, gg = gram(y), cross_gram(y, [b.to(y[0].dtype) for b in g]), gram(g)
     else:
-        yy, yg, gg = _fused_gram_pass(_joint_gram_kernel, y, g, 3)
-    yy, gg = (torch.triu(m) + torch.triu(m, 1).T for m in (yy, gg))
+        yy, yg, gg = _fused_joint_gram(y, g, *fused)
+        # The kernel computes full tiles; mirror the upper triangles so yy and gg are exactly symmetric.
+        yy, gg = (torch.triu(m) + torch.triu(m, 1).T for m in (yy, gg))
     return torch.cat([torch.cat([yy, yg], 1), torch.cat([yg.T, gg], 1)], 0)
 
 
@@ -198,7 +242,9 @@ def _track_combine(y, g, scale, beta, weights, out, alpha, accumulate, *, track:
     K, device = g[0].shape[0], g[0].device
     acc_dtype = accum_dtype(g[0].dtype)
     block_k = min(triton.next_power_of_2(K), 64 if interpreted(device) else 16)
-    block_d = max(1024, (1 << 20) // block_k) if interpreted(device) else max(128, 4096 // block_k)
+    # On a GPU a [BLOCK_K, BLOCK_D] tile of 2K elements: with y, g and the stored update live at
+    # once, 4K spilled on sm_90 at BLOCK_K = 1 (the column split does not change any sum).
+    block_d = max(1024, (1 << 20) // block_k) if interpreted(device) else max(128, 2048 // block_k)
     scale = scale.to(acc_dtype).contiguous()
     weights = weights.to(acc_dtype).contiguous()
     beta_t, alpha_t = _scalar(beta, g[0]), _scalar(alpha, g[0])
@@ -210,7 +256,8 @@ def _track_combine(y, g, scale, beta, weights, out, alpha, accumulate, *, track:
             continue
         # Tracking alone (out is None) runs with weights 0 into a scratch output.
         target = out[j] if out is not None else torch.empty(cols, dtype=acc_dtype, device=device)
-        block_cols = min(block_d, triton.next_power_of_2(cols))
+        # Narrow blocks get narrow tiles in the interpreter; a GPU keeps one width, one variant.
+        block_cols = min(block_d, triton.next_power_of_2(cols)) if interpreted(device) else block_d
         _track_combine_kernel[(triton.cdiv(cols, block_cols),)](
             g_rows, y_rows, scale, weights, target, K, cols, g_rows.stride(0), y_rows.stride(0), beta_t, alpha_t,
             TRACK=track, ACCUMULATE=accumulate, ACC_DTYPE=_acc_tl(acc_dtype), BLOCK_K=block_k, BLOCK_D=block_cols,
