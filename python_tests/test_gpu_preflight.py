@@ -54,9 +54,13 @@ def test_broadcast_product_tiles_stay_small(preflight):
 
 
 @pytest.mark.triton
-def test_joint_gram_above_32_rows_gets_8_warps(preflight):
+def test_joint_gram_dot_tiles_get_8_warps_and_split_above_32_rows(preflight):
+    """Three 64 x 64 accumulators spilled on sm_90: above 32 rows no launch holds all three."""
     joint = [c for c in preflight["configs"] if c["kernel"] == "_joint_gram_kernel"]
-    assert joint and all(c["options"]["num_warps"] == 8 for c in joint if c["constexprs"]["BLOCK_K"] > 32)
+    assert joint and all(c["options"]["num_warps"] == 8 for c in joint if c["constexprs"]["USE_DOT"])
+    wide = [c["constexprs"] for c in joint if c["constexprs"]["BLOCK_K"] > 32]
+    assert wide and not any(c["Y_PRODUCTS"] and c["G_PRODUCT"] for c in wide)
+    assert {(c["Y_PRODUCTS"], c["G_PRODUCT"]) for c in wide} == {(True, False), (False, True)}
 
 
 @pytest.mark.triton

@@ -5,7 +5,8 @@ csrc/core/mol_*_kernels.*):
   diagonal program updates one row tile over its span of columns and multiplies it by itself; where
   K spans several of gram.py's row tiles, a second launch multiplies the updated tiles pairwise.
 - `joint_gram(y, g)`: the [2K, 2K] Gram of the rows [y; g], in one read of y and g where all K rows
-  fit one tile in registers (every K ≤ 64 but float64 above 16), otherwise from gram.py's products.
+  fit one tile in registers (every K ≤ 64 but float64 above 16; on a GPU above 32 rows g is read
+  twice), otherwise from gram.py's products.
 - `combine_into(g, w, out, α, accumulate)` and `moco_track_combine(y, g, s, β, w, out, α, accumulate)`:
   out (+)= α Σ_k w_k r_k, where r = g, or r = y updated in place as y ← y + β (s_k g_k − y).
 
@@ -37,14 +38,16 @@ def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _tile_product(a, b, USE_DOT: tl.constexpr):
+def _add_tile_product(acc, a, b, USE_DOT: tl.constexpr):
+    """acc + a bᵀ. tl.dot accumulates into acc itself: no product tile is live beside the
+    accumulators (the joint Gram holds three)."""
     # if/else, not an early return: the compiler would also build the broadcast product after a
     # constexpr branch's return (see federated._sqrt).
     if USE_DOT:
-        product = tl.dot(a, tl.trans(b), input_precision="ieee")  # fp32 products, never TF32
+        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")  # fp32 products, never TF32
     else:
-        product = tl.sum(a[:, None, :] * b[None, :, :], axis=2)
-    return product
+        acc += tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    return acc
 
 
 # K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
@@ -87,10 +90,10 @@ def _track_gram_kernel(
             y_i = y_i.to(y_ptr.dtype.element_ty)
             tl.store(y_rows_i + col[None, :], y_i, mask=mask_i)
             y_i = y_i.to(ACC_DTYPE)
-            acc += _tile_product(y_i, y_i, USE_DOT)
+            acc = _add_tile_product(acc, y_i, y_i, USE_DOT)
         else:
             y_j = tl.load(y_rows_j + col[None, :], mask=(rows_j < K)[:, None] & in_cols, other=0.0).to(ACC_DTYPE)
-            acc += _tile_product(y_i, y_j, USE_DOT)
+            acc = _add_tile_product(acc, y_i, y_j, USE_DOT)
     tile = tl.arange(0, BLOCK_K)
     out = partial_ptr + ((chunk * n_tiles + tile_i) * n_tiles + tile_j) * (BLOCK_K * BLOCK_K)
     tl.store(out + tile[:, None] * BLOCK_K + tile[None, :], acc)
@@ -100,8 +103,10 @@ def _track_gram_kernel(
 @triton.jit(do_not_specialize=["K"])
 def _joint_gram_kernel(
     y_ptr, g_ptr, yy_ptr, yg_ptr, gg_ptr, K, cols, y_row_stride, g_row_stride, span,
-    USE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    Y_PRODUCTS: tl.constexpr, G_PRODUCT: tl.constexpr, USE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Program c writes its span's partials of yy and yg (Y_PRODUCTS) and of gg (G_PRODUCT)."""
     chunk = tl.program_id(0)
     rows = tl.arange(0, BLOCK_K)
     yy = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
@@ -110,18 +115,22 @@ def _joint_gram_kernel(
     for offset in range(0, span, BLOCK_D):
         col = chunk.to(tl.int64) * span + offset + tl.arange(0, BLOCK_D)
         mask = (rows < K)[:, None] & (col < cols)[None, :]
-        y = tl.load(y_ptr + rows.to(tl.int64)[:, None] * y_row_stride + col[None, :], mask=mask, other=0.0)
         g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * g_row_stride + col[None, :], mask=mask, other=0.0)
-        y = y.to(ACC_DTYPE)
         g = g.to(ACC_DTYPE)
-        yy += _tile_product(y, y, USE_DOT)
-        yg += _tile_product(y, g, USE_DOT)
-        gg += _tile_product(g, g, USE_DOT)
+        if Y_PRODUCTS:
+            y = tl.load(y_ptr + rows.to(tl.int64)[:, None] * y_row_stride + col[None, :], mask=mask, other=0.0)
+            y = y.to(ACC_DTYPE)
+            yy = _add_tile_product(yy, y, y, USE_DOT)
+            yg = _add_tile_product(yg, y, g, USE_DOT)
+        if G_PRODUCT:
+            gg = _add_tile_product(gg, g, g, USE_DOT)
     tile = tl.arange(0, BLOCK_K)
     at = chunk * (BLOCK_K * BLOCK_K) + tile[:, None] * BLOCK_K + tile[None, :]
-    tl.store(yy_ptr + at, yy)
-    tl.store(yg_ptr + at, yg)
-    tl.store(gg_ptr + at, gg)
+    if Y_PRODUCTS:
+        tl.store(yy_ptr + at, yy)
+        tl.store(yg_ptr + at, yg)
+    if G_PRODUCT:
+        tl.store(gg_ptr + at, gg)
 
 
 # K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
@@ -157,16 +166,24 @@ def _track_combine_kernel(
 
 
 def joint_tiling(K: int, dtype: torch.dtype, device: torch.device):
-    """(BLOCK_K, BLOCK_D, USE_DOT, num_warps) of the joint Gram kernel, or None where one tile of
-    all K rows does not fit in registers (float64 above gram's BLOCK_K). It holds three
-    [BLOCK_K, BLOCK_K] accumulators, so above 32 rows it gets 8 warps and narrower column steps
-    than gram's."""
+    """(BLOCK_K, BLOCK_D, USE_DOT, num_warps, split) of the joint Gram kernel, or None where one tile
+    of all K rows does not fit in registers (float64 above gram's BLOCK_K). With three
+    [BLOCK_K, BLOCK_K] accumulators gram's tiles spilled on sm_90 (benchmarks/gpu_preflight.py):
+    tl.dot tiles get 8 warps, float64 broadcast tiles of 8 rows and more half gram's column step,
+    and above 32 rows (64 × 64 accumulators) the products are `split` over two launches, yy and yg
+    in one, gg in the other: g is read twice, y once."""
     block_k, block_d, use_dot, num_warps = tiling(K, dtype, device)
     if block_k < K:
         return None
-    if not interpreted(device) and block_k > 32:
-        return block_k, max(16, block_d // 2), use_dot, 8
-    return block_k, block_d, use_dot, num_warps
+    if interpreted(device):
+        return block_k, block_d, use_dot, num_warps, False
+    if use_dot:
+        if block_k > 32:
+            return block_k, max(16, block_d // 2), use_dot, 8, True
+        return block_k, block_d, use_dot, 8, False
+    if dtype == torch.float64 and block_k >= 8:
+        return block_k, block_d // 2, use_dot, num_warps, False
+    return block_k, block_d, use_dot, num_warps, False
 
 
 def _block_pairs(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor]):
@@ -207,21 +224,25 @@ def moco_track_gram(y: List[torch.Tensor], g: List[torch.Tensor], beta: float) -
 
 
 def _fused_joint_gram(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor], block_k: int, block_d: int,
-                      use_dot: bool, num_warps: int):
-    """yy, yg, gg of the joint Gram in one read of y and g, all K rows in one tile; each reduced in
-    a fixed order from per-program partials."""
+                      use_dot: bool, num_warps: int, split: bool):
+    """yy, yg, gg of the joint Gram in one read of y and g (with `split`, g is read again for gg),
+    all K rows in one tile; each reduced in a fixed order from per-program partials."""
     K, device = g[0].shape[0], g[0].device
     acc_dtype = accum_dtype(g[0].dtype)
     plans = span_plans(_block_pairs(y, g), block_d, 1, device)
     n_partials = max(1, sum(plan[-1] for plan in plans))
     partials = [torch.zeros((n_partials, block_k, block_k), dtype=acc_dtype, device=device) for _ in range(3)]
-    first = 0
-    for (y_rows, g_rows), cols, block_cols, span, chunks in plans:
-        _joint_gram_kernel[(chunks,)](
-            y_rows, g_rows, *(p[first:] for p in partials), K, cols, y_rows.stride(0), g_rows.stride(0), span,
-            USE_DOT=use_dot, ACC_DTYPE=_acc_tl(acc_dtype), BLOCK_K=block_k, BLOCK_D=block_cols, num_warps=num_warps,
-        )
-        first += chunks
+    # (Y_PRODUCTS, G_PRODUCT) of each launch over the blocks.
+    passes = ((True, False), (False, True)) if split else ((True, True),)
+    for y_products, g_product in passes:
+        first = 0
+        for (y_rows, g_rows), cols, block_cols, span, chunks in plans:
+            _joint_gram_kernel[(chunks,)](
+                y_rows, g_rows, *(p[first:] for p in partials), K, cols, y_rows.stride(0), g_rows.stride(0), span,
+                Y_PRODUCTS=y_products, G_PRODUCT=g_product, USE_DOT=use_dot, ACC_DTYPE=_acc_tl(acc_dtype),
+                BLOCK_K=block_k, BLOCK_D=block_cols, num_warps=num_warps,
+            )
+            first += chunks
     return [p.sum(0)[:K, :K] for p in partials]
 
 
@@ -245,6 +266,9 @@ def _track_combine(y, g, scale, beta, weights, out, alpha, accumulate, *, track:
     # On a GPU a [BLOCK_K, BLOCK_D] tile of 2K elements: with y, g and the stored update live at
     # once, 4K spilled on sm_90 at BLOCK_K = 1 (the column split does not change any sum).
     block_d = max(1024, (1 << 20) // block_k) if interpreted(device) else max(128, 2048 // block_k)
+    # Chosen by benchmarks/gpu_preflight.py, not by register pressure: ptxas on sm_90 put a few bytes
+    # on the stack at 4 warps for fp16, BLOCK_K = 2 and at 8 warps for fp64, BLOCK_K = 16.
+    num_warps = 8 if block_k <= 8 else 4
     scale = scale.to(acc_dtype).contiguous()
     weights = weights.to(acc_dtype).contiguous()
     beta_t, alpha_t = _scalar(beta, g[0]), _scalar(alpha, g[0])
@@ -261,6 +285,7 @@ def _track_combine(y, g, scale, beta, weights, out, alpha, accumulate, *, track:
         _track_combine_kernel[(triton.cdiv(cols, block_cols),)](
             g_rows, y_rows, scale, weights, target, K, cols, g_rows.stride(0), y_rows.stride(0), beta_t, alpha_t,
             TRACK=track, ACCUMULATE=accumulate, ACC_DTYPE=_acc_tl(acc_dtype), BLOCK_K=block_k, BLOCK_D=block_cols,
+            num_warps=num_warps,
         )
 
 

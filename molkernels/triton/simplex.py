@@ -81,5 +81,10 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
     tile = (1 << 16) if interpreted(v.device) else 1024
     block_k = min(triton.next_power_of_2(K), tile)
     block_r = min(tile // block_k, triton.next_power_of_2(n_rows))
-    _project_simplex_kernel[(triton.cdiv(n_rows, block_r),)](rows, out, n_rows, K, BLOCK_R=block_r, BLOCK_K=block_k)
+    # A warp per 32 elements of the tile, at most 4: a few rows of a small K on 4 warps left most
+    # threads holding copies, and ptxas spilled on sm_90 (float64, BLOCK_R = 4, BLOCK_K = 2).
+    num_warps = min(max(block_r * block_k // 32, 1), 4)
+    _project_simplex_kernel[(triton.cdiv(n_rows, block_r),)](
+        rows, out, n_rows, K, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+    )
     return out
