@@ -62,8 +62,9 @@ def _sweep(T, k, idx, SIGN: tl.constexpr):
 
 
 @triton.jit
-def _wolfe(G, diag, valid, idx, K, BLOCK_K: tl.constexpr):
-    """λ minimising λᵀGλ on the simplex, for G normalised to max diagonal 1 and K >= 3."""
+def _wolfe(G, diag, valid, idx, K, BLOCK_K: tl.constexpr, SUM_AXIS: tl.constexpr):
+    """λ minimising λᵀGλ on the simplex, for G normalised to max diagonal 1 and K >= 3. Products
+    of the symmetric tiles with vectors sum over the tile axis SUM_AXIS (see min_norm)."""
     start = tl.argmin(tl.where(valid, diag, float("inf")), axis=0)  # the shortest gradient
     lam = tl.where(idx == start, 1.0, 0.0).to(tl.float64)
     in_corral = idx == start
@@ -74,7 +75,7 @@ def _wolfe(G, diag, valid, idx, K, BLOCK_K: tl.constexpr):
     running = tl.full((), 1, dtype=tl.int1)
     # Wolfe's algorithm is finite; the bound on major cycles only guards against rounding.
     while running & (major < 8 * K + 16):
-        g_lam = tl.sum(G * lam[None, :], axis=1)
+        g_lam = tl.sum(G * tl.expand_dims(lam, 1 - SUM_AXIS), axis=SUM_AXIS)
         f = tl.sum(lam * g_lam, axis=0)
         scores = tl.where(valid, g_lam, float("inf"))
         entering = tl.argmin(scores, axis=0)
@@ -99,8 +100,9 @@ def _wolfe(G, diag, valid, idx, K, BLOCK_K: tl.constexpr):
             cycling = tl.full((), 1, dtype=tl.int1)
             while cycling & (minor < K):
                 within = in_corral[:, None] & in_corral[None, :]
-                a = -tl.sum(tl.where(within, T, 0.0), axis=1)
-                residual = tl.where(in_corral, 1.0 - tl.sum(tl.where(within, G + 1.0, 0.0) * a[None, :], axis=1), 0.0)
+                a = -tl.sum(tl.where(within, T, 0.0), axis=SUM_AXIS)
+                A_a = tl.sum(tl.where(within, G + 1.0, 0.0) * tl.expand_dims(a, 1 - SUM_AXIS), axis=SUM_AXIS)
+                residual = tl.where(in_corral, 1.0 - A_a, 0.0)
                 solved = tl.full((), 1, dtype=tl.int1)
                 if tl.max(tl.abs(residual), axis=0) > tl.sum(tl.abs(a), axis=0) * RESIDUAL_TOL:
                     T = G + 1.0
@@ -109,7 +111,7 @@ def _wolfe(G, diag, valid, idx, K, BLOCK_K: tl.constexpr):
                         if tl.max((at_c & in_corral).to(tl.int32), axis=0) > 0:
                             solved = solved & (tl.sum(tl.where(at_c[:, None] & at_c[None, :], T, 0.0)) > PIVOT_TOL)
                             T = _sweep(T, c, idx, 1.0)
-                    a = -tl.sum(tl.where(within, T, 0.0), axis=1)
+                    a = -tl.sum(tl.where(within, T, 0.0), axis=SUM_AXIS)
                 alpha = tl.where(in_corral, a / tl.sum(tl.where(in_corral, a, 0.0), axis=0), 0.0)
                 leaving = in_corral & (alpha <= ZERO_WEIGHT)
                 interior = tl.max(leaving.to(tl.int32), axis=0) == 0
@@ -138,7 +140,9 @@ def _wolfe(G, diag, valid, idx, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _min_norm_kernel(gram_ptr, lam_ptr, K, batch_stride, row_stride, col_stride, BLOCK_K: tl.constexpr):
+def _min_norm_kernel(
+    gram_ptr, lam_ptr, K, batch_stride, row_stride, col_stride, BLOCK_K: tl.constexpr, SUM_AXIS: tl.constexpr,
+):
     matrix = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK_K)
     valid = idx < K
@@ -156,7 +160,7 @@ def _min_norm_kernel(gram_ptr, lam_ptr, K, batch_stride, row_stride, col_stride,
     # double, while |G_ij| <= max_i G_ii for a Gram matrix.
     divisor = tl.where(has_length, scale, 1.0)
     G = 0.5 * (G / divisor) + 0.5 * (G_t / divisor)
-    diag = tl.sum(tl.where(eye, G, 0.0), axis=1)
+    diag = tl.sum(tl.where(eye, G, 0.0), axis=SUM_AXIS)
 
     # K = 2: min over t in [0, 1] of |t g0 + (1 − t) g1|².
     g00 = tl.sum(tl.where(idx == 0, diag, 0.0), axis=0)
@@ -168,7 +172,7 @@ def _min_norm_kernel(gram_ptr, lam_ptr, K, batch_stride, row_stride, col_stride,
     pair = tl.where(idx == 0, t, 1.0 - t)
 
     if finite & has_length & (K >= 3):
-        lam = _wolfe(G, diag, valid, idx, K, BLOCK_K)
+        lam = _wolfe(G, diag, valid, idx, K, BLOCK_K, SUM_AXIS)
     else:
         lam = tl.where(K == 2, pair, tl.full((), 1.0, dtype=tl.float64) / K)
     lam = tl.where(finite, lam, float("nan"))
@@ -185,8 +189,13 @@ def min_norm(gram: torch.Tensor) -> torch.Tensor:
     if matrices.shape[0] > 0:
         block_k = max(triton.next_power_of_2(K), 2)
         num_warps = 1 if block_k <= 16 else (4 if block_k <= 32 else 8)
+        # The vectors (λ, Gλ, a, ...) take the layout of the tile axis they are summed over. Summed
+        # along rows (axis 1), each thread of an 8-warp 64 x 64 tile held 16 entries of every vector
+        # and ptxas spilled on sm_90; summed down columns (G is exactly symmetric, the swept T up to
+        # rounding) it holds one. Tiles up to 32 spilled the other way round, so they keep axis 1.
+        sum_axis = 0 if block_k > 32 else 1
         _min_norm_kernel[(matrices.shape[0],)](
             matrices, lam, K, matrices.stride(0), matrices.stride(1), matrices.stride(2),
-            BLOCK_K=block_k, num_warps=num_warps,
+            BLOCK_K=block_k, SUM_AXIS=sum_axis, num_warps=num_warps,
         )
     return lam
