@@ -49,7 +49,7 @@ core-test-sanitized:
 python-test: install
 	$(PY) -m pytest -q python_tests
 
-test: core-test python-test gpu-check-dry
+test: core-test python-test gpu-check-dry gpu-preflight
 
 demo: install
 	$(PY) -m molkernels demo
