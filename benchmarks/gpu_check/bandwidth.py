@@ -220,15 +220,8 @@ def build_cases(backends) -> List[BenchCase]:
                 for dtype in DTYPES:
                     for backend in backends:
                         cases.append(kernel_case(op, backend, K, dtype, layout))
-    if DRY:  # Triton under the interpreter: one case per section exercises the path
-        seen, kept = set(), []
-        for case in cases:
-            if case.backend == "triton":
-                if case.section in seen:
-                    continue
-                seen.add(case.section)
-            kept.append(case)
-        cases = kept
+    if DRY:
+        cases = common.one_interpreted_case_per(cases, lambda case: case.section)
     return cases
 
 

@@ -96,6 +96,19 @@ def interpreted(backend: str) -> bool:
     return backend == "triton" and DEVICE.type == "cpu"
 
 
+def one_interpreted_case_per(cases: list, key: Callable[[object], object]) -> list:
+    """`cases` with only the first interpreted-Triton case of each `key`: the interpreter costs
+    ~0.1-1 s per launch, and one case per key exercises each path."""
+    seen, kept = set(), []
+    for case in cases:
+        if interpreted(case.backend):
+            if key(case) in seen:
+                continue
+            seen.add(key(case))
+        kept.append(case)
+    return kept
+
+
 # --------------------------------------------------------------------------------------------------
 # Deadlines: the shell gives each stage a `timeout` and, a little earlier, this deadline, so that a
 # script stops starting new work and writes what it has before it is killed.

@@ -938,16 +938,8 @@ def build_cases(backends) -> List[Case]:
     for group in GROUPS:
         cases.extend(group(backends))
     cases.sort(key=second_pass)  # stable: each pass keeps the groups' order
-    if DRY:  # the interpreter costs ~0.1-1 s per launch: one Triton case per group exercises each path
-        seen = set()
-        kept = []
-        for case in cases:
-            if common.interpreted(case.backend):
-                if case.group in seen:
-                    continue
-                seen.add(case.group)
-            kept.append(case)
-        cases = kept
+    if DRY:
+        cases = common.one_interpreted_case_per(cases, lambda case: case.group)
     return cases
 
 
