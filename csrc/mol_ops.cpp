@@ -24,9 +24,11 @@ void combine_into_cpu(const std::vector<at::Tensor>& g, const at::Tensor& weight
   });
 }
 
-at::Tensor moco_track_gram_cpu(const std::vector<at::Tensor>& y, const std::vector<at::Tensor>& g, double beta) {
+at::Tensor moco_track_gram_cpu(const std::vector<at::Tensor>& y, const std::vector<at::Tensor>& g,
+                               const at::Tensor& beta) {
   const Stack grads(g, "g"), state(y, "y", /*writable=*/true);
   check_state(state, grads);
+  const at::Tensor b = accum_scalar(beta, grads, "beta");
   const at::ScalarType dtype = grads.blocks[0].scalar_type();
   at::Tensor out = at::empty({grads.K, grads.K}, grads.blocks[0].options().dtype(accum_dtype(dtype)));
   dispatch_float_types(dtype, "g", [&](auto tag) {
@@ -34,7 +36,7 @@ at::Tensor moco_track_gram_cpu(const std::vector<at::Tensor>& y, const std::vect
     using A = mk::accum_t<T>;
     std::vector<const T*> gp;
     std::vector<A*> yp;
-    mk::track_gram_cpu<T>(grads.view<T>(gp), state.mutable_view<A>(yp), A(beta), out.data_ptr<A>());
+    mk::track_gram_cpu<T>(grads.view<T>(gp), state.mutable_view<A>(yp), b.const_data_ptr<A>()[0], out.data_ptr<A>());
   });
   return out;
 }
@@ -55,19 +57,20 @@ at::Tensor joint_gram_cpu(const std::vector<at::Tensor>& y, const std::vector<at
 }
 
 void moco_track_combine_cpu(const std::vector<at::Tensor>& y, const std::vector<at::Tensor>& g, const at::Tensor& scale,
-                            double beta, const at::Tensor& weights, const std::vector<at::Tensor>& out, double alpha,
+                            const at::Tensor& beta, const at::Tensor& weights, const std::vector<at::Tensor>& out, double alpha,
                             bool accumulate) {
   const Stack grads(g, "g"), state(y, "y", /*writable=*/true);
   check_state(state, grads);
   const at::ScalarType out_dtype = check_outputs(out, grads);
   const at::Tensor s = accum_vector(scale, grads, "scale"), w = accum_vector(weights, grads, "weights");
+  const at::Tensor b = accum_scalar(beta, grads, "beta");
   dispatch_two(grads.blocks[0].scalar_type(), out_dtype, [&](auto g_tag, auto out_tag) {
     using T = decltype(g_tag);
     using U = decltype(out_tag);
     using A = mk::accum_t<T>;
     std::vector<const T*> gp;
     std::vector<A*> yp;
-    mk::track_combine_cpu<T, U>(grads.view<T>(gp), state.mutable_view<A>(yp), s.const_data_ptr<A>(), A(beta),
+    mk::track_combine_cpu<T, U>(grads.view<T>(gp), state.mutable_view<A>(yp), s.const_data_ptr<A>(), b.const_data_ptr<A>()[0],
                                 w.const_data_ptr<A>(), output_pointers<U>(out).data(), A(alpha), accumulate);
   });
 }
@@ -76,10 +79,10 @@ void moco_track_combine_cpu(const std::vector<at::Tensor>& y, const std::vector<
 
 TORCH_LIBRARY_FRAGMENT(molkernels, m) {
   m.def("combine_into(Tensor[] g, Tensor weights, Tensor(a!)[] out, float alpha, bool accumulate) -> ()");
-  m.def("moco_track_gram(Tensor(a!)[] y, Tensor[] g, float beta) -> Tensor");
+  m.def("moco_track_gram(Tensor(a!)[] y, Tensor[] g, Tensor beta) -> Tensor");
   m.def("joint_gram(Tensor[] y, Tensor[] g) -> Tensor");
   m.def(
-      "moco_track_combine(Tensor(a!)[] y, Tensor[] g, Tensor scale, float beta, Tensor weights, Tensor(b!)[] out, "
+      "moco_track_combine(Tensor(a!)[] y, Tensor[] g, Tensor scale, Tensor beta, Tensor weights, Tensor(b!)[] out, "
       "float alpha, bool accumulate) -> ()");
 }
 

@@ -34,10 +34,12 @@ void combine_into_cuda(const std::vector<at::Tensor>& g, const at::Tensor& weigh
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor moco_track_gram_cuda(const std::vector<at::Tensor>& y, const std::vector<at::Tensor>& g, double beta) {
+at::Tensor moco_track_gram_cuda(const std::vector<at::Tensor>& y, const std::vector<at::Tensor>& g,
+                                const at::Tensor& beta) {
   const Stack grads(g, "g"), state(y, "y", /*writable=*/true);
   check_state(state, grads);
   const c10::cuda::CUDAGuard guard(grads.blocks[0].device());
+  const at::Tensor b = accum_scalar(beta, grads, "beta");
   const at::ScalarType dtype = grads.blocks[0].scalar_type();
   at::Tensor out = at::empty({grads.K, grads.K}, grads.blocks[0].options().dtype(accum_dtype(dtype)));
   at::Tensor partials = partials_for(grads, grads.K);
@@ -46,7 +48,7 @@ at::Tensor moco_track_gram_cuda(const std::vector<at::Tensor>& y, const std::vec
     using A = mk::accum_t<T>;
     std::vector<const T*> gp;
     std::vector<A*> yp;
-    mk::track_gram_cuda<T>(grads.view<T>(gp), state.mutable_view<A>(yp), A(beta), partials.data_ptr<A>(),
+    mk::track_gram_cuda<T>(grads.view<T>(gp), state.mutable_view<A>(yp), b.const_data_ptr<A>(), partials.data_ptr<A>(),
                            out.data_ptr<A>(), at::cuda::getCurrentCUDAStream());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -73,20 +75,21 @@ at::Tensor joint_gram_cuda(const std::vector<at::Tensor>& y, const std::vector<a
 }
 
 void moco_track_combine_cuda(const std::vector<at::Tensor>& y, const std::vector<at::Tensor>& g,
-                             const at::Tensor& scale, double beta, const at::Tensor& weights,
+                             const at::Tensor& scale, const at::Tensor& beta, const at::Tensor& weights,
                              const std::vector<at::Tensor>& out, double alpha, bool accumulate) {
   const Stack grads(g, "g"), state(y, "y", /*writable=*/true);
   check_state(state, grads);
   const c10::cuda::CUDAGuard guard(grads.blocks[0].device());
   const at::ScalarType out_dtype = check_outputs(out, grads);
   const at::Tensor s = accum_vector(scale, grads, "scale"), w = accum_vector(weights, grads, "weights");
+  const at::Tensor b = accum_scalar(beta, grads, "beta");
   dispatch_two(grads.blocks[0].scalar_type(), out_dtype, [&](auto g_tag, auto out_tag) {
     using T = decltype(g_tag);
     using U = decltype(out_tag);
     using A = mk::accum_t<T>;
     std::vector<const T*> gp;
     std::vector<A*> yp;
-    mk::track_combine_cuda<T, U>(grads.view<T>(gp), state.mutable_view<A>(yp), s.const_data_ptr<A>(), A(beta),
+    mk::track_combine_cuda<T, U>(grads.view<T>(gp), state.mutable_view<A>(yp), s.const_data_ptr<A>(), b.const_data_ptr<A>(),
                                  w.const_data_ptr<A>(), output_pointers<U>(out).data(), A(alpha), accumulate,
                                  at::cuda::getCurrentCUDAStream());
   });

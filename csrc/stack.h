@@ -177,6 +177,17 @@ inline at::Tensor accum_vector(const at::Tensor& v, const Stack& g, const char* 
   return v.to(accum_dtype(g.blocks[0].scalar_type())).contiguous();
 }
 
+// A rate such as MoCo's beta as a one-element tensor of the accumulation dtype on g's device: the
+// steps compute it there from the device-side step count, so that a captured CUDA graph replays
+// each step with that step's rate (a host number would be frozen at its capture-time value).
+inline at::Tensor accum_scalar(const at::Tensor& v, const Stack& g, const char* name) {
+  TORCH_CHECK_VALUE(v.numel() == 1, name, ": expected a tensor with one element, got shape ", v.sizes());
+  TORCH_CHECK_VALUE(v.device() == g.blocks[0].device(), name, ": on ", v.device(), ", g on ", g.blocks[0].device());
+  TORCH_CHECK_TYPE(at::isFloatingType(v.scalar_type()), name, ": expected a floating-point tensor, got ",
+                   v.scalar_type());
+  return v.to(accum_dtype(g.blocks[0].scalar_type())).reshape({1}).contiguous();
+}
+
 inline void check_gram_argument(const at::Tensor& gram) {
   TORCH_CHECK_VALUE(gram.dim() >= 2 && gram.size(-1) == gram.size(-2) && gram.size(-1) >= 1,
                     "gram: expected a square [..., K, K] tensor with K >= 1, got shape ", gram.sizes());

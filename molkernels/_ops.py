@@ -53,7 +53,7 @@ def _fake_joint_gram(y: List[torch.Tensor], g: List[torch.Tensor]) -> torch.Tens
     return g[0].new_empty((2 * K, 2 * K), dtype=dtype)
 
 
-def _fake_track_gram(y: List[torch.Tensor], g: List[torch.Tensor], beta: float) -> torch.Tensor:
+def _fake_track_gram(y: List[torch.Tensor], g: List[torch.Tensor], beta: torch.Tensor) -> torch.Tensor:
     return _fake_products(g)
 
 
@@ -157,9 +157,9 @@ _TRITON_SCHEMAS = {
     "project_simplex": "(Tensor v) -> Tensor",
     "min_norm": "(Tensor gram) -> Tensor",
     "combine_into": "(Tensor[] g, Tensor weights, Tensor(a!)[] out, float alpha, bool accumulate) -> ()",
-    "moco_track_gram": "(Tensor(a!)[] y, Tensor[] g, float beta) -> Tensor",
+    "moco_track_gram": "(Tensor(a!)[] y, Tensor[] g, Tensor beta) -> Tensor",
     "joint_gram": "(Tensor[] y, Tensor[] g) -> Tensor",
-    "moco_track_combine": "(Tensor(a!)[] y, Tensor[] g, Tensor scale, float beta, Tensor weights, "
+    "moco_track_combine": "(Tensor(a!)[] y, Tensor[] g, Tensor scale, Tensor beta, Tensor weights, "
                           "Tensor(b!)[] out, float alpha, bool accumulate) -> ()",
     "fl_adam_step": "(Tensor(a!) params, Tensor grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) step, "
                     "Tensor active, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()",

@@ -113,9 +113,15 @@ def min_norm_objective(gram_matrix: torch.Tensor, lam: torch.Tensor) -> torch.Te
     return (x.unsqueeze(-2) @ G @ x.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
 
-def track_gram(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
+def _rate64(beta) -> torch.Tensor:
+    """A rate given as a number or a one-element tensor (the steps' device-side β_t), in float64."""
+    return torch.as_tensor(beta).to(torch.float64).reshape(())
+
+
+def track_gram(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor], beta) -> torch.Tensor:
     """MoCo's first pass: y ← y − β (y − g) in place (computed in float64, stored in y's dtype);
-    returns the Gram of the updated y in float64."""
+    returns the Gram of the updated y in float64. β: a number or a one-element tensor."""
+    beta = _rate64(beta)
     for yb, gb in zip(y, g):
         yb.copy_(yb.to(torch.float64) - beta * (yb.to(torch.float64) - gb.to(torch.float64)))
     return gram(y)
@@ -134,9 +140,10 @@ def combine_into(g: Sequence[torch.Tensor], weights: torch.Tensor, out: Sequence
         o.copy_(value)
 
 
-def track_combine(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor], scale: torch.Tensor, beta: float,
+def track_combine(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor], scale: torch.Tensor, beta,
                   weights: torch.Tensor, out: Sequence[torch.Tensor], alpha: float, accumulate: bool) -> None:
     """MoCo's normalised second pass: y ← y + β (s_k g_k − y) in place, then out (+)= α yᵀ w."""
+    beta = _rate64(beta)
     s = scale.to(torch.float64)
     for yb, gb in zip(y, g):
         shape = (-1,) + (1,) * (gb.dim() - 1)

@@ -125,14 +125,21 @@ def _check_params(params) -> List[torch.Tensor]:
     return params
 
 
+def _decayed_rate(base: float, decay: float, step: torch.Tensor) -> torch.Tensor:
+    """base / (t+1)^decay for the device-side step count t, as a 0-d float64 tensor computed on
+    the device: no host synchronisation, and a graph replay recomputes it."""
+    rate = torch.full((), base, dtype=torch.float64, device=step.device)
+    return rate if decay == 0 else rate / (step + 1).to(torch.float64).pow(decay)
+
+
 def _check_state(state, kind: type, params: List[torch.Tensor]) -> None:
     if not isinstance(state, kind):
         raise TypeError(f"state: expected a {kind.__name__}, got {type(state).__name__}")
     state._check_matches(params)
 
 
-def _simplex_step(lam: torch.Tensor, matrix: torch.Tensor, gamma: float, rho: float, backend: str) -> torch.Tensor:
-    """Π_Δ(λ − γ (M + ρ I) λ), on the device."""
+def _simplex_step(lam: torch.Tensor, matrix: torch.Tensor, gamma, rho: float, backend: str) -> torch.Tensor:
+    """Π_Δ(λ − γ (M + ρ I) λ), on the device (γ: a number or a 0-d device tensor)."""
     direction = matrix @ lam + rho * lam
     return _ops.op("project_simplex", backend)(lam - gamma * direction)
 
@@ -195,7 +202,15 @@ class _StepState:
         self.shapes = [p.shape for p in params]
         self.device = params[0].device
         self.lam = torch.full((num_objectives,), 1.0 / num_objectives, dtype=dtype, device=self.device)
-        self.step = 0
+        # The step count lives on the device, and the decayed rates are computed there from it: a
+        # step captured in a CUDA graph then replays with each step's count and rates, where a host
+        # int would keep its capture-time value forever.
+        self._step = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    @property
+    def step(self) -> int:
+        """The number of steps taken (read from the device: on a GPU this synchronises)."""
+        return int(self._step)
 
     def _check_matches(self, params: List[torch.Tensor]) -> None:
         if len(params) != len(self.shapes):
@@ -276,7 +291,7 @@ class _StepState:
 
     def _apply(self, values: dict) -> None:
         self.lam.copy_(values["lam"])
-        self.step = values["step"]
+        self._step.fill_(values["step"])
 
 
 class MoDoState(_StepState):
@@ -393,6 +408,10 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
     device losses that are not make λ NaN). Returns λ (a device tensor; no host synchronisation
     unless check_finite=True).
 
+    The step count t lives on the device (state.step reads it) and β_t, γ_t are computed there
+    (β_0 = 1 with y_init="first"), so the step can be captured in a CUDA graph after one eager
+    warm-up step: each replay advances t and takes that step's rates, as eager steps do.
+
     check_finite=True takes that joint path for every normalisation, so that nothing is written
     before the checks: from the Gram of [Y; G] (one host synchronisation) it raises
     FloatingPointError naming the objectives whose gradients are not finite, or when Y Yᵀ or the
@@ -424,9 +443,10 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
     check_disjoint(_destinations(params, lr) + [("state.y", state.y_flat)], labelled(blocks, "grads"))
     backend = _ops.resolve_backend(backend, blocks[0].device)
     _check_process_group(process_group)
-    t = state.step
-    beta_t = 1.0 if (t == 0 and state.y_init == "first") else beta / (t + 1) ** beta_decay
-    gamma_t = gamma / (t + 1) ** gamma_decay
+    beta_t = _decayed_rate(beta, beta_decay, state._step)  # read by the kernels on the device
+    if state.y_init == "first":
+        beta_t = torch.where(state._step == 0, torch.ones_like(beta_t), beta_t)
+    gamma_t = _decayed_rate(gamma, gamma_decay, state._step)
     joint_path = normalize != "none" or check_finite
     with torch.no_grad(), nvtx_range("moco_step"):
         if not joint_path:
@@ -452,8 +472,8 @@ def moco_step(params, grads: Stack, state: MoCoState, beta: float = 0.5, gamma: 
         else:
             _ops.op("moco_track_combine", backend)(state.y, blocks, scale, beta_t, lam, outs, alpha, accumulate)
         state.lam.copy_(lam)
+        state._step += 1
     mark_written(outs + [state.y_flat])
-    state.step += 1
     return state.lam
 
 
@@ -468,6 +488,9 @@ def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoSt
     check_finite=True (one host synchronisation, and one more pass: the Gram of G₃) raises
     FloatingPointError naming the stack and objectives whose gradients are not finite, or when
     G₁G₂ᵀ or the new λ are not, before anything is written.
+
+    As in moco_step, the step count and γ_t live on the device, so a captured step replays with
+    each step's γ_t.
 
     process_group: the stacks hold this rank's shard; G₁G₂ᵀ is summed over the group with one
     K×K all_reduce (the only collective) before the λ update.
@@ -491,7 +514,7 @@ def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoSt
                     labelled(g1, "grads1") + labelled(g2, "grads2") + labelled(g3, "grads3"))
     backend = _ops.resolve_backend(backend, g1[0].device)
     _check_process_group(process_group)
-    gamma_t = gamma / (state.step + 1) ** gamma_decay
+    gamma_t = _decayed_rate(gamma, gamma_decay, state._step)
     with torch.no_grad(), nvtx_range("modo_step"):
         cross = _ops.op("cross_gram", backend)(g1, g2)
         if process_group is not None:
@@ -508,8 +531,8 @@ def modo_step(params, grads1: Stack, grads2: Stack, grads3: Stack, state: MoDoSt
         outs, alpha, accumulate = _outputs(params, lr)
         _ops.op("combine_into", backend)(g3, lam, outs, alpha, accumulate)
         state.lam.copy_(lam)
+        state._step += 1
     mark_written(outs)
-    state.step += 1
     return state.lam
 
 

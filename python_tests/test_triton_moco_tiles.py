@@ -46,7 +46,7 @@ def _stack(K, dtype):
 def test_track_gram(moco, K, dtype):
     y, g = _stack(K, dtype), _stack(K, dtype)
     y_expected = [b.clone() for b in y]
-    G = moco.moco_track_gram(y, g, 0.3)
+    G = moco.moco_track_gram(y, g, torch.tensor(0.3))
     G_expected = reference.track_gram(y_expected, g, 0.3)
     assert torch.equal(G, G.T), "the Gram is not exactly symmetric"
     torch.testing.assert_close(G.double(), G_expected, **DTYPES[dtype])
@@ -72,7 +72,7 @@ def test_track_combine(moco, K, dtype):
     scale, weights = torch.rand(K, dtype=dtype) + 0.5, torch.rand(K, dtype=dtype)
     out = [torch.zeros(shape, dtype=dtype) for shape in BLOCK_SHAPES]
     out_expected = [o.clone() for o in out]
-    moco.moco_track_combine(y, g, scale, 0.3, weights, out, 0.5, False)
+    moco.moco_track_combine(y, g, scale, torch.tensor(0.3), weights, out, 0.5, False)
     reference.track_combine(y_expected, g, scale, 0.3, weights, out_expected, 0.5, False)
     for got, expected in zip(y + out, y_expected + out_expected):
         torch.testing.assert_close(got, expected, **DTYPES[dtype])

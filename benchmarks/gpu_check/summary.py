@@ -77,10 +77,6 @@ def correct_lines() -> list:
     for r in records:
         if r.get("sticky_cuda_error"):
             lines.append(f"  - sticky CUDA error in {r['case']}")
-        if r.get("status") == "known_defect":
-            lines.append(f"  - known defect {r['case']}: {reason(r)[:160]}")
-        if r.get("note"):
-            lines.append(f"  - {r['case']}: {r['note'][:160]}")
     closest = sorted((r for r in records if r.get("status") == "pass" and ratio(r) > 0), key=ratio, reverse=True)
     if closest:
         lines.append("  - closest to their tolerance: " + ", ".join(
@@ -100,7 +96,7 @@ def correct_digest() -> list:
         lines.append(f"| {group} | {backend} | " + " | ".join(str(table.get((group, backend, s), "")) for s in statuses) + " |")
     lines.append("")
     for r in records:
-        if r.get("status") in ("fail", "error", "known_defect"):
+        if r.get("status") in ("fail", "error"):
             lines.append(f"{r['status']}: {r['case']}: {reason(r)}")
         elif r.get("status") == "not_run":
             lines.append(f"not run (stage deadline): {r.get('count')} cases, from {r.get('first')}")

@@ -38,13 +38,13 @@ void min_norm_cuda(const T* gram, int64_t batch, int64_t K, T* out, double* work
 
 // Fused multi-objective passes (mol_kernels.h describes them); y is the tracking state in the
 // accumulation type, with g's structure. track_gram and joint_gram need gram_cuda_parts(...) slots
-// of rows x rows partials (rows = K, and 2K for joint_gram).
+// of rows x rows partials (rows = K, and 2K for joint_gram). beta points to one value in device memory.
 #include "mol_kernels.h"
 
 namespace mk {
 
 template <class T>
-void track_gram_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& y, accum_t<T> beta,
+void track_gram_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& y, const accum_t<T>* beta,
                      accum_t<T>* partials, accum_t<T>* out, cudaStream_t stream);
 
 template <class T>
@@ -53,7 +53,7 @@ void joint_gram_cuda(const StackView<T>& g, const StackView<accum_t<T>>& y, accu
 
 template <class T, class U>
 void track_combine_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& y, const accum_t<T>* scale,
-                        accum_t<T> beta, const accum_t<T>* weights, U* const* out, accum_t<T> alpha, bool accumulate,
-                        cudaStream_t stream);
+                        const accum_t<T>* beta, const accum_t<T>* weights, U* const* out, accum_t<T> alpha,
+                        bool accumulate, cudaStream_t stream);
 
 }  // namespace mk

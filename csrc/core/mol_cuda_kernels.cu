@@ -4,17 +4,18 @@
 namespace mk {
 namespace {
 
-// y <- y - beta (y - g) for one element as it is staged; returns the updated value.
+// y <- y - beta (y - g) for one element as it is staged; returns the updated value. beta is read
+// from device memory, where the step computed it, so that a graph replay uses the current rate.
 template <class T>
 struct TrackedLoad {
   const T* g;
   int64_t g_stride;
   accum_t<T>* y;
   int64_t y_stride;
-  accum_t<T> beta;
+  const accum_t<T>* beta;
   __device__ accum_t<T> operator()(int64_t row, int64_t col) const {
     accum_t<T>& yk = y[row * y_stride + col];
-    const accum_t<T> updated = yk - beta * (yk - accum_t<T>(to_float(g[row * g_stride + col])));
+    const accum_t<T> updated = yk - *beta * (yk - accum_t<T>(to_float(g[row * g_stride + col])));
     yk = updated;
     return updated;
   }
@@ -41,10 +42,10 @@ struct ScaledTrackedLoad {
   accum_t<T>* y;
   int64_t y_stride;
   const accum_t<T>* scale;
-  accum_t<T> beta;
+  const accum_t<T>* beta;
   __device__ accum_t<T> operator()(int64_t row, int64_t col) const {
     accum_t<T>& yk = y[row * y_stride + col];
-    const accum_t<T> updated = yk + beta * (scale[row] * accum_t<T>(to_float(g[row * g_stride + col])) - yk);
+    const accum_t<T> updated = yk + *beta * (scale[row] * accum_t<T>(to_float(g[row * g_stride + col])) - yk);
     yk = updated;
     return updated;
   }
@@ -60,7 +61,7 @@ __global__ void track_kernel(TrackedLoad<T> load, int64_t K, int64_t cols) {
 }  // namespace
 
 template <class T>
-void track_gram_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& y, accum_t<T> beta,
+void track_gram_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& y, const accum_t<T>* beta,
                      accum_t<T>* partials, accum_t<T>* out, cudaStream_t stream) {
   using A = accum_t<T>;
   // The update is fused into the staging of the Gram when one 32-row tile holds all K rows, so
@@ -98,8 +99,8 @@ void joint_gram_cuda(const StackView<T>& g, const StackView<accum_t<T>>& y, accu
 
 template <class T, class U>
 void track_combine_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& y, const accum_t<T>* scale,
-                        accum_t<T> beta, const accum_t<T>* weights, U* const* out, accum_t<T> alpha, bool accumulate,
-                        cudaStream_t stream) {
+                        const accum_t<T>* beta, const accum_t<T>* weights, U* const* out, accum_t<T> alpha,
+                        bool accumulate, cudaStream_t stream) {
   for (int64_t j = 0; j < g.num_blocks; ++j) {
     const ScaledTrackedLoad<T> load{g.data[j], g.row_stride[j], y.data[j], y.row_stride[j], scale, beta};
     gpu::launch_combine<accum_t<T>, U>(load, g.K, g.cols[j], weights, out[j], alpha, accumulate, stream);
@@ -108,10 +109,10 @@ void track_combine_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>
 
 #define MK_INSTANTIATE_OUT(T, U)                                                                              \
   template void track_combine_cuda<T, U>(const StackView<T>&, const MutableStackView<accum_t<T>>&,            \
-                                         const accum_t<T>*, accum_t<T>, const accum_t<T>*, U* const*,           \
+                                         const accum_t<T>*, const accum_t<T>*, const accum_t<T>*, U* const*,    \
                                          accum_t<T>, bool, cudaStream_t);
 #define MK_INSTANTIATE(T)                                                                                     \
-  template void track_gram_cuda<T>(const StackView<T>&, const MutableStackView<accum_t<T>>&, accum_t<T>,      \
+  template void track_gram_cuda<T>(const StackView<T>&, const MutableStackView<accum_t<T>>&, const accum_t<T>*, \
                                    accum_t<T>*, accum_t<T>*, cudaStream_t);                                   \
   template void joint_gram_cuda<T>(const StackView<T>&, const StackView<accum_t<T>>&, accum_t<T>*,            \
                                    accum_t<T>*, cudaStream_t);                                                \

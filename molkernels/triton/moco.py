@@ -37,6 +37,16 @@ def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), value, dtype=accum_dtype(like.dtype), device=like.device)
 
 
+def _device_scalar(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A rate computed on the device (a one-element tensor) in the accumulation dtype, for the kernel
+    to load: it is never read on the host, so a graph replay uses each step's value."""
+    if value.numel() != 1:
+        raise ValueError(f"beta: expected a tensor with one element, got shape {tuple(value.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"beta: on {value.device}, g on {like.device}")
+    return value.to(accum_dtype(like.dtype)).reshape(1).contiguous()
+
+
 @triton.jit
 def _add_tile_product(acc, a, b, USE_DOT: tl.constexpr):
     """acc + a bᵀ. tl.dot accumulates into acc itself: no product tile is live beside the
@@ -193,8 +203,8 @@ def _block_pairs(y: Sequence[torch.Tensor], g: Sequence[torch.Tensor]):
     return [(row_view(yb), row_view(gb)) for yb, gb in zip(y, g) if gb.numel() > 0]
 
 
-def moco_track_gram(y: List[torch.Tensor], g: List[torch.Tensor], beta: float) -> torch.Tensor:
-    """y ← y − β (y − g) in place; returns the Gram of the updated y (float32, float64 for float64).
+def moco_track_gram(y: List[torch.Tensor], g: List[torch.Tensor], beta: torch.Tensor) -> torch.Tensor:
+    """y ← y − β (y − g) in place (β: a one-element tensor, read by the kernel); returns the Gram of the updated y (float32, float64 for float64).
     One launch updates y and multiplies each row tile by itself; where K spans several tiles, a
     second launch multiplies the updated tiles pairwise (gram's tiles, so no tile outgrows the
     registers)."""
@@ -208,7 +218,7 @@ def moco_track_gram(y: List[torch.Tensor], g: List[torch.Tensor], beta: float) -
     plans = span_plans(_block_pairs(y, g), block_d, n_tiles * (n_tiles + 1) // 2, device)
     partials = torch.empty((sum(plan[-1] for plan in plans), n_tiles, n_tiles, block_k, block_k),
                            dtype=acc_dtype, device=device)
-    beta_t = _scalar(beta, g[0])
+    beta_t = _device_scalar(beta, g[0])
     for track, tile_columns in ((True, 1), (False, n_tiles)):
         if not track and n_tiles == 1:
             break
@@ -271,7 +281,8 @@ def _track_combine(y, g, scale, beta, weights, out, alpha, accumulate, *, track:
     num_warps = 8 if block_k <= 8 else 4
     scale = scale.to(acc_dtype).contiguous()
     weights = weights.to(acc_dtype).contiguous()
-    beta_t, alpha_t = _scalar(beta, g[0]), _scalar(alpha, g[0])
+    alpha_t = _scalar(alpha, g[0])
+    beta_t = _device_scalar(beta, g[0]) if track else alpha_t  # unread without tracking
     for j, gb in enumerate(g):
         g_rows = row_view(gb)
         y_rows = row_view(y[j]) if track else g_rows
@@ -292,10 +303,10 @@ def _track_combine(y, g, scale, beta, weights, out, alpha, accumulate, *, track:
 def combine_into(g: List[torch.Tensor], weights: torch.Tensor, out: List[torch.Tensor], alpha: float,
                  accumulate: bool) -> None:
     """out_j = α Σ_k w_k g_j[k], or out_j += that with `accumulate`, in one pass."""
-    _track_combine(g, g, weights, 0.0, weights, out, alpha, accumulate, track=False)
+    _track_combine(g, g, weights, None, weights, out, alpha, accumulate, track=False)
 
 
-def moco_track_combine(y: List[torch.Tensor], g: List[torch.Tensor], scale: torch.Tensor, beta: float,
+def moco_track_combine(y: List[torch.Tensor], g: List[torch.Tensor], scale: torch.Tensor, beta: torch.Tensor,
                        weights: torch.Tensor, out: List[torch.Tensor], alpha: float, accumulate: bool) -> None:
     """y ← y + β (s_k g_k − y) in place, then out (+)= α Σ_k w_k y_k, in one pass."""
     _track_combine(y, g, scale, beta, weights, out, alpha, accumulate, track=True)

@@ -250,9 +250,10 @@ def _internal_samples(device):
     clients = lambda: randn(3, d, device=device)  # noqa: E731
     return [
         ("combine_into", (g(), weights, outs(), 1.0, False)),
-        ("moco_track_gram", (g(), g(), 0.5)),
+        ("moco_track_gram", (g(), g(), torch.tensor(0.5, device=device))),
         ("joint_gram", (g(), g())),
-        ("moco_track_combine", (g(), g(), torch.ones(K, device=device), 0.5, weights, outs(), -0.1, True)),
+        ("moco_track_combine", (g(), g(), torch.ones(K, device=device), torch.tensor(0.5, device=device), weights, outs(),
+                                -0.1, True)),
         ("fl_adam_step", (clients(), clients(), torch.zeros(3, d, device=device), torch.zeros(3, d, device=device),
                           torch.zeros(3, dtype=torch.int64, device=device), active, 1e-2, 0.9, 0.999, 1e-8, 0.0)),
         ("fl_sgd_step", (clients(), clients(), torch.zeros(3, d, device=device), active, 0.1, 0.9, 0.0)),

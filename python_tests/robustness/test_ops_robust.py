@@ -98,7 +98,7 @@ def test_moco_gram_passes_above_one_tile(be, K, dtype):
     y_expected = [b.cpu().clone() for b in y]
     accum = tol.accum_dtype(dtype)
     # β = 1/2: y − β (y − g) = (y + g) / 2, halves of small integers, so every sum stays exact
-    G = _ops.op("moco_track_gram", be.backend)(y, g, 0.5)
+    G = _ops.op("moco_track_gram", be.backend)(y, g, torch.tensor(0.5, device=be.device))
     G_expected = reference.track_gram(y_expected, _cpu(g), 0.5).to(accum)
     for j, (got, want) in enumerate(zip(y, y_expected)):
         assert torch.equal(got.cpu(), want), f"y[{j}] tracked wrongly"

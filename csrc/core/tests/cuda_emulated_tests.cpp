@@ -359,12 +359,13 @@ void test_moco_passes(Layout layout, int64_t K, int64_t d) {
   const Stack<A> y0 = make_stack<A>(K, widths, flat, true);
   const int64_t parts = mk::gram_cuda_parts(g.cols.data(), int64_t(g.cols.size()), K);
   const A beta = A(0.3);
+  const std::vector<A> beta_on_device{beta};  // the kernels read beta from device memory
   const std::string type = type_name<T>();
 
   // Pass 1: y <- y - beta (y - g), then the Gram of the new y.
   Stack<A> y = y0;
   std::vector<A> partials = poisoned<A>(size_t(parts * K * K)), G = poisoned<A>(size_t(K * K));
-  mk::track_gram_cuda<T>(g.view(), y.mutable_view(), beta, partials.data(), G.data(), stream);
+  mk::track_gram_cuda<T>(g.view(), y.mutable_view(), beta_on_device.data(), partials.data(), G.data(), stream);
   for (size_t j = 0; j < widths.size(); ++j)
     for (int64_t r = 0; r < K; ++r)
       for (int64_t c = 0; c < widths[j]; ++c) {
@@ -404,8 +405,8 @@ void test_moco_passes(Layout layout, int64_t K, int64_t d) {
   Stack<T> out = make_stack<T>(1, widths, flat, true);
   const Stack<T> out0 = out;
   const A alpha = A(-0.25);
-  mk::track_combine_cuda<T, T>(g.view(), y.mutable_view(), row_scale.data(), beta, weights.data(), out.data.data(),
-                               alpha, true, stream);
+  mk::track_combine_cuda<T, T>(g.view(), y.mutable_view(), row_scale.data(), beta_on_device.data(), weights.data(),
+                               out.data.data(), alpha, true, stream);
   const double eps_a = std::is_same_v<A, double> ? 0x1p-53 : 0x1p-24;
   for (size_t j = 0; j < widths.size(); ++j)
     for (int64_t c = 0; c < widths[j]; ++c) {
