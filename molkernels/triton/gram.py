@@ -4,8 +4,8 @@ Two kernels, so that the result is deterministic without atomics:
 1. `_partial_products_kernel`: program (i, j, c) multiplies row tile i of A by row tile j of B over
    its own span of columns c and writes the [BLOCK_K, BLOCK_K] partial product to a workspace.
    For gram only the tiles i <= j run.
-2. `_reduce_partials_kernel`: sums the partials of every output element in a fixed order and
-   writes the [K, K] result; for gram element (i, j) reads the upper-triangle entry (min, max), so
+2. `_reduce_partials_kernel`: sums the partials of every output element in a fixed order (several
+   partials per load step) and writes the [K, K] result; for gram element (i, j) reads the upper-triangle entry (min, max), so
    the result is exactly symmetric.
 Each run of adjacent block views (see _launch.merged_segments) is one launch of the first kernel;
 all of them share one workspace and one reduction.
@@ -27,8 +27,8 @@ from ._launch import interpreted, merged_segments, programs_to_fill
 @triton.jit(do_not_specialize=["K"])
 def _partial_products_kernel(
     a_ptr, b_ptr, partial_ptr, K, cols, a_row_stride, b_row_stride, span,
-    SYMMETRIC: tl.constexpr, USE_DOT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    SYMMETRIC: tl.constexpr, ONE_TILE: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile_i = tl.program_id(0)
     tile_j = tl.program_id(1)
@@ -40,26 +40,41 @@ def _partial_products_kernel(
     rows_j = tile_j * BLOCK_K + tl.arange(0, BLOCK_K)
     # 64-bit offsets: K rows of a billion-column buffer overflow int32.
     a_rows = a_ptr + rows_i.to(tl.int64)[:, None] * a_row_stride
-    b_rows = b_ptr + rows_j.to(tl.int64)[None, :] * b_row_stride
+    b_rows = b_ptr + rows_j.to(tl.int64)[:, None] * b_row_stride
     first_col = chunk.to(tl.int64) * span
-    diagonal = SYMMETRIC and tile_i == tile_j
-    acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
+    # A diagonal tile of gram reads its rows once. With one tile (every K up to the tile size) that
+    # is known at compile time, so the loop holds no branch and its loads pipeline.
+    diagonal = ONE_TILE or (SYMMETRIC and tile_i == tile_j)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
+    else:
+        # Small tiles and float64 accumulate elementwise products and reduce across the columns
+        # once, after the loop, instead of a cross-thread sum every step.
+        acc_wide = tl.zeros((BLOCK_K, BLOCK_K, BLOCK_D), dtype=ACC_DTYPE)
     for offset in range(0, span, BLOCK_D):
         col = first_col + offset + tl.arange(0, BLOCK_D)
         in_cols = col < cols
-        a = tl.load(a_rows + col[None, :], mask=(rows_i < K)[:, None] & in_cols[None, :], other=0.0).to(ACC_DTYPE)
-        # The right operand Bᵀ, [BLOCK_D, BLOCK_K]: a diagonal tile of gram reads its rows once;
-        # other tiles load B transposed (the interpreter's matmul is slow on a transposed view).
+        # 16-bit data reaches tl.dot as it is stored: its products are exact in the fp32 accumulator.
+        # The interpreter has no bfloat16 matmul (numpy lacks the type), so there it is upcast
+        # first: the same exact products.
+        a = tl.load(a_rows + col[None, :], mask=(rows_i < K)[:, None] & in_cols[None, :], other=0.0)
         if diagonal:
-            b_t = tl.trans(a)
+            b = a
         else:
-            b_t = tl.load(b_rows + col[:, None], mask=in_cols[:, None] & (rows_j < K)[None, :], other=0.0).to(ACC_DTYPE)
+            b = tl.load(b_rows + col[None, :], mask=(rows_j < K)[:, None] & in_cols[None, :], other=0.0)
+        if DOT_UPCAST:
+            a = a.to(ACC_DTYPE)
+            b = b.to(ACC_DTYPE)
         if USE_DOT:
-            # "ieee": fp32 products, never TF32.
-            acc = tl.dot(a, b_t, acc, input_precision="ieee")
+            if a.dtype == tl.float32:
+                # "ieee": fp32 products, never TF32.
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
         else:
-            # float64 (no fp64 tl.dot everywhere) and tiles too small for tl.dot.
-            acc += tl.sum(a[:, :, None] * b_t[None, :, :], axis=1)
+            acc_wide += a.to(ACC_DTYPE)[:, None, :] * b.to(ACC_DTYPE)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc_wide, axis=2)
     tile = tl.arange(0, BLOCK_K)
     out = partial_ptr + ((chunk * n_tiles + tile_i) * n_tiles + tile_j) * (BLOCK_K * BLOCK_K)
     tl.store(out + tile[:, None] * BLOCK_K + tile[None, :], acc)
@@ -70,6 +85,7 @@ def _partial_products_kernel(
 def _reduce_partials_kernel(
     partial_ptr, out_ptr, K, n_partials, n_tiles,
     SYMMETRIC: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     element = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = element < K * K
@@ -83,15 +99,17 @@ def _reduce_partials_kernel(
         second = col
     tile_size = BLOCK_K * BLOCK_K
     offsets = ((first // BLOCK_K) * n_tiles + second // BLOCK_K) * tile_size + (first % BLOCK_K) * BLOCK_K + second % BLOCK_K
-    # One partial is a whole [n_tiles, n_tiles] grid of tiles; stepping the pointer (64-bit) rather
-    # than multiplying the index keeps a long run of partials clear of int32 overflow.
-    partial_size = n_tiles * n_tiles * tile_size
-    at = partial_ptr + offsets
-    acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
-    for _ in range(n_partials):
-        acc += tl.load(at, mask=in_range, other=0.0)
-        at += partial_size
-    tl.store(out_ptr + element, acc, mask=in_range)
+    # One partial is a whole [n_tiles, n_tiles] grid of tiles (64-bit strides: a long run of
+    # partials overflows int32). Each step loads BLOCK_P partials at once, so that many loads are
+    # in flight; the sum over them comes once, at the end, in a fixed order.
+    partial_size = (n_tiles * n_tiles * tile_size).to(tl.int64)
+    parts = tl.arange(0, BLOCK_P)
+    at = partial_ptr + parts.to(tl.int64)[:, None] * partial_size + offsets[None, :]
+    acc = tl.zeros((BLOCK_P, BLOCK), dtype=ACC_DTYPE)
+    for first_part in range(0, n_partials, BLOCK_P):
+        acc += tl.load(at, mask=((first_part + parts) < n_partials)[:, None] & in_range[None, :], other=0.0)
+        at += BLOCK_P * partial_size
+    tl.store(out_ptr + element, tl.sum(acc, axis=0), mask=in_range)
 
 
 # On a GPU a program's span covers at least this many columns, so that writing and reducing its
@@ -137,15 +155,20 @@ def span_plans(segments, block_d: int, tile_programs: int, device: torch.device)
     return plans
 
 
+# Partials each program of the reduction loads per step (a [REDUCE_PARTIALS_AT_ONCE, BLOCK] tile).
+REDUCE_PARTIALS_AT_ONCE = 8
+
+
 def reduce_partials(partials: torch.Tensor, K: int, symmetric: bool) -> torch.Tensor:
     """The [K, K] sum, in a fixed order, of a [n_partials, n_tiles, n_tiles, BLOCK_K, BLOCK_K]
     workspace of tile products (for `symmetric`, only the tiles i <= j are read)."""
     n_partials, n_tiles, _, block_k, _ = partials.shape
     acc_tl = tl.float64 if partials.dtype == torch.float64 else tl.float32
     out = torch.empty((K, K), dtype=partials.dtype, device=partials.device)
-    block = min(triton.next_power_of_2(K * K), (1 << 16) if interpreted(partials.device) else 1024)
+    block = min(triton.next_power_of_2(K * K), (1 << 16) if interpreted(partials.device) else 256)
     _reduce_partials_kernel[(triton.cdiv(K * K, block),)](
         partials, out, K, n_partials, n_tiles, SYMMETRIC=symmetric, ACC_DTYPE=acc_tl, BLOCK_K=block_k, BLOCK=block,
+        BLOCK_P=REDUCE_PARTIALS_AT_ONCE,
     )
     return out
 
@@ -168,7 +191,8 @@ def _products(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], symmetric: b
         a_view, b_view = views[0], views[-1]
         _partial_products_kernel[(n_tiles, n_tiles, chunks)](
             a_view, b_view, partials[first_partial:], K, cols, a_view.stride(0), b_view.stride(0), span,
-            SYMMETRIC=symmetric, USE_DOT=use_dot, ACC_DTYPE=acc_tl,
+            SYMMETRIC=symmetric, ONE_TILE=symmetric and n_tiles == 1, USE_DOT=use_dot,
+            DOT_UPCAST=use_dot and interpreted(device) and a[0].dtype == torch.bfloat16, ACC_DTYPE=acc_tl,
             BLOCK_K=block_k, BLOCK_D=segment_block_d, num_warps=num_warps,
         )
         first_partial += chunks
