@@ -11,7 +11,7 @@ export MAX_JOBS
 
 EXTENSION_SOURCES := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' \))
 
-.PHONY: install test core-test python-test demo bench gpu-check gpu-check-dry gpu-preflight clean
+.PHONY: install test core-test python-test demo bench gpu-check gpu-check-dry gpu-preflight gpu-preflight-versions clean
 
 install: $(VENV)/.built
 
@@ -71,6 +71,12 @@ gpu-check-dry: install
 # Results are cached in build/gpu-preflight/ by kernel source hash.
 gpu-preflight: install
 	$(PY) benchmarks/gpu_preflight.py --jobs $(MAX_JOBS)
+
+# The build, a CPU smoke test, gpu-preflight and the cuda-emulated CTest with the GPU machine's
+# versions (Python 3.12, torch 2.11.0+cu130, triton 3.6.0) in a throwaway venv under
+# build/gpu-preflight-versions/ (the first run downloads ~2.6 GB; not part of `make test`).
+gpu-preflight-versions:
+	bash benchmarks/gpu_preflight_versions.sh
 
 clean:
 	rm -rf build build-core molkernels/_C*.so $(VENV)/.built

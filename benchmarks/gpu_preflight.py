@@ -1,6 +1,6 @@
 """Every Triton and CUDA kernel configuration compiled ahead of time for sm_90, without a GPU.
 
-    python benchmarks/gpu_preflight.py [--jobs 2] [--max-k 64] [--no-cuda] [--no-cache]
+    python benchmarks/gpu_preflight.py [--jobs 2] [--max-k 64] [--no-cuda] [--no-cache] [--cache-dir DIR]
 
 1. Triton: the configurations come from the launchers themselves. Each launcher of
    molkernels.triton runs on CPU tensors for K = 1…max-k and each dtype with the GPU's block choice
@@ -17,8 +17,9 @@
    odd-shaped parameters request (Triton compiles one per distinct constexprs, argument types,
    pointer alignment and integer arguments' divisibility by 16 or equality to 1).
 
-Results are cached under build/gpu-preflight/ keyed by the kernel's source hash (Triton's
-cache_key, which covers the functions it calls) and the configuration.
+Results are cached under build/gpu-preflight/ (--cache-dir: another folder, for another Triton version)
+keyed by the kernel's source hash (Triton's cache_key, which covers the functions it calls) and the
+configuration.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 H200_MULTIPROCESSORS = 132
 MAX_COMPILE_S = 20.0
 SM90_REGISTERS, SM90_SHARED, SM90_THREADS = 65536, 228 * 1024, 2048
-CACHE = ROOT / "build" / "gpu-preflight"
+# --cache-dir (or MOLKERNELS_PREFLIGHT_CACHE, which the compile processes inherit) moves it: another
+# Triton version's results must not be read as this one's (the key holds no Triton version).
+CACHE = Path(os.environ.get("MOLKERNELS_PREFLIGHT_CACHE", ROOT / "build" / "gpu-preflight"))
 RESULT_FORMAT = "cpu-seconds,stack,spills"  # part of the cache key: results of another format are recomputed
 
 _TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
@@ -171,14 +174,14 @@ def launcher_calls(max_k: int):
             g = _stack(K, dtype, widths)
             y = _stack(K, acc, widths)
             out = [torch.zeros(w, dtype=dtype) for w in widths]
-            weights, scale = torch.ones(K, dtype=acc), torch.ones(K, dtype=acc)
+            weights, scale, beta = torch.ones(K, dtype=acc), torch.ones(K, dtype=acc), torch.tensor(0.5)
             yield lambda: triton_ops.gram(g)
             yield lambda: triton_ops.cross_gram(g, g)
             yield lambda: triton_ops.combine(g, weights)
             yield lambda: triton_ops.combine_into(g, weights, out, 1.0, True)
-            yield lambda: triton_ops.moco_track_gram(y, g, 0.5)
+            yield lambda: triton_ops.moco_track_gram(y, g, beta)
             yield lambda: triton_ops.joint_gram(y, g)
-            yield lambda: triton_ops.moco_track_combine(y, g, scale, 0.5, weights, out, 1.0, False)
+            yield lambda: triton_ops.moco_track_combine(y, g, scale, beta, weights, out, 1.0, False)
             yield lambda: triton_ops.project_simplex(torch.zeros(3, K, dtype=dtype))
             if dtype in (torch.float32, torch.float64):
                 yield lambda: triton_ops.min_norm(torch.zeros(K, K, dtype=dtype))
@@ -391,12 +394,18 @@ def variant_counts(K_values=(4, 33)) -> list:
 
 
 def main(argv=None) -> int:
+    global CACHE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--max-k", type=int, default=64)
     parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
     parser.add_argument("--no-cache", action="store_true", help="recompile every Triton configuration")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"results cache (default {CACHE}; one per Triton version)")
     args = parser.parse_args(argv)
+    if args.cache_dir is not None:
+        CACHE = args.cache_dir.resolve()
+        os.environ["MOLKERNELS_PREFLIGHT_CACHE"] = str(CACHE)  # for compile processes that re-import this module
     failures = triton_preflight(args.max_k, args.jobs, not args.no_cache)
     if not args.no_cuda:
         failures += cuda_preflight()
