@@ -20,6 +20,7 @@ except ImportError:  # e.g. the GPU machine's image: the property tests skip, th
 
 import molkernels
 import tolerances as tol
+from conftest import INTERPRETED
 from stacks import backend_params, cases, check_min_norm_kkt, poison_allocator
 
 MIN_NORM_KS = (1, 2, 3, 7, 16, 33, 64)
@@ -320,3 +321,21 @@ def test_reference_backend(be, dtype):
     check_min_norm_kkt(lam[[0, 1, 3]], G[[0, 1, 3]])
     one = molkernels.min_norm(torch.full((2, 1, 1), 3.0, dtype=dtype, device=be.device), backend=be.backend)
     assert torch.equal(one.cpu(), torch.ones(2, 1, dtype=dtype))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("sum_axis", [0, 1])
+@pytest.mark.parametrize("K", [33, 64])
+def test_triton_large_tile_either_layout(sum_axis, K, monkeypatch):
+    """Above 32 rows the Triton kernel sums its vectors down columns or along rows, whichever the
+    installed Triton keeps in registers on sm_90 (LARGE_TILE_SUM_AXIS): both layouts must solve
+    the problem, since the GPU machine's Triton takes the one this machine's may not."""
+    if not INTERPRETED:
+        pytest.skip("runs the Triton kernel on CPU tensors under TRITON_INTERPRET=1")
+    import importlib
+
+    triton_min_norm = importlib.import_module("molkernels.triton.min_norm")  # the module, not the function
+    monkeypatch.setattr(triton_min_norm, "LARGE_TILE_SUM_AXIS", sum_axis)
+    G, lam_ref = problems(K)[torch.float32]
+    G, lam_ref = G[[4, 13]], lam_ref[[4, 13]]
+    check_min_norm_kkt(triton_min_norm.min_norm(G), G, reference_lambda=lam_ref)

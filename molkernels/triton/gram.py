@@ -136,7 +136,8 @@ def tiling(K: int, dtype: torch.dtype, device: torch.device):
         row_bytes = 128 if block_k == 16 else 64
         return block_k, row_bytes // dtype.itemsize, True, (8 if block_k == 64 else 4)
     block_k = min(triton.next_power_of_2(K), 16 if dtype == torch.float64 else 8)
-    return block_k, min(max(8192 // (block_k * block_k), 32), 1024), False, 4
+    # At most 512 columns: at 1024 (BLOCK_K = 2, fp16) triton 3.6 put 4 bytes on the stack.
+    return block_k, min(max(8192 // (block_k * block_k), 32), 512), False, 4
 
 
 def span_plans(segments, block_d: int, tile_programs: int, device: torch.device):

@@ -181,6 +181,15 @@ def _min_norm_kernel(
     tl.store(lam_ptr + matrix * K + idx, lam.to(lam_ptr.dtype.element_ty), mask=valid)
 
 
+# The vectors (λ, Gλ, a, ...) take the layout of the tile axis they are summed over (G is exactly
+# symmetric, the swept T up to rounding, so either axis gives λ). Which one sm_90 keeps in the
+# registers of an 8-warp 64 x 64 tile depends on the Triton version (benchmarks/gpu_preflight.py):
+# triton 3.8 fits 248 registers summing down columns (axis 0) and spills 548 bytes per thread along
+# rows; triton 3.6, the GPU machine's, fits 238 along rows and spills 616 bytes down columns.
+# Versions before 3.8 take 3.6's choice. Tiles up to 32 keep axis 1 on both.
+LARGE_TILE_SUM_AXIS = 0 if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 8) else 1
+
+
 def min_norm(gram: torch.Tensor) -> torch.Tensor:
     """λ [..., K] on the simplex minimising λᵀ G λ for each G of gram [..., K, K], in gram's dtype."""
     K = gram.shape[-1]
@@ -189,11 +198,7 @@ def min_norm(gram: torch.Tensor) -> torch.Tensor:
     if matrices.shape[0] > 0:
         block_k = max(triton.next_power_of_2(K), 2)
         num_warps = 1 if block_k <= 16 else (4 if block_k <= 32 else 8)
-        # The vectors (λ, Gλ, a, ...) take the layout of the tile axis they are summed over. Summed
-        # along rows (axis 1), each thread of an 8-warp 64 x 64 tile held 16 entries of every vector
-        # and ptxas spilled on sm_90; summed down columns (G is exactly symmetric, the swept T up to
-        # rounding) it holds one. Tiles up to 32 spilled the other way round, so they keep axis 1.
-        sum_axis = 0 if block_k > 32 else 1
+        sum_axis = LARGE_TILE_SUM_AXIS if block_k > 32 else 1
         _min_norm_kernel[(matrices.shape[0],)](
             matrices, lam, K, matrices.stride(0), matrices.stride(1), matrices.stride(2),
             BLOCK_K=block_k, SUM_AXIS=sum_axis, num_warps=num_warps,
