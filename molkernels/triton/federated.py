@@ -176,40 +176,74 @@ def fl_sgd_step(params: torch.Tensor, grads: torch.Tensor, momentum_buffer: Opti
 
 
 @triton.jit
-def _weighted_mean_kernel(
-    x_ptr, w_ptr, active_ptr, out_ptr, C, D,
-    GROUP: tl.constexpr, ACC: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
-):
-    col = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_row = col < D
+def _total_weight_kernel(w_ptr, active_ptr, total_ptr, C, GROUP: tl.constexpr, ACC: tl.constexpr):
+    """*total = the active weights summed in client order (one program; each step issues a group's
+    loads together, then adds them in order)."""
     total = tl.zeros((), dtype=ACC)
-    group_sums = tl.zeros((BLOCK,), dtype=ACC)
-    client0 = tl.zeros((), dtype=tl.int64)  # the loop indices as int64: c * D may pass 2^31
+    client0 = tl.zeros((), dtype=tl.int64)
     for first in range(0, C, GROUP):
-        partial = tl.zeros((BLOCK,), dtype=ACC)
-        for i in range(0, GROUP):
+        for i in tl.static_range(GROUP):
             c = client0 + first + i
             active = (tl.load(active_ptr + c, mask=c < C, other=0) != 0) & (c < C)
-            w = tl.load(w_ptr + c, mask=active, other=0.0)
-            x = tl.load(x_ptr + c * D + col, mask=in_row & active, other=0.0).to(ACC)
-            # where, not a zero term: an inactive client leaves a -0 partial as it is.
-            partial = tl.where(active, tl.fma(w, x, partial), partial)
-            total = tl.where(active, total + w, total)
-        group_sums += partial
+            total = tl.where(active, total + tl.load(w_ptr + c, mask=active, other=0.0), total)
+    tl.store(total_ptr, total)
+
+
+@triton.jit
+def _mean_partials_kernel(
+    x_ptr, w_ptr, active_ptr, partial_ptr, C, D, GROUP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program (column block, group): the weighted sum of the group's GROUP clients over its
+    columns, into partials[group]. The clients' loads are unrolled, so they are in flight together."""
+    col = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    group = tl.program_id(1).to(tl.int64)
+    in_row = col < D
+    partial = tl.zeros((BLOCK,), dtype=ACC)
+    for i in tl.static_range(GROUP):
+        c = group * GROUP + i  # int64: c * D may pass 2^31
+        active = (tl.load(active_ptr + c, mask=c < C, other=0) != 0) & (c < C)
+        w = tl.load(w_ptr + c, mask=active, other=0.0)
+        x = tl.load(x_ptr + c * D + col, mask=in_row & active, other=0.0).to(ACC)
+        # where, not a zero term: an inactive client leaves a -0 partial as it is.
+        partial = tl.where(active, tl.fma(w, x, partial), partial)
+    tl.store(partial_ptr + group * D + col, partial, mask=in_row)
+
+
+@triton.jit
+def _mean_finish_kernel(partial_ptr, total_ptr, out_ptr, groups, D, ACC: tl.constexpr, IS_FP64: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """out = (Σ_groups partials, in group order) / total, or NaN where no weight is active."""
+    col = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_row = col < D
+    group_sums = tl.zeros((BLOCK,), dtype=ACC)
+    at = partial_ptr + col
+    for _ in range(groups):
+        group_sums += tl.load(at, mask=in_row, other=0.0)
+        at += D
+    total = tl.load(total_ptr)
     nan = tl.full((BLOCK,), float("nan"), dtype=ACC)
     mean = tl.where(total != 0, _div(group_sums, tl.where(total != 0, total, 1.0), IS_FP64), nan)
     tl.store(out_ptr + col, mean.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
 def fl_weighted_mean(x: torch.Tensor, weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Three launches, as the CUDA kernels: the total weight (one program), the group partial sums
+    on a (column block, group) grid, and their sum in group order with the division."""
     C = x.shape[0]
     D = x.numel() // C
     out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
     if D == 0:
         return out
     block = 1024 if interpreted(x.device) else 256
-    _weighted_mean_kernel[(triton.cdiv(D, block),)](
-        x, weights, active, out, C, D, GROUP=MEAN_GROUP, ACC=_acc_tl(x.dtype), IS_FP64=x.dtype == torch.float64,
-        BLOCK=block, enable_fp_fusion=False,
+    acc, groups = _acc_tl(x.dtype), triton.cdiv(C, MEAN_GROUP)
+    workspace = torch.empty(groups * D + 1, dtype=accum_dtype(x.dtype), device=x.device)
+    partials, total = workspace[:groups * D], workspace[groups * D:]
+    _total_weight_kernel[(1,)](weights, active, total, C, GROUP=MEAN_GROUP, ACC=acc, enable_fp_fusion=False)
+    _mean_partials_kernel[(triton.cdiv(D, block), groups)](
+        x, weights, active, partials, C, D, GROUP=MEAN_GROUP, ACC=acc, BLOCK=block, enable_fp_fusion=False,
+    )
+    _mean_finish_kernel[(triton.cdiv(D, block),)](
+        partials, total, out, groups, D, ACC=acc, IS_FP64=x.dtype == torch.float64, BLOCK=block,
+        enable_fp_fusion=False,
     )
     return out
