@@ -31,8 +31,6 @@ TRITON_VERSION=3.6.0
 # The GPU machine's other packages: the build needs ninja and setuptools, the GPU check pytest and tqdm.
 # numpy is not among them, so the venv has none: an import of numpy on the GPU path fails here too.
 EXTRA_PACKAGES=(ninja setuptools pytest tqdm)
-# Where a CUDA 13.0 torch comes from when the package index's default is a CUDA 12 build.
-CU130_INDEX=https://download.pytorch.org/whl/cu130
 
 WORK=${GPU_PREFLIGHT_VERSIONS_DIR:-$ROOT/build/gpu-preflight-versions}
 mkdir -p "$WORK"
@@ -60,12 +58,11 @@ find_python312() {
   return 1
 }
 
-# Prints the venv's versions; exits non-zero unless they are the GPU machine's (with `any-cuda`:
-# whatever CUDA version torch was built with).
+# Prints the venv's versions; exits non-zero unless they are the GPU machine's.
 venv_versions_ok() {
   [ -x "$VPY" ] || return 1
   # -W ignore: torch warns at import when numpy is missing, as it is here and on the GPU machine.
-  "$VPY" -W ignore - "$TORCH_VERSION" "$TRITON_VERSION" "${1:-$TORCH_CUDA}" <<'EOF'
+  "$VPY" -W ignore - "$TORCH_VERSION" "$TRITON_VERSION" "$TORCH_CUDA" <<'EOF'
 import importlib, sys
 torch_version, triton_version, cuda = sys.argv[1:]
 import torch, triton
@@ -73,7 +70,7 @@ for module in ("ninja", "setuptools", "pytest", "tqdm"):
     importlib.import_module(module)
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}")
 sys.exit(not (sys.version_info[:2] == (3, 12) and torch.__version__.split("+")[0] == torch_version
-              and cuda in ("any-cuda", torch.version.cuda) and triton.__version__ == triton_version))
+              and cuda == torch.version.cuda and triton.__version__ == triton_version))
 EOF
 }
 
@@ -90,19 +87,12 @@ step_venv() {
   echo "Python 3.12: $python"
   [ -x "$VPY" ] || "$python" -m venv "$VENV"
   "$VPY" -m pip install -q "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" "${EXTRA_PACKAGES[@]}"
-  local cuda
-  cuda=$("$VPY" -W ignore -c 'import torch; print(torch.version.cuda)')
-  if [ "$cuda" != "$TORCH_CUDA" ]; then
-    # nvcc 13.0 against a torch built with CUDA 12.x fails torch's version check at build time.
-    echo "the package index's torch $TORCH_VERSION is a CUDA $cuda build; trying $CU130_INDEX"
-    "$VPY" -m pip install -q --index-url "$CU130_INDEX" --extra-index-url https://pypi.org/simple \
-      "torch==$TORCH_VERSION+cu${TORCH_CUDA/./}" || true
-  fi
+  # nvcc 13.0 against a torch built with CUDA 12.x would fail torch's version check at build time,
+  # so another build of torch is no stand-in for the GPU machine's: say so and stop.
   venv_versions_ok && return 0
-  # Built against what there is: the build step then shows how far a CUDA 12 torch gets.
-  venv_versions_ok any-cuda || return 1
-  echo "WARNING: no CUDA $TORCH_CUDA build of torch $TORCH_VERSION is reachable by pip here: the CUDA build" \
-    "cannot be checked against the GPU machine's versions"
+  echo "torch $TORCH_VERSION from the package index is a CUDA $("$VPY" -W ignore -c 'import torch; print(torch.version.cuda)')" \
+    "build, not CUDA $TORCH_CUDA as on the GPU machine: its build cannot be checked here"
+  return 1
 }
 
 step_build() {
