@@ -163,6 +163,9 @@ def _stack(K: int, dtype: torch.dtype, widths) -> list:
     return [torch.zeros((K, w), dtype=dtype) for w in widths]
 
 
+ALIGNED_WIDTHS = [4096, 64]
+
+
 def launcher_calls(max_k: int):
     """Every launcher on every K and dtype, over a wide and a narrow block (a narrow block gets the
     narrowest tiles a launcher picks)."""
@@ -182,6 +185,11 @@ def launcher_calls(max_k: int):
             yield lambda: triton_ops.moco_track_gram(y, g, beta)
             yield lambda: triton_ops.joint_gram(y, g)
             yield lambda: triton_ops.moco_track_combine(y, g, scale, beta, weights, out, 1.0, False)
+            # Rows of a multiple of 16 bytes: the combination's aligned (vectorised) variant.
+            g16, y16 = _stack(K, dtype, ALIGNED_WIDTHS), _stack(K, acc, ALIGNED_WIDTHS)
+            out16 = [torch.zeros(w, dtype=dtype) for w in ALIGNED_WIDTHS]
+            yield lambda: triton_ops.combine_into(g16, weights, out16, 1.0, True)
+            yield lambda: triton_ops.moco_track_combine(y16, g16, scale, beta, weights, out16, 1.0, False)
             yield lambda: triton_ops.project_simplex(torch.zeros(3, K, dtype=dtype))
             if dtype in (torch.float32, torch.float64):
                 yield lambda: triton_ops.min_norm(torch.zeros(K, K, dtype=dtype))

@@ -7,8 +7,8 @@ csrc/core/mol_*_kernels.*):
 - `joint_gram(y, g)`: the [2K, 2K] Gram of the rows [y; g], in one read of y and g where all K rows
   fit one tile in registers (every K ≤ 64 but float64 above 16; on a GPU above 32 rows g is read
   twice), otherwise from gram.py's products.
-- `combine_into(g, w, out, α, accumulate)` and `moco_track_combine(y, g, s, β, w, out, α, accumulate)`:
-  out (+)= α Σ_k w_k r_k, where r = g, or r = y updated in place as y ← y + β (s_k g_k − y).
+MoCo's second pass, `moco_track_combine`, is combine.py's one-launch combination with the tracking
+update fused in.
 
 Tiles follow gram.py's `tiling`, sized so that sm_90 keeps them in registers (benchmarks/gpu_preflight.py
 checks every configuration for spills).
@@ -24,27 +24,12 @@ import triton.language as tl
 
 from .._stack import accum_dtype
 from ._launch import interpreted, row_view
+from .combine import device_scalar
 from .gram import cross_gram, gram, reduce_partials, span_plans, tiling
 
 
 def _acc_tl(dtype: torch.dtype):
     return tl.float64 if accum_dtype(dtype) == torch.float64 else tl.float32
-
-
-def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A scalar argument as a one-element tensor in the accumulation dtype: Triton would pass a
-    Python float as float32, which rounds β for float64 stacks."""
-    return torch.full((1,), value, dtype=accum_dtype(like.dtype), device=like.device)
-
-
-def _device_scalar(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A rate computed on the device (a one-element tensor) in the accumulation dtype, for the kernel
-    to load: it is never read on the host, so a graph replay uses each step's value."""
-    if value.numel() != 1:
-        raise ValueError(f"beta: expected a tensor with one element, got shape {tuple(value.shape)}")
-    if value.device != like.device:
-        raise ValueError(f"beta: on {value.device}, g on {like.device}")
-    return value.to(accum_dtype(like.dtype)).reshape(1).contiguous()
 
 
 @triton.jit
@@ -143,38 +128,6 @@ def _joint_gram_kernel(
         tl.store(gg_ptr + at, gg)
 
 
-# K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
-@triton.jit(do_not_specialize=["K"])
-def _track_combine_kernel(
-    g_ptr, y_ptr, scale_ptr, weights_ptr, out_ptr, K, cols, g_row_stride, y_row_stride, beta_ptr, alpha_ptr,
-    TRACK: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    col = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_cols = col < cols
-    beta = tl.load(beta_ptr)
-    alpha = tl.load(alpha_ptr)
-    acc = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
-    for first_row in range(0, K, BLOCK_K):
-        rows = first_row + tl.arange(0, BLOCK_K)
-        in_rows = rows < K
-        mask = in_rows[:, None] & in_cols[None, :]
-        w = tl.load(weights_ptr + rows, mask=in_rows, other=0.0).to(ACC_DTYPE)
-        r = tl.load(g_ptr + rows.to(tl.int64)[:, None] * g_row_stride + col[None, :], mask=mask, other=0.0)
-        r = r.to(ACC_DTYPE)
-        if TRACK:
-            s = tl.load(scale_ptr + rows, mask=in_rows, other=0.0).to(ACC_DTYPE)
-            y_at = y_ptr + rows.to(tl.int64)[:, None] * y_row_stride + col[None, :]
-            y = tl.load(y_at, mask=mask, other=0.0).to(ACC_DTYPE)
-            r = y + beta * (s[:, None] * r - y)
-            tl.store(y_at, r.to(y_ptr.dtype.element_ty), mask=mask)
-        acc += tl.sum(r * w[:, None], axis=0)
-    value = alpha * acc
-    if ACCUMULATE:
-        value += tl.load(out_ptr + col, mask=in_cols, other=0.0).to(ACC_DTYPE)
-    tl.store(out_ptr + col, value.to(out_ptr.dtype.element_ty), mask=in_cols)
-
-
 def joint_tiling(K: int, dtype: torch.dtype, device: torch.device):
     """(BLOCK_K, BLOCK_D, USE_DOT, num_warps, split) of the joint Gram kernel, or None where one tile
     of all K rows does not fit in registers (float64 above gram's BLOCK_K). With three
@@ -218,7 +171,7 @@ def moco_track_gram(y: List[torch.Tensor], g: List[torch.Tensor], beta: torch.Te
     plans = span_plans(_block_pairs(y, g), block_d, n_tiles * (n_tiles + 1) // 2, device)
     partials = torch.empty((sum(plan[-1] for plan in plans), n_tiles, n_tiles, block_k, block_k),
                            dtype=acc_dtype, device=device)
-    beta_t = _device_scalar(beta, g[0])
+    beta_t = device_scalar(beta, g[0])
     for track, tile_columns in ((True, 1), (False, n_tiles)):
         if not track and n_tiles == 1:
             break
@@ -267,46 +220,3 @@ def joint_gram(y: List[torch.Tensor], g: List[torch.Tensor]) -> torch.Tensor:
         # The kernel computes full tiles; mirror the upper triangles so yy and gg are exactly symmetric.
         yy, gg = (torch.triu(m) + torch.triu(m, 1).T for m in (yy, gg))
     return torch.cat([torch.cat([yy, yg], 1), torch.cat([yg.T, gg], 1)], 0)
-
-
-def _track_combine(y, g, scale, beta, weights, out, alpha, accumulate, *, track: bool) -> None:
-    K, device = g[0].shape[0], g[0].device
-    acc_dtype = accum_dtype(g[0].dtype)
-    block_k = min(triton.next_power_of_2(K), 64 if interpreted(device) else 16)
-    # On a GPU a [BLOCK_K, BLOCK_D] tile of 2K elements: with y, g and the stored update live at
-    # once, 4K spilled on sm_90 at BLOCK_K = 1 (the column split does not change any sum).
-    block_d = max(1024, (1 << 20) // block_k) if interpreted(device) else max(128, 2048 // block_k)
-    # Chosen by benchmarks/gpu_preflight.py, not by register pressure: ptxas on sm_90 put a few bytes
-    # on the stack at 4 warps for fp16, BLOCK_K = 2 and at 8 warps for fp64, BLOCK_K = 16.
-    num_warps = 8 if block_k <= 8 else 4
-    scale = scale.to(acc_dtype).contiguous()
-    weights = weights.to(acc_dtype).contiguous()
-    alpha_t = _scalar(alpha, g[0])
-    beta_t = _device_scalar(beta, g[0]) if track else alpha_t  # unread without tracking
-    for j, gb in enumerate(g):
-        g_rows = row_view(gb)
-        y_rows = row_view(y[j]) if track else g_rows
-        cols = g_rows.shape[1]
-        if cols == 0:
-            continue
-        # Tracking alone (out is None) runs with weights 0 into a scratch output.
-        target = out[j] if out is not None else torch.empty(cols, dtype=acc_dtype, device=device)
-        # Narrow blocks get narrow tiles in the interpreter; a GPU keeps one width, one variant.
-        block_cols = min(block_d, triton.next_power_of_2(cols)) if interpreted(device) else block_d
-        _track_combine_kernel[(triton.cdiv(cols, block_cols),)](
-            g_rows, y_rows, scale, weights, target, K, cols, g_rows.stride(0), y_rows.stride(0), beta_t, alpha_t,
-            TRACK=track, ACCUMULATE=accumulate, ACC_DTYPE=_acc_tl(acc_dtype), BLOCK_K=block_k, BLOCK_D=block_cols,
-            num_warps=num_warps,
-        )
-
-
-def combine_into(g: List[torch.Tensor], weights: torch.Tensor, out: List[torch.Tensor], alpha: float,
-                 accumulate: bool) -> None:
-    """out_j = α Σ_k w_k g_j[k], or out_j += that with `accumulate`, in one pass."""
-    _track_combine(g, g, weights, None, weights, out, alpha, accumulate, track=False)
-
-
-def moco_track_combine(y: List[torch.Tensor], g: List[torch.Tensor], scale: torch.Tensor, beta: torch.Tensor,
-                       weights: torch.Tensor, out: List[torch.Tensor], alpha: float, accumulate: bool) -> None:
-    """y ← y + β (s_k g_k − y) in place, then out (+)= α Σ_k w_k y_k, in one pass."""
-    _track_combine(y, g, scale, beta, weights, out, alpha, accumulate, track=True)
