@@ -82,31 +82,43 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 # Tile tables of recent calls, by the blocks' addresses, strides and widths (a table holds nothing
 # else, so equal keys give equal tables). A training loop reuses its gradient, tracking and output
 # buffers, so its steps hit; a few entries cover the passes of one step.
-_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLES_KEPT = 16
+# Tables used while a CUDA graph was being captured: the graph reads them at every replay, so they
+# are never evicted.
+_CAPTURED_TABLES: dict = {}
 
 
 def _tile_table(rows: List[tuple], block_d: int, device: torch.device) -> torch.Tensor:
     """[programs, 7] int64 on `device`: each block's row repeated for each of its BLOCK_D-column
     tiles, with the tile's first column appended."""
     key = (tuple(rows), block_d, device)
-    table = _TABLES.get(key)
-    if table is not None:
+    entry = _TABLES.get(key)
+    if entry is None:
+        entry = _TABLES[key] = _new_tile_table(rows, block_d, device)
+        if len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    else:
         _TABLES.move_to_end(key)
-        return table
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _CAPTURED_TABLES[key] = entry
+    return entry[0]
+
+
+def _new_tile_table(rows: List[tuple], block_d: int, device: torch.device):
+    """(the table on `device`, its host copy): a copy recorded in a CUDA graph re-reads the host
+    copy at every replay, so an entry keeps both."""
     blocks = torch.tensor(rows, dtype=torch.int64)
     tiles = (blocks[:, 5] + block_d - 1) // block_d
     block_of_tile = torch.repeat_interleave(torch.arange(len(rows)), tiles)
     first_tile = torch.cumsum(tiles, 0) - tiles
     first_col = (torch.arange(int(tiles.sum())) - first_tile[block_of_tile]) * block_d
     table = torch.cat([blocks[block_of_tile, :6], first_col[:, None]], 1)
-    if device.type == "cuda":
-        # Pinned, so the copy is asynchronous (and capturable); the cache keeps the device copy.
-        table = table.pin_memory().to(device, non_blocking=True)
-    _TABLES[key] = table
-    if len(_TABLES) > _TABLES_KEPT:
-        _TABLES.popitem(last=False)
-    return table
+    if device.type != "cuda":
+        return table, table
+    # Pinned, so the copy is asynchronous (and capturable).
+    host = table.pin_memory()
+    return host.to(device, non_blocking=True), host
 
 
 def _aligned(tensor: torch.Tensor, row_stride: int) -> bool:
