@@ -1,6 +1,6 @@
 """What the Triton launchers share: each block of a gradient stack seen as a [K, cols] matrix of
-contiguous rows, adjacent views of one buffer merged so that one launch covers them, and the
-number of programs that fills the device.
+contiguous rows, adjacent views of one buffer merged so that one launch covers them, the tables
+through which one launch covers many blocks, and the number of programs that fills the device.
 
 Block sizes differ between a GPU and Triton's CPU interpreter (TRITON_INTERPRET=1): on a GPU a tile
 must fit in registers, while the interpreter pays per operation and per program, so it gets few
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import List, Sequence, Tuple
+from collections import OrderedDict
+from typing import Callable, Hashable, List, Sequence, Tuple
 
 import torch
 
@@ -83,3 +84,37 @@ def merged_segments(*stacks: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor,
             segments.append(views)
     return segments
 
+
+
+# Tables of block addresses, strides and widths (int64 on the device) through which one launch
+# covers many blocks, by a key naming everything they hold, so equal keys give equal tables. A
+# training loop reuses its gradient, tracking and output buffers, so its steps find their tables
+# here, and copy nothing to the device after the first step (nor during a CUDA-graph capture after
+# a warm-up step).
+_TABLES: "OrderedDict[Hashable, tuple]" = OrderedDict()
+_TABLES_KEPT = 32
+# Tables used while a CUDA graph was being captured: every replay reads them (and re-reads the
+# pinned host copy of one first copied during the capture), so they are never evicted.
+_CAPTURED_TABLES: dict = {}
+
+
+def cached_table(key: Hashable, build: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The int64 table build() makes on the host, on `device`: built and copied on the first call
+    with `key` (asynchronously, from pinned memory), then reused."""
+    key = (key, device)
+    entry = _TABLES.get(key)
+    if entry is None:
+        host = build()
+        if device.type == "cuda":
+            host = host.pin_memory()
+            entry = (host.to(device, non_blocking=True), host)
+        else:
+            entry = (host, host)
+        _TABLES[key] = entry
+        if len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _CAPTURED_TABLES[key] = entry
+    return entry[0]

@@ -5,17 +5,14 @@ place as y ← y + β (s_k g_k − y) (`moco_track_combine`, whose update is fus
 
 One launch covers every block, however many there are: a tile table (one int64 row per program:
 the block's addresses, row strides, column count and the program's first column) tells each program
-where its BLOCK_D columns are. A model of a few hundred parameter tensors then costs one launch, not
-one per tensor. Each program walks down its K rows BLOCK_K at a time, so every input element is read
-once and every output element written once, in a fixed summation order. The table is built on the
-host from addresses and shapes only (no synchronisation) and kept for the next call with the same
-blocks, so that steps after the first (and any CUDA-graph capture after a warm-up step) copy nothing
-to the device.
+where its BLOCK_D columns are (_launch.cached_table keeps it for the next call with the same
+blocks). A model of a few hundred parameter tensors then costs one launch, not one per tensor. Each
+program walks down its K rows BLOCK_K at a time, so every input element is read once and every
+output element written once, in a fixed summation order.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import List, Optional
 
 import torch
@@ -23,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._stack import accum_dtype
-from ._launch import interpreted, row_view
+from ._launch import cached_table, interpreted, row_view
 
 _FIELDS = 7  # g address, g row stride, y address, y row stride, out address, columns, first column
 
@@ -79,46 +76,19 @@ def _table_combine_kernel(
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
 
-# Tile tables of recent calls, by the blocks' addresses, strides and widths (a table holds nothing
-# else, so equal keys give equal tables). A training loop reuses its gradient, tracking and output
-# buffers, so its steps hit; a few entries cover the passes of one step.
-_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
-_TABLES_KEPT = 16
-# Tables used while a CUDA graph was being captured: the graph reads them at every replay, so they
-# are never evicted.
-_CAPTURED_TABLES: dict = {}
-
-
 def _tile_table(rows: List[tuple], block_d: int, device: torch.device) -> torch.Tensor:
     """[programs, 7] int64 on `device`: each block's row repeated for each of its BLOCK_D-column
     tiles, with the tile's first column appended."""
-    key = (tuple(rows), block_d, device)
-    entry = _TABLES.get(key)
-    if entry is None:
-        entry = _TABLES[key] = _new_tile_table(rows, block_d, device)
-        if len(_TABLES) > _TABLES_KEPT:
-            _TABLES.popitem(last=False)
-    else:
-        _TABLES.move_to_end(key)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        _CAPTURED_TABLES[key] = entry
-    return entry[0]
 
+    def build() -> torch.Tensor:
+        blocks = torch.tensor(rows, dtype=torch.int64)
+        tiles = (blocks[:, 5] + block_d - 1) // block_d
+        block_of_tile = torch.repeat_interleave(torch.arange(len(rows)), tiles)
+        first_tile = torch.cumsum(tiles, 0) - tiles
+        first_col = (torch.arange(int(tiles.sum())) - first_tile[block_of_tile]) * block_d
+        return torch.cat([blocks[block_of_tile, :6], first_col[:, None]], 1)
 
-def _new_tile_table(rows: List[tuple], block_d: int, device: torch.device):
-    """(the table on `device`, its host copy): a copy recorded in a CUDA graph re-reads the host
-    copy at every replay, so an entry keeps both."""
-    blocks = torch.tensor(rows, dtype=torch.int64)
-    tiles = (blocks[:, 5] + block_d - 1) // block_d
-    block_of_tile = torch.repeat_interleave(torch.arange(len(rows)), tiles)
-    first_tile = torch.cumsum(tiles, 0) - tiles
-    first_col = (torch.arange(int(tiles.sum())) - first_tile[block_of_tile]) * block_d
-    table = torch.cat([blocks[block_of_tile, :6], first_col[:, None]], 1)
-    if device.type != "cuda":
-        return table, table
-    # Pinned, so the copy is asynchronous (and capturable).
-    host = table.pin_memory()
-    return host.to(device, non_blocking=True), host
+    return cached_table(("combine", tuple(rows), block_d), build, device)
 
 
 def _aligned(tensor: torch.Tensor, row_stride: int) -> bool:

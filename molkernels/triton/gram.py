@@ -2,13 +2,14 @@
 
 Two kernels, so that the result is deterministic without atomics:
 1. `_partial_products_kernel`: program (i, j, c) multiplies row tile i of A by row tile j of B over
-   its own span of columns c and writes the [BLOCK_K, BLOCK_K] partial product to a workspace.
+   span c of the columns (row c of a table of block addresses, strides and column ranges) and
+   writes the [BLOCK_K, BLOCK_K] partial product to a workspace.
    For gram only the tiles i <= j run.
 2. `_reduce_partials_kernel`: sums the partials of every output element in a fixed order (several
    partials per load step) and writes the [K, K] result; for gram element (i, j) reads the upper-triangle entry (min, max), so
    the result is exactly symmetric.
-Each run of adjacent block views (see _launch.merged_segments) is one launch of the first kernel;
-all of them share one workspace and one reduction.
+Every run of adjacent block views (see _launch.merged_segments) is a segment; one launch of the first
+kernel covers all segments, and one reduction sums their partials.
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ import triton
 import triton.language as tl
 
 from .._stack import accum_dtype
-from ._launch import interpreted, merged_segments, programs_to_fill
+from ._launch import cached_table, interpreted, merged_segments, programs_to_fill
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
 
 
 # K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
 @triton.jit(do_not_specialize=["K"])
 def _partial_products_kernel(
-    a_ptr, b_ptr, partial_ptr, K, cols, a_row_stride, b_row_stride, span,
+    table_ptr, partial_ptr, K,
     SYMMETRIC: tl.constexpr, ONE_TILE: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGNED: tl.constexpr, DTYPE: tl.constexpr, VECTOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile_i = tl.program_id(0)
     tile_j = tl.program_id(1)
@@ -36,12 +41,29 @@ def _partial_products_kernel(
     if SYMMETRIC and tile_j < tile_i:
         return  # the lower triangle is the mirror of the upper one
     n_tiles = tl.num_programs(0)
+    # The chunk's row of the table: A's and B's address and row stride, the segment's columns, and
+    # the chunk's first column and span.
+    row = table_ptr + chunk.to(tl.int64) * 7
+    a_ptr = tl.load(row).to(tl.pointer_type(DTYPE), bitcast=True)
+    a_row_stride = tl.load(row + 1)
+    b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE), bitcast=True)
+    b_row_stride = tl.load(row + 3)
+    cols = tl.load(row + 4)
+    first_col = tl.load(row + 5)
+    span = tl.load(row + 6)
+    if ALIGNED:
+        # Every address and row stride of the table is a multiple of 16 bytes (checked on the host):
+        # 16-byte vector loads.
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+        a_row_stride = tl.multiple_of(a_row_stride, VECTOR)  # elements per 16 bytes
+        b_row_stride = tl.multiple_of(b_row_stride, VECTOR)
+        first_col = tl.multiple_of(first_col, VECTOR)
     rows_i = tile_i * BLOCK_K + tl.arange(0, BLOCK_K)
     rows_j = tile_j * BLOCK_K + tl.arange(0, BLOCK_K)
     # 64-bit offsets: K rows of a billion-column buffer overflow int32.
     a_rows = a_ptr + rows_i.to(tl.int64)[:, None] * a_row_stride
     b_rows = b_ptr + rows_j.to(tl.int64)[:, None] * b_row_stride
-    first_col = chunk.to(tl.int64) * span
     # A diagonal tile of gram reads its rows once. With one tile (every K up to the tile size) that
     # is known at compile time, so the loop holds no branch and its loads pipeline.
     diagonal = ONE_TILE or (SYMMETRIC and tile_i == tile_j)
@@ -141,16 +163,21 @@ def tiling(K: int, dtype: torch.dtype, device: torch.device):
 
 
 def span_plans(segments, block_d: int, tile_programs: int, device: torch.device):
-    """(views, cols, BLOCK_D, span, chunks) per segment: its columns split into spans, enough of
-    them to fill the device with `tile_programs` programs per span. In the interpreter a narrow
-    segment gets narrower tiles (it pays per element of a tile); a GPU keeps one BLOCK_D, so that
-    odd widths do not each compile a variant (a masked tile costs a narrow segment little)."""
+    """(views, cols, BLOCK_D, span, chunks) per segment: its columns split into spans. The programs
+    that fill the device (over `tile_programs` tiles per span) are shared among the segments in
+    proportion to their columns, so the partials workspace is bounded by that count plus one per
+    segment, not by the number of segments times it. In the interpreter a narrow segment gets
+    narrower tiles (it pays per element of a tile); a GPU keeps one BLOCK_D, so that odd widths do
+    not each compile a variant (a masked tile costs a narrow segment little)."""
     min_span = 1 if interpreted(device) else MIN_SPAN
+    budget = max(1, programs_to_fill(device) // tile_programs)
+    total = max(1, sum(views[0].shape[1] for views in segments))
     plans = []
     for views in segments:
         cols = views[0].shape[1]
         segment_block_d = min(block_d, max(16, triton.next_power_of_2(cols))) if interpreted(device) else block_d
-        chunks = max(1, min(programs_to_fill(device) // tile_programs, triton.cdiv(cols, max(min_span, segment_block_d))))
+        share = max(1, budget * cols // total)
+        chunks = max(1, min(share, triton.cdiv(cols, max(min_span, segment_block_d))))
         span = triton.cdiv(triton.cdiv(cols, chunks), segment_block_d) * segment_block_d
         plans.append((views, cols, segment_block_d, span, triton.cdiv(cols, span)))
     return plans
@@ -186,17 +213,28 @@ def _products(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], symmetric: b
     plans = span_plans(segments, block_d, tile_programs, device)
     n_partials = sum(plan[-1] for plan in plans)
     partials = torch.empty((n_partials, n_tiles, n_tiles, block_k, block_k), dtype=acc_dtype, device=device)
-
-    first_partial = 0
+    # One launch for every segment (on a GPU all share one BLOCK_D; the interpreter gives narrow
+    # segments narrow tiles, so there it is one launch per tile width), each chunk a table row.
+    launches = {}
     for views, cols, segment_block_d, span, chunks in plans:
         a_view, b_view = views[0], views[-1]
-        _partial_products_kernel[(n_tiles, n_tiles, chunks)](
-            a_view, b_view, partials[first_partial:], K, cols, a_view.stride(0), b_view.stride(0), span,
+        rows = launches.setdefault(segment_block_d, [])
+        rows += [(a_view.data_ptr(), a_view.stride(0), b_view.data_ptr(), b_view.stride(0), cols, c * span, span)
+                 for c in range(chunks)]
+    item = a[0].element_size()
+    first_partial = 0
+    for segment_block_d, rows in launches.items():
+        aligned = not interpreted(device) and all(
+            r[0] % 16 == 0 and r[2] % 16 == 0 and (r[1] * item) % 16 == 0 and (r[3] * item) % 16 == 0 for r in rows)
+        table = cached_table(("products", tuple(rows)), lambda: torch.tensor(rows, dtype=torch.int64), device)
+        _partial_products_kernel[(n_tiles, n_tiles, len(rows))](
+            table, partials[first_partial:], K,
             SYMMETRIC=symmetric, ONE_TILE=symmetric and n_tiles == 1, USE_DOT=use_dot,
-            DOT_UPCAST=use_dot and interpreted(device) and a[0].dtype == torch.bfloat16, ACC_DTYPE=acc_tl,
+            DOT_UPCAST=use_dot and interpreted(device) and a[0].dtype == torch.bfloat16, ALIGNED=aligned,
+            DTYPE=_TL_DTYPES[a[0].dtype], VECTOR=16 // item, ACC_DTYPE=acc_tl,
             BLOCK_K=block_k, BLOCK_D=segment_block_d, num_warps=num_warps,
         )
-        first_partial += chunks
+        first_partial += len(rows)
     return reduce_partials(partials, K, symmetric)
 
 
