@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "convert.h"
 #include "cpu_kernels.h"  // StackView
@@ -281,15 +282,28 @@ __global__ void __launch_bounds__(kGramThreads)
   constexpr int U = R <= 2 ? 4 : R <= 4 ? 2 : 1;  // vectors in flight per row
   MK_SHARED(double, warp_sums, [kGramWarps][NP]);
   const GramRows<T, kind> rows{tab, args.K, kind == GramKind::track ? *static_cast<const A*>(args.beta) : A(0)};
-  // fp32 sums over at most kFlushColumns columns per thread, added into double sums, so that the
-  // rounding error does not grow with the columns per thread (d / (CTAs x 256)).
+  // fp32 sums over at most kFlushColumns columns per thread; then a warp butterfly (fixed order)
+  // adds them into the warp's double sums in shared memory, so that the rounding error does not
+  // grow with the columns per thread (d / (CTAs x 256)). Every loop below has a trip count that is
+  // the same for all threads of the CTA (a lane without a column of its own adds nothing), so that
+  // every lane of a warp reaches each flush's shuffles.
+  const int t = int(threadIdx.x), lane = t % 32, warp = t / 32;
   A acc[NP];
-  double total[NP];
 #pragma unroll
-  for (int e = 0; e < NP; ++e) acc[e] = A(0), total[e] = 0.0;
+  for (int e = 0; e < NP; ++e) acc[e] = A(0);
+  if (lane == 0)
+    for (int e = 0; e < NP; ++e) warp_sums[warp][e] = 0.0;  // lane 0 alone touches its warp's row
+  int columns = 0;  // columns per thread since the last flush (at most): the same in every thread
   auto flush = [&] {
+    columns = 0;
 #pragma unroll
-    for (int e = 0; e < NP; ++e) total[e] += double(acc[e]), acc[e] = A(0);
+    for (int e = 0; e < NP; ++e) {
+      A v = acc[e];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+      if (lane == 0) warp_sums[warp][e] += double(v);
+      acc[e] = A(0);
+    }
   };
   auto accumulate = [&](const A* x) {
     int e = 0;
@@ -298,33 +312,34 @@ __global__ void __launch_bounds__(kGramThreads)
 #pragma unroll
       for (int s = cross ? 0 : r; s < KA; ++s) acc[e++] += x[r] * x[cross ? KA + s : s];
   };
-  auto scalar_column = [&](int j, int64_t c) {
-    A x[R];
+  // Scalar columns [from, to) of block j, one per thread per step.
+  auto scalar_columns = [&](int j, int64_t from, int64_t to) {
+    for (int64_t c0 = from; c0 < to; c0 += kGramThreads) {
+      const int64_t c = c0 + t;
+      if (c < to) {
+        A x[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) x[r] = rows.load(j, r, c);
-    accumulate(x);
+        for (int r = 0; r < R; ++r) x[r] = rows.load(j, r, c);
+        accumulate(x);
+      }
+      if (++columns >= kFlushColumns) flush();
+    }
   };
   int64_t c0, c1;
   cta_columns(tab.begin[tab.num_blocks], c0, c1);
-  const int t = int(threadIdx.x);
   for (int j = c0 < c1 ? first_block(tab, c0) : tab.num_blocks; j < tab.num_blocks && tab.begin[j] < c1; ++j) {
     const BlockRange b = block_range(tab, j, c0, c1, V);
-    for (int64_t c = b.lo + t; c < b.va; c += kGramThreads) scalar_column(j, c);
+    scalar_columns(j, b.lo, b.va);
     const int64_t groups = (b.vb - b.va) / V;
-    int since_flush = 0;
-    for (int64_t g = t; g < groups; g += int64_t(kGramThreads) * U) {
-      if (++since_flush == kFlushColumns / (U * V)) {
-        flush();
-        since_flush = 0;
-      }
+    for (int64_t g0 = 0; g0 < groups; g0 += int64_t(kGramThreads) * U) {
       A x[U][R][V];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int64_t gg = g + int64_t(u) * kGramThreads;
+        const int64_t g = g0 + int64_t(u) * kGramThreads + t;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          if (gg < groups) {
-            rows.load_vec(j, r, b.va + gg * V, x[u][r]);
+          if (g < groups) {
+            rows.load_vec(j, r, b.va + g * V, x[u][r]);
           } else {
 #pragma unroll
             for (int v = 0; v < V; ++v) x[u][r][v] = A(0);
@@ -340,18 +355,13 @@ __global__ void __launch_bounds__(kGramThreads)
           for (int r = 0; r < R; ++r) column[r] = x[u][r][v];
           accumulate(column);
         }
+      columns += U * V;
+      if (columns >= kFlushColumns) flush();
     }
-    for (int64_t c = b.vb + t; c < b.hi; c += kGramThreads) scalar_column(j, c);
-    flush();
+    scalar_columns(j, b.vb, b.hi);
   }
-  // Fixed order: a butterfly in each warp, then the warps in order, in double.
-#pragma unroll
-  for (int e = 0; e < NP; ++e)
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) total[e] += __shfl_xor_sync(0xFFFFFFFFu, total[e], offset);
-  if (t % 32 == 0)
-#pragma unroll
-    for (int e = 0; e < NP; ++e) warp_sums[t / 32][e] = total[e];
+  flush();
+  // The warps in order, in double.
   __syncthreads();
   if (t < NP) {
     int r = 0, s = 0, e = t;
@@ -437,7 +447,9 @@ __global__ void __launch_bounds__(kGramThreads)
     }
   };
 
-  // fp32 sums over one slab (<= 512 columns), added into double sums per slab.
+  // fp32 sums over one slab (<= 512 columns), added into double sums per slab; fp64 data
+  // accumulates into the double sums directly.
+  constexpr bool kFlush = !std::is_same_v<A, double>;
   A acc[kTile][kTile];
   double total[kTile][kTile];
 #pragma unroll
@@ -497,11 +509,15 @@ __global__ void __launch_bounds__(kGramThreads)
           }
       }
     } else if (active) {
-      tile_products(kTile * ti, right0 + kTile * tj, lane, geo.lanes, groups, acc);
+      if constexpr (kFlush) {
+        tile_products(kTile * ti, right0 + kTile * tj, lane, geo.lanes, groups, acc);
 #pragma unroll
-      for (int q = 0; q < kTile; ++q)
+        for (int q = 0; q < kTile; ++q)
 #pragma unroll
-        for (int u = 0; u < kTile; ++u) total[q][u] += double(acc[q][u]), acc[q][u] = A(0);
+          for (int u = 0; u < kTile; ++u) total[q][u] += double(acc[q][u]), acc[q][u] = A(0);
+      } else {
+        tile_products(kTile * ti, right0 + kTile * tj, lane, geo.lanes, groups, total);
+      }
     }
     __syncthreads();
   }
