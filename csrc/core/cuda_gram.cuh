@@ -86,14 +86,32 @@ __host__ __device__ inline int64_t gram_ceil_div(int64_t a, int64_t b) { return 
 __host__ __device__ inline int64_t gram_min(int64_t a, int64_t b) { return b < a ? b : a; }
 __host__ __device__ inline int64_t gram_max(int64_t a, int64_t b) { return a < b ? b : a; }
 
+// CTAs per SM the kernels are compiled for: 2 (<= 128 registers); fp64's double accumulators
+// need more registers at K = 7, 8 and in the tiles, so fp64 gets 1 (its 2 x SMs CTAs run in two
+// rounds of equal work).
+template <class T>
+constexpr int gram_min_ctas() {
+  return std::is_same_v<T, double> ? 1 : 2;
+}
+
 struct alignas(16) Vec16 {
   uint32_t w[4];
 };
+
+// The GPU faults on a misaligned vector access; the CPU would not, so the emulation checks.
+__device__ inline void check_vector_alignment(const void* p) {
+#if defined(MK_SIMT_EMULATION)
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) ::mk::simt::fail("misaligned 16-byte vector access at %p", p);
+#else
+  (void)p;
+#endif
+}
 
 // N elements of X from 16-byte aligned memory (N * sizeof(X) a multiple of 16), as 16-byte loads.
 template <class X, int N>
 __device__ inline void load_vector(const X* p, X (&out)[N]) {
   static_assert(N * sizeof(X) % 16 == 0, "whole 16-byte vectors");
+  check_vector_alignment(p);
   constexpr int kLoads = int(N * sizeof(X) / 16);
   Vec16 v[kLoads];
 #pragma unroll
@@ -102,6 +120,7 @@ __device__ inline void load_vector(const X* p, X (&out)[N]) {
 }
 template <class X, int N>
 __device__ inline void store_vector(X* p, const X (&in)[N]) {
+  check_vector_alignment(p);
   constexpr int kLoads = int(N * sizeof(X) / 16);
   Vec16 v[kLoads];
   memcpy(v, in, sizeof v);
@@ -272,7 +291,7 @@ constexpr int register_products() {
 }
 
 template <class T, GramKind kind, int R>
-__global__ void __launch_bounds__(kGramThreads)
+__global__ void __launch_bounds__(kGramThreads, gram_min_ctas<T>())
     gram_registers_kernel(MK_GRID_CONSTANT(GramTable, tab), GramArgs args) {
   using A = accum_t<T>;
   constexpr bool cross = kind == GramKind::cross;
@@ -386,7 +405,7 @@ __global__ void __launch_bounds__(kGramThreads)
 // ---- larger K: shared-memory slabs, 4 x 4 register tiles ------------------------------------
 
 template <class T, GramKind kind>
-__global__ void __launch_bounds__(kGramThreads)
+__global__ void __launch_bounds__(kGramThreads, gram_min_ctas<T>())
     gram_tiles_kernel(MK_GRID_CONSTANT(GramTable, tab), GramArgs args, TileGeometry geo) {
   using A = accum_t<T>;
   constexpr bool cross = kind == GramKind::cross;
