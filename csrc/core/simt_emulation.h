@@ -19,7 +19,9 @@
 //   and each lane then gets the value CUDA gives it (its own value where the source lane lies outside
 //   its width segment). A mask that omits the calling lane, names a lane that does not exist or
 //   exited, lanes at different shuffles or with different masks, a named lane waiting at a
-//   __syncthreads(), or a source lane outside the mask is an error, reported and fatal, never a hang;
+//   __syncthreads(), or a source lane outside the mask is an error, reported and fatal, never a hang.
+//   "The same shuffle" means the same source line: lanes at one line reached through different
+//   call sites of an inlined helper count as one intrinsic;
 // - atomics (atomicAdd, atomicExch, atomicInc, atomicMax) are plain read-modify-writes: one OS thread
 //   runs the whole grid and a fiber is only ever suspended at a barrier or a shuffle, never inside an
 //   atomic, so each one is indivisible as on the GPU. __threadfence() is a no-op: all "device memory"

@@ -632,6 +632,9 @@ void test_type() {
           "gram %s of empty blocks K=%lld is not zero", type_name<T>(), (long long)K);
   }
   for (const int64_t K : {3, 8, 16, 33}) test_gram_grids<T>(Layout::vector_heads, K, 4099);
+  // 1100 tiny blocks on 1..7 SMs: threads 0-2 alone have columns, several hundred of them, so the
+  // register path's flushes (every 256 columns per thread) must come at the same step in every lane.
+  for (const int64_t K : {3, 8}) test_gram_grids<T>(Layout::many_blocks, K, 1);
   for (const int64_t K : {1, 3, 64}) {
     test_combine_into<T, double>(Layout::flat_views, K, 17, true);
     test_combine_into<T, mk::half_t>(Layout::flat_views, K, 17, false);
@@ -662,6 +665,9 @@ int main() {
   test_combine_into<float, float>(Layout::one_block, 3, 100003, false);
   test_moco_passes<float>(Layout::one_block, 33, 100003);
   test_gram<mk::bf16_t>(Layout::vector_heads, 8, 100003);
+  // Hundreds of columns per thread: fp32 sums flushed into double mid-block, scalar and vector.
+  test_gram_grids<float>(Layout::flat_views, 2, 300000);
+  test_gram_grids<mk::half_t>(Layout::vector_heads, 5, 300000);
   test_gram<double>(Layout::one_block, 100, 300);  // 325 tile pairs: each thread owns pairs
   test_moco_passes<float>(Layout::vector_heads, 50, 1000);
   if (failures) std::printf("%d checks failed\n", failures);
