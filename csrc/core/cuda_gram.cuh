@@ -286,7 +286,7 @@ __device__ inline void cta_columns(int64_t total, int64_t& c0, int64_t& c1) {
 // ---- K <= 8: registers only -------------------------------------------------------------------
 
 template <GramKind kind, int R>
-constexpr int register_products() {
+__host__ __device__ constexpr int register_products() {
   return kind == GramKind::cross ? (R / 2) * (R / 2) : R * (R + 1) / 2;
 }
 
