@@ -7,15 +7,11 @@
 #include <vector>
 
 #include "core/cuda_kernels.h"
+#include "gram_workspace_cuda.h"
 #include "stack.h"
 
 namespace molkernels {
 namespace {
-
-at::Tensor partials_for(const Stack& g, int64_t rows) {
-  const int64_t parts = mk::gram_cuda_parts(g.cols.data(), int64_t(g.blocks.size()), g.K);
-  return at::empty({parts, rows, rows}, g.blocks[0].options().dtype(accum_dtype(g.blocks[0].scalar_type())));
-}
 
 void combine_into_cuda(const std::vector<at::Tensor>& g, const at::Tensor& weights, const std::vector<at::Tensor>& out,
                        double alpha, bool accumulate) {
@@ -42,13 +38,13 @@ at::Tensor moco_track_gram_cuda(const std::vector<at::Tensor>& y, const std::vec
   const at::Tensor b = accum_scalar(beta, grads, "beta");
   const at::ScalarType dtype = grads.blocks[0].scalar_type();
   at::Tensor out = at::empty({grads.K, grads.K}, grads.blocks[0].options().dtype(accum_dtype(dtype)));
-  at::Tensor partials = partials_for(grads, grads.K);
+  at::Tensor workspace = gram_workspace_cuda(out, grads.K, grads.K);
   dispatch_float_types(dtype, "g", [&](auto tag) {
     using T = decltype(tag);
     using A = mk::accum_t<T>;
     std::vector<const T*> gp;
     std::vector<A*> yp;
-    mk::track_gram_cuda<T>(grads.view<T>(gp), state.mutable_view<A>(yp), b.const_data_ptr<A>(), partials.data_ptr<A>(),
+    mk::track_gram_cuda<T>(grads.view<T>(gp), state.mutable_view<A>(yp), b.const_data_ptr<A>(), workspace.data_ptr(),
                            out.data_ptr<A>(), at::cuda::getCurrentCUDAStream());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -61,13 +57,13 @@ at::Tensor joint_gram_cuda(const std::vector<at::Tensor>& y, const std::vector<a
   const c10::cuda::CUDAGuard guard(grads.blocks[0].device());
   const at::ScalarType dtype = grads.blocks[0].scalar_type();
   at::Tensor out = at::empty({2 * grads.K, 2 * grads.K}, grads.blocks[0].options().dtype(accum_dtype(dtype)));
-  at::Tensor partials = partials_for(grads, 2 * grads.K);
+  at::Tensor workspace = gram_workspace_cuda(out, 2 * grads.K, grads.K);
   dispatch_float_types(dtype, "g", [&](auto tag) {
     using T = decltype(tag);
     using A = mk::accum_t<T>;
     std::vector<const T*> gp;
     std::vector<const A*> yp;
-    mk::joint_gram_cuda<T>(grads.view<T>(gp), state.view<A>(yp), partials.data_ptr<A>(), out.data_ptr<A>(),
+    mk::joint_gram_cuda<T>(grads.view<T>(gp), state.view<A>(yp), workspace.data_ptr(), out.data_ptr<A>(),
                            at::cuda::getCurrentCUDAStream());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -8,6 +8,7 @@
 
 #include "core/cuda_kernels.h"
 #include "core/min_norm.h"
+#include "gram_workspace_cuda.h"
 #include "stack.h"
 
 namespace molkernels {
@@ -18,15 +19,14 @@ at::Tensor products_cuda(const Stack& a, const Stack* b) {
   const at::ScalarType acc = accum_dtype(a.blocks[0].scalar_type());
   const at::TensorOptions options = a.blocks[0].options().dtype(acc);
   at::Tensor out = at::empty({a.K, a.K}, options);
-  const int64_t parts = mk::gram_cuda_parts(a.cols.data(), int64_t(a.blocks.size()), a.K);
-  at::Tensor partials = at::empty({parts, a.K, a.K}, options);
+  at::Tensor workspace = gram_workspace_cuda(out, a.K, a.K);
   dispatch_float_types(a.blocks[0].scalar_type(), "g", [&](auto tag) {
     using T = decltype(tag);
     std::vector<const T*> pa, pb;
     const mk::StackView<T> va = a.view<T>(pa);
     mk::StackView<T> vb{};
     if (b) vb = b->view<T>(pb);
-    mk::gram_cuda<T>(va, b ? &vb : nullptr, partials.data_ptr<mk::accum_t<T>>(), out.data_ptr<mk::accum_t<T>>(),
+    mk::gram_cuda<T>(va, b ? &vb : nullptr, workspace.data_ptr(), out.data_ptr<mk::accum_t<T>>(),
                      at::cuda::getCurrentCUDAStream());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

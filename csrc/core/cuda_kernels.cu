@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "convert.h"
+#include "cuda_gram.cuh"
 #include "cuda_products.cuh"
 #include "min_norm.h"
 #include "simplex.h"
@@ -36,22 +37,19 @@ __global__ void min_norm_kernel(const T* gram, int64_t batch, int64_t K, T* out,
 
 }  // namespace
 
-int64_t gram_cuda_parts(const int64_t* cols, int64_t num_blocks, int64_t /*K*/) {
-  return gpu::product_parts(cols, num_blocks);
-}
+size_t gram_cuda_workspace_bytes(int64_t n) { return gpu::gram_workspace_bytes(n); }
 
 template <class T>
-void gram_cuda(const StackView<T>& a, const StackView<T>* b, accum_t<T>* partials, accum_t<T>* out,
+void gram_cuda(const StackView<T>& a, const StackView<T>* b, void* workspace, accum_t<T>* out,
                cudaStream_t stream) {
-  using A = accum_t<T>;
-  int64_t part0 = 0;
-  for (int64_t j = 0; j < a.num_blocks; ++j) {
-    const gpu::BlockLoad<T> load_a{a.data[j], a.row_stride[j]};
-    const gpu::BlockLoad<T> load_b = b ? gpu::BlockLoad<T>{b->data[j], b->row_stride[j]} : load_a;
-    gpu::launch_products<A>(load_a, load_b, a.K, a.cols[j], b == nullptr, partials, part0, stream);
-    part0 += gpu::ctas_for_columns(a.cols[j]);
+  if (b) {
+    gpu::launch_gram<T, gpu::GramKind::cross>(a.data, a.row_stride, reinterpret_cast<const void* const*>(b->data),
+                                              b->row_stride, a.cols, a.num_blocks, a.K, nullptr, workspace, out,
+                                              stream);
+  } else {
+    gpu::launch_gram<T, gpu::GramKind::gram>(a.data, a.row_stride, nullptr, nullptr, a.cols, a.num_blocks, a.K,
+                                             nullptr, workspace, out, stream);
   }
-  gpu::reduce_partials<A>(partials, part0, a.K, b == nullptr, out, stream);
 }
 
 template <class T, class U>
@@ -82,7 +80,7 @@ void min_norm_cuda(const T* gram, int64_t batch, int64_t K, T* out, double* work
   template void combine_into_cuda<T, U>(const StackView<T>&, const accum_t<T>*, U* const*, accum_t<T>, bool,   \
                                         cudaStream_t);
 #define MK_INSTANTIATE(T)                                                                                      \
-  template void gram_cuda<T>(const StackView<T>&, const StackView<T>*, accum_t<T>*, accum_t<T>*, cudaStream_t); \
+  template void gram_cuda<T>(const StackView<T>&, const StackView<T>*, void*, accum_t<T>*, cudaStream_t);       \
   template void combine_cuda<T>(const StackView<T>&, const accum_t<T>*, T* const*, cudaStream_t);             \
   MK_INSTANTIATE_INTO(T, float)                                                                                \
   MK_INSTANTIATE_INTO(T, double)                                                                               \

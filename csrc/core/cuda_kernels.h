@@ -5,18 +5,32 @@
 
 #include "cuda_runtime_types.h"
 
+#include <cstddef>
+
 #include "cpu_kernels.h"  // StackView
 
 namespace mk {
 
-// Partial K x K sums the Gram kernels write before their fixed-order reduction: the caller
-// allocates gram_cuda_parts(...) * K * K accumulators of workspace.
-int64_t gram_cuda_parts(const int64_t* cols, int64_t num_blocks, int64_t K);
+// The Gram family (gram_cuda, track_gram_cuda, joint_gram_cuda) is one launch per call (one per
+// 512 non-empty blocks beyond that) with a grid of 2 CTAs per SM of the current device, each CTA
+// writing one partial that the last CTA sums; see cuda_gram.cuh.
+//
+// Workspace: gram_cuda_workspace_bytes(n) bytes of device memory for an n x n result (n = K; 2K
+// for joint_gram), on the device that runs the call. Its first 4 bytes are the CTAs' ticket
+// counter: they must be zero before the first call, and every call leaves them zero again (the
+// last CTA resets the counter), so a workspace can be reused by later calls on the same stream
+// and under CUDA graph replay. The rest, (2 SMs + 1) n^2 doubles, needs no initialisation.
+size_t gram_cuda_workspace_bytes(int64_t n);
+// Bytes at the start of the workspace that hold the ticket (zero them once).
+constexpr size_t kGramCudaTicketBytes = 16;
+// The largest K the Gram family takes (gram, cross_gram, track_gram, joint_gram alike).
+constexpr int64_t kGramCudaMaxK = 512;
 
 // out[K*K] (device) = sum over blocks of A B^T; b == nullptr computes the symmetric Gram of a.
 // The StackView's pointer arrays live on the host; the data they point to on the device.
+// Bitwise deterministic on a given device (fixed grid); exactly symmetric for b == nullptr.
 template <class T>
-void gram_cuda(const StackView<T>& a, const StackView<T>* b, accum_t<T>* partials, accum_t<T>* out, cudaStream_t stream);
+void gram_cuda(const StackView<T>& a, const StackView<T>* b, void* workspace, accum_t<T>* out, cudaStream_t stream);
 
 // out[j] (device) = sum_k weights[k] * block_j[k, :]; weights is a device array of K accumulators.
 template <class T>
@@ -37,18 +51,19 @@ void min_norm_cuda(const T* gram, int64_t batch, int64_t K, T* out, double* work
 }  // namespace mk
 
 // Fused multi-objective passes (mol_kernels.h describes them); y is the tracking state in the
-// accumulation type, with g's structure. track_gram and joint_gram need gram_cuda_parts(...) slots
-// of rows x rows partials (rows = K, and 2K for joint_gram). beta points to one value in device memory.
+// accumulation type, with g's structure. track_gram and joint_gram take a workspace of
+// gram_cuda_workspace_bytes(K) and gram_cuda_workspace_bytes(2K) bytes, its ticket zero (see
+// gram_cuda). beta points to one value in device memory.
 #include "mol_kernels.h"
 
 namespace mk {
 
 template <class T>
 void track_gram_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& y, const accum_t<T>* beta,
-                     accum_t<T>* partials, accum_t<T>* out, cudaStream_t stream);
+                     void* workspace, accum_t<T>* out, cudaStream_t stream);
 
 template <class T>
-void joint_gram_cuda(const StackView<T>& g, const StackView<accum_t<T>>& y, accum_t<T>* partials, accum_t<T>* out,
+void joint_gram_cuda(const StackView<T>& g, const StackView<accum_t<T>>& y, void* workspace, accum_t<T>* out,
                      cudaStream_t stream);
 
 template <class T, class U>

@@ -14,8 +14,19 @@
 #define MK_SHARED(type, name, dims) __shared__ type name dims
 // The launch's dynamic shared memory as an array of `type`.
 #define MK_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+// A large read-only kernel parameter read in place from the parameter space (no copy to local
+// memory, even when indexed at run time): sm_70+, CUDA >= 11.7.
+#define MK_GRID_CONSTANT(type, name) const __grid_constant__ type name
 
 namespace mk {
+// SMs of the current device (launchers size persistent grids by it).
+inline int device_multiprocessors() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
+  return count > 0 ? count : 1;
+}
+
 template <class... Params, class... Args>
 inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_shared_bytes,
                           cudaStream_t stream, Args&&... args) {
@@ -30,9 +41,12 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
 #define MK_SHARED(type, name, dims) \
   type(&name) dims = *::mk::simt::static_shared<type dims>(__FILE__, __LINE__)
 #define MK_DYNAMIC_SHARED(type, name) type* name = ::mk::simt::dynamic_shared<type>()
+// A reference to the launch's one copy of the parameter (not a copy per emulated thread).
+#define MK_GRID_CONSTANT(type, name) const type& name
 
 namespace mk {
 using simt::launch_kernel;
+inline int device_multiprocessors() { return simt::multiprocessor_count(); }
 }  // namespace mk
 
 #else

@@ -72,14 +72,19 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr unsigned kMaxGridX = 2147483647u, kMaxGridYZ = 65535;
 
-enum class FiberState { running, at_barrier, exited };
+enum class FiberState { running, at_barrier, at_shuffle, exited };
 
 struct Fiber {
   void* context = nullptr;  // the saved stack pointer
   void* stack = nullptr;
   FiberState state = FiberState::running;
-  const char* barrier_file = nullptr;
+  const char* barrier_file = nullptr;  // the barrier's or the shuffle's source position
   int barrier_line = 0;
+  // A shuffle this fiber waits at: mode, mask, its argument (lane, lane mask or delta), width, value.
+  ShuffleMode shuffle_mode = ShuffleMode::index;
+  unsigned shuffle_mask = 0;
+  int shuffle_argument = 0, shuffle_width = 32;
+  uint64_t shuffle_value = 0, shuffle_result = 0;
 #if defined(MK_SIMT_ASAN)
   void* fake_stack = nullptr;
 #endif
@@ -109,6 +114,7 @@ struct Scheduler {
 };
 
 thread_local Scheduler scheduler;
+int emulated_multiprocessors = 2;
 
 uint3 unflatten(uint64_t i, dim3 extent) {
   return uint3{unsigned(i % extent.x), unsigned(i / extent.x % extent.y), unsigned(i / extent.x / extent.y)};
@@ -136,6 +142,106 @@ void switch_to_scheduler(Fiber& fiber) {
 #if defined(MK_SIMT_ASAN)
   __sanitizer_finish_switch_fiber(fiber.fake_stack, nullptr, nullptr);
 #endif
+}
+
+
+const char* shuffle_name(ShuffleMode mode) {
+  switch (mode) {
+    case ShuffleMode::index: return "__shfl_sync";
+    case ShuffleMode::xor_: return "__shfl_xor_sync";
+    case ShuffleMode::down: return "__shfl_down_sync";
+    default: return "__shfl_up_sync";
+  }
+}
+
+// The lane whose value lane `lane` receives (CUDA's rules; itself where the source is out of range).
+unsigned shuffle_source(const Fiber& f, unsigned lane) {
+  const unsigned w = unsigned(f.shuffle_width), segment = lane & ~(w - 1);
+  const unsigned arg = unsigned(f.shuffle_argument);
+  switch (f.shuffle_mode) {
+    case ShuffleMode::index: return segment + (arg & (w - 1));
+    case ShuffleMode::xor_: {
+      const unsigned source = lane ^ arg;  // earlier segments may be read, later ones not
+      return source >= segment + w ? lane : source;
+    }
+    case ShuffleMode::down: return (lane & (w - 1)) + arg >= w ? lane : lane + arg;
+    default: return (lane & (w - 1)) < arg ? lane : lane - arg;
+  }
+}
+
+// Whether every lane that the shuffle of thread i names waits at that same shuffle with the same
+// mask and width. A named lane that can never arrive (missing, exited, at a barrier) is fatal at
+// once; one at another shuffle may still come (after that one completes), so with `report` unset
+// the group is only not ready, and with it set the inconsistency is reported.
+bool group_ready(unsigned i, unsigned threads, bool report) {
+  const Fiber& f = scheduler.fibers[i];
+  const unsigned base = i & ~31u;
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!(f.shuffle_mask >> l & 1u)) continue;
+    const unsigned other = base + l;
+    if (other >= threads)
+      fail("block (%u, %u, %u): the %s of %s:%d by thread %u names lane %u of its warp in mask 0x%08x, but the "
+           "block has no thread %u", blockIdx.x, blockIdx.y, blockIdx.z, shuffle_name(f.shuffle_mode),
+           f.barrier_file, f.barrier_line, i, l, f.shuffle_mask, other);
+    const Fiber& o = scheduler.fibers[other];
+    if (o.state == FiberState::exited)
+      fail("block (%u, %u, %u): the %s of %s:%d by thread %u names lane %u in mask 0x%08x, but thread %u exited",
+           blockIdx.x, blockIdx.y, blockIdx.z, shuffle_name(f.shuffle_mode), f.barrier_file, f.barrier_line, i, l,
+           f.shuffle_mask, other);
+    if (o.state == FiberState::at_barrier)
+      fail("block (%u, %u, %u): the %s of %s:%d by thread %u names thread %u, which waits at the __syncthreads() "
+           "of %s:%d", blockIdx.x, blockIdx.y, blockIdx.z, shuffle_name(f.shuffle_mode), f.barrier_file,
+           f.barrier_line, i, other, o.barrier_file, o.barrier_line);
+    if (o.barrier_line != f.barrier_line || std::strcmp(o.barrier_file, f.barrier_file) != 0 ||
+        o.shuffle_mode != f.shuffle_mode) {
+      if (!report) return false;
+      fail("block (%u, %u, %u): lanes of one warp at different shuffles: thread %u at the %s of %s:%d, thread %u "
+           "at the %s of %s:%d", blockIdx.x, blockIdx.y, blockIdx.z, i, shuffle_name(f.shuffle_mode),
+           f.barrier_file, f.barrier_line, other, shuffle_name(o.shuffle_mode), o.barrier_file, o.barrier_line);
+    }
+    if (o.shuffle_mask != f.shuffle_mask || o.shuffle_width != f.shuffle_width) {
+      if (!report) return false;
+      fail("block (%u, %u, %u): inconsistent masks at the %s of %s:%d: thread %u passes 0x%08x (width %d), "
+           "thread %u 0x%08x (width %d)", blockIdx.x, blockIdx.y, blockIdx.z, shuffle_name(f.shuffle_mode),
+           f.barrier_file, f.barrier_line, i, f.shuffle_mask, f.shuffle_width, other, o.shuffle_mask,
+           o.shuffle_width);
+    }
+  }
+  return true;
+}
+
+// Called when every live fiber waits at a barrier or a shuffle: completes every shuffle whose
+// named lanes are all there (they run again in the next round). If fibers wait at shuffles and
+// none can complete, the block could never go on: the first inconsistency is reported.
+// Returns whether some fiber waited at a shuffle.
+bool resolve_shuffles(unsigned threads) {
+  bool any = false, resolved = false;
+  unsigned first = 0;
+  for (unsigned i = 0; i < threads; ++i) {
+    Fiber& f = scheduler.fibers[i];
+    if (f.state != FiberState::at_shuffle) continue;
+    if (!any) first = i;
+    any = true;
+    if (!group_ready(i, threads, false)) continue;
+    // Every named lane is here: each gets its source lane's value, then all run on.
+    const unsigned base = i & ~31u;
+    const unsigned mask = f.shuffle_mask;
+    for (unsigned l = 0; l < 32; ++l) {
+      if (!(mask >> l & 1u)) continue;
+      Fiber& o = scheduler.fibers[base + l];
+      const unsigned source = shuffle_source(o, l);
+      if (!(mask >> source & 1u))
+        fail("block (%u, %u, %u): at the %s of %s:%d lane %u reads lane %u, which is not in mask 0x%08x",
+             blockIdx.x, blockIdx.y, blockIdx.z, shuffle_name(o.shuffle_mode), o.barrier_file, o.barrier_line, l,
+             source, mask);
+      o.shuffle_result = scheduler.fibers[base + source].shuffle_value;
+    }
+    for (unsigned l = 0; l < 32; ++l)
+      if (mask >> l & 1u) scheduler.fibers[base + l].state = FiberState::running;
+    resolved = true;
+  }
+  if (any && !resolved) group_ready(first, threads, true);
+  return any;
 }
 
 [[noreturn]] void fiber_main() {
@@ -187,12 +293,12 @@ void run_block(dim3 block, unsigned threads) {
     for (unsigned n = 0; n < threads; ++n) {
       const unsigned i = descending ? threads - 1 - n : n;
       Fiber& fiber = scheduler.fibers[i];
-      if (fiber.state == FiberState::exited) continue;
-      fiber.state = FiberState::running;
+      if (fiber.state != FiberState::running) continue;  // exited, or still waiting
       scheduler.current = i;
       threadIdx = unflatten(i, block);
       switch_to_fiber(fiber);
     }
+    if (resolve_shuffles(threads)) continue;
     unsigned waiting = 0, first_waiting = 0;
     for (unsigned i = 0; i < threads; ++i) {
       const Fiber& fiber = scheduler.fibers[i];
@@ -213,6 +319,8 @@ void run_block(dim3 block, unsigned threads) {
       fail("block (%u, %u, %u): the __syncthreads() of %s:%d is reached by %u of its %u threads; the others exited",
            blockIdx.x, blockIdx.y, blockIdx.z, first.barrier_file, first.barrier_line, waiting, threads);
     }
+    for (unsigned i = 0; i < threads; ++i)  // the barrier opens
+      if (scheduler.fibers[i].state == FiberState::at_barrier) scheduler.fibers[i].state = FiberState::running;
   }
 }
 
@@ -261,6 +369,36 @@ void sync_threads(const char* file, int line) {
   fiber.barrier_file = file;
   fiber.barrier_line = line;
   switch_to_scheduler(fiber);
+}
+
+uint64_t shuffle_bits(const char* file, int line, ShuffleMode mode, unsigned mask, uint64_t bits, int argument,
+                      int width) {
+  if (!scheduler.in_kernel) fail("%s at %s:%d called outside a kernel", shuffle_name(mode), file, line);
+  Fiber& fiber = scheduler.fibers[scheduler.current];
+  const unsigned lane = scheduler.current & 31u;
+  if (!(mask >> lane & 1u))
+    fail("block (%u, %u, %u): thread %u calls the %s of %s:%d with mask 0x%08x, which omits its own lane %u",
+         blockIdx.x, blockIdx.y, blockIdx.z, scheduler.current, shuffle_name(mode), file, line, mask, lane);
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+    fail("%s at %s:%d: width %d is not a power of 2 in 1..32", shuffle_name(mode), file, line, width);
+  if (argument < 0 && mode != ShuffleMode::index)
+    fail("%s at %s:%d: negative lane argument %d", shuffle_name(mode), file, line, argument);
+  fiber.state = FiberState::at_shuffle;
+  fiber.barrier_file = file;
+  fiber.barrier_line = line;
+  fiber.shuffle_mode = mode;
+  fiber.shuffle_mask = mask;
+  fiber.shuffle_argument = argument;
+  fiber.shuffle_width = width;
+  fiber.shuffle_value = bits;
+  switch_to_scheduler(fiber);
+  return fiber.shuffle_result;
+}
+
+int multiprocessor_count() { return emulated_multiprocessors; }
+void set_multiprocessor_count(int count) {
+  if (count < 1) fail("set_multiprocessor_count(%d): a device has at least one SM", count);
+  emulated_multiprocessors = count;
 }
 
 void* static_shared_bytes(const char* file, int line, size_t bytes, size_t alignment) {

@@ -13,12 +13,29 @@
 // - the launch limits of sm_90 are enforced: <= 1024 threads per block (x, y <= 1024, z <= 64),
 //   grid x <= 2^31 - 1, y and z <= 65535, shared memory <= 48 KB per block (the limit without the
 //   cudaFuncAttributeMaxDynamicSharedMemorySize opt-in, which the core never requests).
+// - warp shuffles (__shfl_sync, __shfl_xor_sync, __shfl_down_sync, __shfl_up_sync) are a warp-level
+//   rendezvous: warp w is threads 32w..32w+31 of the block (linear index); every lane named in the
+//   mask must reach the same shuffle (same source line, same mask) before any of them gets its value,
+//   and each lane then gets the value CUDA gives it (its own value where the source lane lies outside
+//   its width segment). A mask that omits the calling lane, names a lane that does not exist or
+//   exited, lanes at different shuffles or with different masks, a named lane waiting at a
+//   __syncthreads(), or a source lane outside the mask is an error, reported and fatal, never a hang.
+//   "The same shuffle" means the same source line: lanes at one line reached through different
+//   call sites of an inlined helper count as one intrinsic;
+// - atomics (atomicAdd, atomicExch, atomicInc, atomicMax) are plain read-modify-writes: one OS thread
+//   runs the whole grid and a fiber is only ever suspended at a barrier or a shuffle, never inside an
+//   atomic, so each one is indivisible as on the GPU. __threadfence() is a no-op: all "device memory"
+//   is host memory written and read by that one OS thread in program order, and blocks run one after
+//   another, so every store is visible to every later load, which is all a fence orders;
+// - the device has multiprocessor_count() SMs (2 unless a test sets another count), for launchers
+//   that size their grid by it.
 // Streams are accepted and ignored: a launch runs to completion before it returns, "device memory"
-// is host memory. The kernels use no warp intrinsics and no atomics, so none are emulated.
+// is host memory.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <tuple>
 #include <type_traits>
@@ -34,6 +51,11 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __syncthreads() ::mk::simt::sync_threads(__FILE__, __LINE__)
+#define __threadfence() ((void)0)
+#define __shfl_sync(...) ::mk::simt::shuffle(__FILE__, __LINE__, ::mk::simt::ShuffleMode::index, __VA_ARGS__)
+#define __shfl_xor_sync(...) ::mk::simt::shuffle(__FILE__, __LINE__, ::mk::simt::ShuffleMode::xor_, __VA_ARGS__)
+#define __shfl_down_sync(...) ::mk::simt::shuffle(__FILE__, __LINE__, ::mk::simt::ShuffleMode::down, __VA_ARGS__)
+#define __shfl_up_sync(...) ::mk::simt::shuffle(__FILE__, __LINE__, ::mk::simt::ShuffleMode::up, __VA_ARGS__)
 
 struct dim3 {
   unsigned x, y, z;
@@ -48,6 +70,37 @@ using cudaStream_t = struct CUstream_st*;
 // The built-in index variables of the running emulated thread (set by the scheduler at each switch).
 inline thread_local uint3 threadIdx{}, blockIdx{};
 inline thread_local dim3 blockDim, gridDim;
+
+// Atomics on "device memory" (see the header comment for why a plain read-modify-write is atomic here).
+template <class T>
+inline T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+template <class T>
+inline T atomicExch(T* address, T value) {
+  const T old = *address;
+  *address = value;
+  return old;
+}
+template <class T>
+inline T atomicMax(T* address, T value) {
+  const T old = *address;
+  *address = value > old ? value : old;
+  return old;
+}
+// ((old >= limit) ? 0 : old + 1), as CUDA's atomicInc.
+inline unsigned atomicInc(unsigned* address, unsigned limit) {
+  const unsigned old = *address;
+  *address = old >= limit ? 0u : old + 1u;
+  return old;
+}
+// A load that bypasses L1 on the GPU; here just a load.
+template <class T>
+inline T __ldcg(const T* address) {
+  return *address;
+}
 
 // CUDA's device overload of min, which the kernels call unqualified.
 template <class T>
@@ -66,6 +119,25 @@ constexpr size_t kMaxSharedBytesPerBlock = 48 * 1024;
 void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& thread);
 
 void sync_threads(const char* file, int line);
+
+// Warp shuffles: the raw rendezvous on 64-bit payloads, and the typed front end the macros call.
+enum class ShuffleMode { index, xor_, down, up };
+uint64_t shuffle_bits(const char* file, int line, ShuffleMode mode, unsigned mask, uint64_t bits, int argument,
+                      int width);
+template <class T>
+T shuffle(const char* file, int line, ShuffleMode mode, unsigned mask, T value, int argument, int width = 32) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffles move values of at most 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = shuffle_bits(file, line, mode, mask, bits, argument, width);
+  T result;
+  std::memcpy(&result, &bits, sizeof(T));
+  return result;
+}
+
+// The emulated device's SM count (2 by default); tests set others to vary launchers' grids.
+int multiprocessor_count();
+void set_multiprocessor_count(int count);
 
 // The block's instance of the static shared array declared at file:line, allocated (and poisoned)
 // by the first of the block's threads to reach the declaration.

@@ -108,14 +108,30 @@ struct Stack {
   }
 };
 
-enum class Layout { one_block, flat_views, tiny_blocks };
+// one_block and tiny_blocks: rows 2 elements apart beyond their width; flat_views: column views of
+// one [K, total + 3] matrix (odd strides: scalar loads only); vector_heads: rows 16-element aligned
+// strides at element offsets 1, 4, 7, 2, ... past a 16-element boundary, so the Gram's vector path
+// runs with a scalar head and tail; many_blocks: 1100 blocks of 0-3 columns (more than one table).
+enum class Layout { one_block, flat_views, tiny_blocks, vector_heads, many_blocks };
 const char* layout_name(Layout layout) {
-  return layout == Layout::one_block ? "one block" : layout == Layout::flat_views ? "flat views" : "tiny blocks";
+  switch (layout) {
+    case Layout::one_block: return "one block";
+    case Layout::flat_views: return "flat views";
+    case Layout::tiny_blocks: return "tiny blocks";
+    case Layout::vector_heads: return "vector heads";
+    default: return "many blocks";
+  }
 }
 
 std::vector<int64_t> widths_for(Layout layout, int64_t d) {
   if (layout == Layout::one_block) return {d};
   if (layout == Layout::flat_views) return {0, d / 3, 0, d - d / 3, 1, 0};
+  if (layout == Layout::vector_heads) return {d, d / 2 + 5, 0, 7, 33, d / 3 + 16};
+  if (layout == Layout::many_blocks) {
+    std::vector<int64_t> widths;
+    for (int j = 0; j < 1100; ++j) widths.push_back(j % 4);
+    return widths;
+  }
   std::vector<int64_t> widths;
   for (int j = 0; j < 60; ++j) widths.push_back(1 + j % 3);
   return widths;
@@ -123,7 +139,7 @@ std::vector<int64_t> widths_for(Layout layout, int64_t d) {
 
 // Blocks with these widths: separate padded blocks, or (flat) column views of one [K, total] matrix.
 template <class T>
-Stack<T> make_stack(int64_t K, const std::vector<int64_t>& widths, bool flat, bool fill) {
+Stack<T> make_stack(int64_t K, const std::vector<int64_t>& widths, bool flat, bool fill, bool aligned = false) {
   Stack<T> s;
   s.K = K;
   s.cols = widths;
@@ -135,6 +151,12 @@ Stack<T> make_stack(int64_t K, const std::vector<int64_t>& widths, bool flat, bo
       s.offset.push_back(size);
       s.row_stride.push_back(total + 3);
       size += w;
+    } else if (aligned) {
+      const int64_t j = int64_t(s.offset.size()), stride = (w + 1 + 15) / 16 * 16;
+      const int64_t start = (size + 15) / 16 * 16 + (1 + 3 * j) % 16;
+      s.offset.push_back(start);
+      s.row_stride.push_back(stride);
+      size = start + K * stride + 5;
     } else {
       s.offset.push_back(size);
       s.row_stride.push_back(w + 2);
@@ -205,30 +227,78 @@ std::string label(const char* op, const char* type, Layout layout, int64_t K, in
   return text;
 }
 
+// A Gram-family workspace: the ticket zeroed (once), everything else poisoned.
+std::vector<double> gram_workspace(int64_t n) {
+  const size_t bytes = mk::gram_cuda_workspace_bytes(n);
+  std::vector<double> ws = poisoned<double>((bytes + 7) / 8);
+  std::memset(ws.data(), 0, mk::kGramCudaTicketBytes);
+  return ws;
+}
+bool ticket_zero(const std::vector<double>& ws) {
+  unsigned ticket;
+  std::memcpy(&ticket, ws.data(), sizeof ticket);
+  return ticket == 0;
+}
+
+bool flat_layout(Layout layout) { return layout == Layout::flat_views; }
+bool aligned_layout(Layout layout) { return layout == Layout::vector_heads; }
+
 template <class T>
 void test_gram(Layout layout, int64_t K, int64_t d) {
   using A = accum_t<T>;
   const std::vector<int64_t> widths = widths_for(layout, d);
-  const bool flat = layout == Layout::flat_views;
-  const Stack<T> a = make_stack<T>(K, widths, flat, true), b = make_stack<T>(K, widths, flat, true);
-  const int64_t parts = mk::gram_cuda_parts(a.cols.data(), int64_t(a.cols.size()), K);
+  const bool flat = flat_layout(layout), aligned = aligned_layout(layout);
+  const Stack<T> a = make_stack<T>(K, widths, flat, true, aligned), b = make_stack<T>(K, widths, flat, true, aligned);
+  const std::string what = label("gram", type_name<T>(), layout, K, d);
   std::vector<double> dot, scale;
 
-  std::vector<A> partials = poisoned<A>(size_t(parts * K * K)), G = poisoned<A>(size_t(K * K)), cpu(size_t(K * K));
-  mk::gram_cuda<T>(a.view(), nullptr, partials.data(), G.data(), stream);
+  std::vector<double> ws = gram_workspace(K);
+  std::vector<A> G = poisoned<A>(size_t(K * K)), cpu(size_t(K * K));
+  mk::gram_cuda<T>(a.view(), nullptr, ws.data(), G.data(), stream);
   mk::gram_cpu<T>(a.view(), cpu.data());
   oracle_products(a, a, dot, scale);
-  check_products(G, dot, scale, label("gram", type_name<T>(), layout, K, d));
+  check_products(G, dot, scale, what);
   check_products(cpu, dot, scale, label("gram (CPU kernel)", type_name<T>(), layout, K, d));
-  CHECK(exactly_symmetric(G, K), "%s: not exactly symmetric", label("gram", type_name<T>(), layout, K, d).c_str());
+  CHECK(exactly_symmetric(G, K), "%s: not exactly symmetric", what.c_str());
+  CHECK(ticket_zero(ws), "%s: the last CTA did not reset the ticket", what.c_str());
+  // The same workspace again, as a graph replay would: bitwise the same result.
+  std::vector<A> again = poisoned<A>(size_t(K * K));
+  mk::gram_cuda<T>(a.view(), nullptr, ws.data(), again.data(), stream);
+  CHECK(same_bytes(G.data(), again.data(), G.size() * sizeof(A)) && ticket_zero(ws),
+        "%s: a second call with the same workspace differs", what.c_str());
 
-  partials = poisoned<A>(size_t(parts * K * K));
-  G = poisoned<A>(size_t(K * K));
+  std::vector<A> C = poisoned<A>(size_t(K * K));
   const mk::StackView<T> bv = b.view();
-  mk::gram_cuda<T>(a.view(), &bv, partials.data(), G.data(), stream);
+  mk::gram_cuda<T>(a.view(), &bv, ws.data(), C.data(), stream);
   oracle_products(a, b, dot, scale);
-  check_products(G, dot, scale, label("cross_gram", type_name<T>(), layout, K, d));
+  check_products(C, dot, scale, label("cross_gram", type_name<T>(), layout, K, d));
+  again = poisoned<A>(size_t(K * K));
+  mk::gram_cuda<T>(a.view(), &bv, ws.data(), again.data(), stream);
+  CHECK(same_bytes(C.data(), again.data(), C.size() * sizeof(A)) && ticket_zero(ws),
+        "cross_gram %s: a second call with the same workspace differs", what.c_str());
   CHECK(padding_intact(a) && padding_intact(b), "gram: padding written");
+}
+
+// Different grid sizes (SM counts): each correct; the same count twice is bitwise the same.
+template <class T>
+void test_gram_grids(Layout layout, int64_t K, int64_t d) {
+  using A = accum_t<T>;
+  const std::vector<int64_t> widths = widths_for(layout, d);
+  const Stack<T> a = make_stack<T>(K, widths, flat_layout(layout), true, aligned_layout(layout));
+  std::vector<double> dot, scale;
+  oracle_products(a, a, dot, scale);
+  for (const int sms : {1, 3, 7, 2}) {
+    mk::simt::set_multiprocessor_count(sms);
+    std::vector<double> ws = gram_workspace(K);
+    std::vector<A> G = poisoned<A>(size_t(K * K)), H = poisoned<A>(size_t(K * K));
+    mk::gram_cuda<T>(a.view(), nullptr, ws.data(), G.data(), stream);
+    mk::gram_cuda<T>(a.view(), nullptr, ws.data(), H.data(), stream);
+    const std::string what = label("gram", type_name<T>(), layout, K, d) + " SMs=" + std::to_string(sms);
+    check_products(G, dot, scale, what);
+    CHECK(same_bytes(G.data(), H.data(), G.size() * sizeof(A)) && exactly_symmetric(G, K),
+          "%s: not deterministic or not symmetric", what.c_str());
+  }
+  mk::simt::set_multiprocessor_count(2);
 }
 
 // out_j (+)= alpha sum_k w_k g_k into U, and combine (U = T, alpha = 1, no accumulation).
@@ -236,9 +306,9 @@ template <class T, class U>
 void test_combine_into(Layout layout, int64_t K, int64_t d, bool accumulate) {
   using A = accum_t<T>;
   const std::vector<int64_t> widths = widths_for(layout, d);
-  const bool flat = layout == Layout::flat_views;
-  const Stack<T> g = make_stack<T>(K, widths, flat, true);
-  Stack<U> out = make_stack<U>(1, widths, flat, accumulate), cpu = out;
+  const bool flat = flat_layout(layout), aligned = aligned_layout(layout);
+  const Stack<T> g = make_stack<T>(K, widths, flat, true, aligned);
+  Stack<U> out = make_stack<U>(1, widths, flat, accumulate, aligned), cpu = out;
   std::vector<A> weights(K);
   for (auto& w : weights) w = A(std::uniform_real_distribution<double>(-1.0, 1.0)(rng));
   const A alpha = accumulate ? A(-0.375) : A(1);
@@ -354,18 +424,26 @@ template <class T>
 void test_moco_passes(Layout layout, int64_t K, int64_t d) {
   using A = accum_t<T>;
   const std::vector<int64_t> widths = widths_for(layout, d);
-  const bool flat = layout == Layout::flat_views;
-  const Stack<T> g = make_stack<T>(K, widths, flat, true);
-  const Stack<A> y0 = make_stack<A>(K, widths, flat, true);
-  const int64_t parts = mk::gram_cuda_parts(g.cols.data(), int64_t(g.cols.size()), K);
+  const bool flat = flat_layout(layout), aligned = aligned_layout(layout);
+  const Stack<T> g = make_stack<T>(K, widths, flat, true, aligned);
+  const Stack<A> y0 = make_stack<A>(K, widths, flat, true, aligned);
   const A beta = A(0.3);
   const std::vector<A> beta_on_device{beta};  // the kernels read beta from device memory
   const std::string type = type_name<T>();
 
   // Pass 1: y <- y - beta (y - g), then the Gram of the new y.
   Stack<A> y = y0;
-  std::vector<A> partials = poisoned<A>(size_t(parts * K * K)), G = poisoned<A>(size_t(K * K));
-  mk::track_gram_cuda<T>(g.view(), y.mutable_view(), beta_on_device.data(), partials.data(), G.data(), stream);
+  std::vector<double> ws = gram_workspace(K);
+  std::vector<A> G = poisoned<A>(size_t(K * K));
+  mk::track_gram_cuda<T>(g.view(), y.mutable_view(), beta_on_device.data(), ws.data(), G.data(), stream);
+  {  // the same workspace again, from the same y: bitwise the same y and Gram
+    Stack<A> y2 = y0;
+    std::vector<A> G2 = poisoned<A>(size_t(K * K));
+    mk::track_gram_cuda<T>(g.view(), y2.mutable_view(), beta_on_device.data(), ws.data(), G2.data(), stream);
+    CHECK(same_bytes(G.data(), G2.data(), G.size() * sizeof(A)) &&
+              same_bytes(y.storage.data(), y2.storage.data(), y.storage.size() * sizeof(A)) && ticket_zero(ws),
+          "%s: a second call with the same workspace differs", label("track_gram", type.c_str(), layout, K, d).c_str());
+  }
   for (size_t j = 0; j < widths.size(); ++j)
     for (int64_t r = 0; r < K; ++r)
       for (int64_t c = 0; c < widths[j]; ++c) {
@@ -392,17 +470,21 @@ void test_moco_passes(Layout layout, int64_t K, int64_t d) {
         joint.storage.push_back(r < K ? double(y.at(j, r, c)) : as_double(g.at(j, r - K, c)));
   }
   joint.point_into_storage();
-  std::vector<A> partials2 = poisoned<A>(size_t(parts * 4 * K * K)), J = poisoned<A>(size_t(4 * K * K));
-  mk::joint_gram_cuda<T>(g.view(), y.view(), partials2.data(), J.data(), stream);
+  std::vector<double> ws2 = gram_workspace(2 * K);
+  std::vector<A> J = poisoned<A>(size_t(4 * K * K)), J2 = poisoned<A>(size_t(4 * K * K));
+  mk::joint_gram_cuda<T>(g.view(), y.view(), ws2.data(), J.data(), stream);
+  mk::joint_gram_cuda<T>(g.view(), y.view(), ws2.data(), J2.data(), stream);
   oracle_products(joint, joint, dot, scale);
   check_products(J, dot, scale, label("joint_gram", type.c_str(), layout, K, d));
+  CHECK(exactly_symmetric(J, 2 * K) && same_bytes(J.data(), J2.data(), J.size() * sizeof(A)) && ticket_zero(ws2),
+        "%s: asymmetric, or a second call differs", label("joint_gram", type.c_str(), layout, K, d).c_str());
 
   // Pass 2: y <- y + beta (scale_k g_k - y), out (+)= alpha sum_k w_k y_k.
   const Stack<A> y1 = y;
   std::vector<A> row_scale(K), weights(K);
   for (auto& s : row_scale) s = A(std::uniform_real_distribution<double>(0.5, 2.0)(rng));
   for (auto& w : weights) w = A(std::uniform_real_distribution<double>(0.0, 1.0)(rng));
-  Stack<T> out = make_stack<T>(1, widths, flat, true);
+  Stack<T> out = make_stack<T>(1, widths, flat, true, aligned);
   const Stack<T> out0 = out;
   const A alpha = A(-0.25);
   mk::track_combine_cuda<T, T>(g.view(), y.mutable_view(), row_scale.data(), beta_on_device.data(), weights.data(),
@@ -518,19 +600,41 @@ void test_weighted_mean(int64_t C, int64_t D, bool none_active) {
 }
 
 const int64_t kKs[] = {1, 2, 3, 7, 16, 33, 64};
+// The Gram family's regimes: registers (K <= 8; cross_gram K <= 4, joint_gram K <= 4), 4 x 4
+// tiles with lanes (up to 256 tile pairs), tiles owned per thread (above).
+const int64_t kGramKs[] = {1, 2, 3, 4, 5, 7, 8, 9, 16, 32, 33, 64};
 const int64_t kWidths[] = {1, 17, 4099};
 
 template <class T>
 void test_type() {
-  for (const Layout layout : {Layout::one_block, Layout::flat_views, Layout::tiny_blocks})
-    for (const int64_t K : kKs)
+  for (const Layout layout : {Layout::one_block, Layout::flat_views, Layout::tiny_blocks, Layout::vector_heads})
+    for (const int64_t K : kGramKs)
       for (const int64_t d : kWidths) {
         if (layout == Layout::tiny_blocks && d != 1) continue;  // its widths do not depend on d
+        const bool all_ks = std::find(std::begin(kKs), std::end(kKs), K) != std::end(kKs);
         test_gram<T>(layout, K, d);
+        test_moco_passes<T>(layout, K, d);
+        if (!all_ks) continue;
         test_combine_into<T, T>(layout, K, d, false);
         test_combine_into<T, float>(layout, K, d, true);
-        test_moco_passes<T>(layout, K, d);
       }
+  for (const int64_t K : {1, 3, 9, 33}) {
+    test_gram<T>(Layout::many_blocks, K, 1);
+    test_moco_passes<T>(Layout::many_blocks, K, 1);
+  }
+  // Only empty blocks: the result is zero.
+  for (const int64_t K : {2, 9}) {
+    const Stack<T> empty = make_stack<T>(K, {0, 0, 0}, false, false);
+    std::vector<double> ws = gram_workspace(K);
+    std::vector<accum_t<T>> G = poisoned<accum_t<T>>(size_t(K * K));
+    mk::gram_cuda<T>(empty.view(), nullptr, ws.data(), G.data(), stream);
+    CHECK(std::all_of(G.begin(), G.end(), [](accum_t<T> x) { return x == accum_t<T>(0); }) && ticket_zero(ws),
+          "gram %s of empty blocks K=%lld is not zero", type_name<T>(), (long long)K);
+  }
+  for (const int64_t K : {3, 8, 16, 33}) test_gram_grids<T>(Layout::vector_heads, K, 4099);
+  // 1100 tiny blocks on 1..7 SMs: threads 0-2 alone have columns, several hundred of them, so the
+  // register path's flushes (every 256 columns per thread) must come at the same step in every lane.
+  for (const int64_t K : {3, 8}) test_gram_grids<T>(Layout::many_blocks, K, 1);
   for (const int64_t K : {1, 3, 64}) {
     test_combine_into<T, double>(Layout::flat_views, K, 17, true);
     test_combine_into<T, mk::half_t>(Layout::flat_views, K, 17, false);
@@ -560,6 +664,12 @@ int main() {
   test_gram<float>(Layout::one_block, 3, 100003);
   test_combine_into<float, float>(Layout::one_block, 3, 100003, false);
   test_moco_passes<float>(Layout::one_block, 33, 100003);
+  test_gram<mk::bf16_t>(Layout::vector_heads, 8, 100003);
+  // Hundreds of columns per thread: fp32 sums flushed into double mid-block, scalar and vector.
+  test_gram_grids<float>(Layout::flat_views, 2, 300000);
+  test_gram_grids<mk::half_t>(Layout::vector_heads, 5, 300000);
+  test_gram<double>(Layout::one_block, 100, 300);  // 325 tile pairs: each thread owns pairs
+  test_moco_passes<float>(Layout::vector_heads, 50, 1000);
   if (failures) std::printf("%d checks failed\n", failures);
   return failures ? 1 : 0;
 }

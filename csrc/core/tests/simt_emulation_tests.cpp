@@ -1,6 +1,7 @@
 // Tests of the SIMT emulation itself. Without an argument: kernels that depend on a real barrier
 // and on per-block shared memory give CUDA's results. With the name of a misuse, that misuse runs
 // and the emulation must stop it with its error message (CTest matches the message), not hang.
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -61,6 +62,122 @@ __global__ void large_shared_kernel(int* out) {
 
 __global__ void noop_kernel(int*) {}
 
+// Every shuffle flavour on a 96-thread block (3 warps), each lane's result stored: out[mode][thread].
+__global__ void shuffle_kernel(const double* in, double* out, int* lanes) {
+  const unsigned t = threadIdx.x, n = blockDim.x;
+  const double v = in[t];
+  const unsigned full = 0xFFFFFFFFu;
+  out[0 * n + t] = __shfl_xor_sync(full, v, 5);
+  out[1 * n + t] = __shfl_down_sync(full, v, 3);
+  out[2 * n + t] = __shfl_up_sync(full, v, 2);
+  out[3 * n + t] = __shfl_sync(full, v, 7);
+  out[4 * n + t] = __shfl_xor_sync(full, v, 9, 8);   // width 8: xor 9 reaches the next segment: own value
+  out[5 * n + t] = __shfl_down_sync(full, v, 1, 16);  // width 16: the segment's last lane keeps its value
+  out[6 * n + t] = __shfl_sync(full, v, 19, 16);      // lane 19 % 16 = 3 of each 16-lane segment
+  // A fixed-order butterfly sum: every lane gets the warp's total, bit for bit the same.
+  double s = v;
+  for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(full, s, offset);
+  out[7 * n + t] = s;
+  // Only the lower half-warp shuffles, with a mask naming just it; the upper half does not take part.
+  if ((t & 31) < 16) out[8 * n + t] = __shfl_xor_sync(0x0000FFFFu, v, 1);
+  else out[8 * n + t] = -1.0;
+  lanes[t] = __shfl_sync(full, int(t) * 10, 31);
+}
+
+// Each block adds to a counter; the block that draws the last ticket writes the total of every
+// block's slot and resets the counter, as the Gram kernels do.
+__global__ void ticket_kernel(unsigned* ticket, double* slots, double* total, float* fsum) {
+  MK_SHARED(int, last, [1]);
+  if (threadIdx.x == 0) {
+    slots[blockIdx.x] = double(blockIdx.x + 1);
+    atomicAdd(fsum, 0.5f);
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last[0] = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last[0]) return;
+  if (threadIdx.x == 0) {
+    double s = 0.0;
+    for (unsigned b = 0; b < gridDim.x; ++b) s += __ldcg(slots + b);
+    *total = s;
+    atomicExch(ticket, 0u);
+  }
+}
+
+__global__ void atomic_inc_kernel(unsigned* counter) { atomicInc(counter, 4u); }
+
+// Misuses of the shuffles: each must be reported, not hang.
+__global__ void shuffle_exit_kernel(int* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, int(threadIdx.x), 1);
+}
+__global__ void shuffle_mask_kernel(int* out) {
+  const unsigned mask = threadIdx.x == 3 ? 0x0000FFFFu : 0xFFFFFFFFu;
+  out[threadIdx.x] = __shfl_xor_sync(mask, int(threadIdx.x), 1);
+}
+__global__ void shuffle_divergent_kernel(int* out) {
+  if (threadIdx.x % 2 == 0) {
+    out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, int(threadIdx.x), 1);
+  } else {
+    out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, int(threadIdx.x), 2);
+  }
+}
+__global__ void shuffle_barrier_kernel(int* out) {
+  if (threadIdx.x == 7) __syncthreads();
+  out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, int(threadIdx.x), 1);
+}
+__global__ void shuffle_own_lane_kernel(int* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFEu, int(threadIdx.x), 1);
+}
+__global__ void shuffle_source_kernel(int* out) {  // lane 0 reads lane 1, which the mask omits
+  if (threadIdx.x % 32 == 0 || threadIdx.x % 32 == 2) out[threadIdx.x] = __shfl_xor_sync(0x5u, int(threadIdx.x), 1);
+}
+__global__ void shuffle_missing_lane_kernel(int* out) {  // a 40-thread block: warp 1 has lanes 0..7 only
+  out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, int(threadIdx.x), 1);
+}
+
+void test_shuffles_and_atomics() {
+  const unsigned n = 96;
+  std::vector<double> in(n), out(9 * n, 0.0);
+  std::vector<int> lanes(n, 0);
+  for (unsigned i = 0; i < n; ++i) in[i] = 1.0 + i * 0.25 + (i % 3) * 1e-9;
+  mk::launch_kernel(shuffle_kernel, 1, n, 0, nullptr, in.data(), out.data(), lanes.data());
+  for (unsigned t = 0; t < n; ++t) {
+    const unsigned lane = t % 32, warp = t - lane;
+    auto at = [&](unsigned l) { return in[warp + l]; };
+    CHECK(out[0 * n + t] == at(lane ^ 5), "shfl_xor 5: thread %u", t);
+    CHECK(out[1 * n + t] == (lane + 3 < 32 ? at(lane + 3) : in[t]), "shfl_down 3: thread %u", t);
+    CHECK(out[2 * n + t] == (lane >= 2 ? at(lane - 2) : in[t]), "shfl_up 2: thread %u", t);
+    CHECK(out[3 * n + t] == at(7), "shfl 7: thread %u", t);
+    const unsigned x = lane ^ 9, seg8 = lane & ~7u;
+    CHECK(out[4 * n + t] == (x >= seg8 + 8 ? in[t] : at(x)), "shfl_xor 9 width 8: thread %u", t);
+    CHECK(out[5 * n + t] == ((lane & 15) + 1 < 16 ? at(lane + 1) : in[t]), "shfl_down 1 width 16: thread %u", t);
+    CHECK(out[6 * n + t] == at((lane & ~15u) + 3), "shfl 19 width 16: thread %u", t);
+    CHECK(std::memcmp(&out[7 * n + t], &out[7 * n + warp], sizeof(double)) == 0, "butterfly: thread %u differs", t);
+    CHECK(out[8 * n + t] == (lane < 16 ? at(lane ^ 1) : -1.0), "half-warp mask: thread %u", t);
+    CHECK(lanes[t] == int(warp + 31) * 10, "int shfl: thread %u got %d", t, lanes[t]);
+  }
+  double expected = 0.0;
+  for (unsigned l = 0; l < 32; ++l) expected += in[l];
+  CHECK(std::fabs(out[7 * n] - expected) < 1e-12, "butterfly total %.17g, expected %.17g", out[7 * n], expected);
+
+  // Twice with the same counter: the last block's reset makes the second launch work too.
+  unsigned ticket = 0;
+  std::vector<double> slots(7, -1.0);
+  double total = -1.0;
+  float fsum = 0.0f;
+  for (int rep = 0; rep < 2; ++rep) {
+    total = -1.0;
+    mk::launch_kernel(ticket_kernel, 7, 64, 0, nullptr, &ticket, slots.data(), &total, &fsum);
+    CHECK(total == 28.0 && ticket == 0u, "ticket: total %g, counter %u after launch %d", total, ticket, rep);
+  }
+  CHECK(fsum == 7.0f, "atomicAdd(float): %g", fsum);
+  unsigned counter = 0;
+  mk::launch_kernel(atomic_inc_kernel, 1, 7, 0, nullptr, &counter);  // 0,1,2,3,4 then wraps: 0,1
+  CHECK(counter == 2u, "atomicInc wraps at the limit: %u", counter);
+}
+
 void test_kernels() {
   const unsigned blocks = 3, threads = 256;
   std::vector<int> in(blocks * threads), out(blocks * threads, -1);
@@ -82,6 +199,7 @@ void test_kernels() {
   std::vector<float> unwritten(32, 0.0f);
   mk::launch_kernel(unwritten_shared_kernel, 1, 32, 0, nullptr, unwritten.data());
   for (float x : unwritten) CHECK(x != x, "unwritten shared memory reads as NaN, not %g", x);
+  test_shuffles_and_atomics();
 }
 
 }  // namespace
@@ -102,6 +220,18 @@ int main(int argc, char** argv) {
     mk::launch_kernel(noop_kernel, 1, 32, 48 * 1024 + 1, nullptr, out.data());
   if (!std::strcmp(misuse, "block-size")) mk::launch_kernel(noop_kernel, 1, 1025, 0, nullptr, out.data());
   if (!std::strcmp(misuse, "grid-y")) mk::launch_kernel(noop_kernel, dim3(1, 65536), 32, 0, nullptr, out.data());
+  if (!std::strcmp(misuse, "shuffle-exit")) mk::launch_kernel(shuffle_exit_kernel, 1, 64, 0, nullptr, out.data());
+  if (!std::strcmp(misuse, "shuffle-mask")) mk::launch_kernel(shuffle_mask_kernel, 1, 32, 0, nullptr, out.data());
+  if (!std::strcmp(misuse, "shuffle-divergent"))
+    mk::launch_kernel(shuffle_divergent_kernel, 1, 32, 0, nullptr, out.data());
+  if (!std::strcmp(misuse, "shuffle-barrier"))
+    mk::launch_kernel(shuffle_barrier_kernel, 1, 32, 0, nullptr, out.data());
+  if (!std::strcmp(misuse, "shuffle-own-lane"))
+    mk::launch_kernel(shuffle_own_lane_kernel, 1, 32, 0, nullptr, out.data());
+  if (!std::strcmp(misuse, "shuffle-source"))
+    mk::launch_kernel(shuffle_source_kernel, 1, 32, 0, nullptr, out.data());
+  if (!std::strcmp(misuse, "shuffle-missing-lane"))
+    mk::launch_kernel(shuffle_missing_lane_kernel, 1, 40, 0, nullptr, out.data());
   std::printf("misuse %s was not reported\n", misuse);
   return 1;
 }
