@@ -1071,11 +1071,12 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def write_markdown(result: Result, path: str, *, title: str, device: torch.device) -> None:
+def write_markdown(result: Result, path: str, *, title: str, device: torch.device,
+                   info: Optional[Dict[str, str]] = None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## {title} ({now})", ""]
-    lines += [f"- {key}: {value}" for key, value in machine_description(device).items()]
+    lines += [f"- {key}: {value}" for key, value in (info or machine_description(device)).items()]
     lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in result.rows]
     if result.targets:
@@ -1187,7 +1188,7 @@ def run(args: argparse.Namespace) -> int:
     write_csv(total.rows, args.csv)
     print(f"\nwrote {args.csv}")
     if args.markdown:
-        write_markdown(total, args.markdown, title=f"`{command_line(args)}`", device=device)
+        write_markdown(total, args.markdown, title=f"`{command_line(args)}`", device=device, info=info)
         print(f"appended {args.markdown}")
     missed = [t for t in total.targets if not t.passed]
     print(f"total {time.perf_counter() - started:.1f} s; targets: {len(total.targets) - len(missed)} pass, {len(missed)} miss")
