@@ -4,7 +4,8 @@ nvcc is found (a GPU is not needed to compile).
 Environment overrides:
   MOLKERNELS_SKIP_CUDA=1   build without the CUDA kernels
   MOLKERNELS_FORCE_CUDA=1  fail instead of falling back when the CUDA kernels cannot be built
-  MOLKERNELS_MARCH=...     -march for the CPU kernels (default: native; empty: compiler default)
+  MOLKERNELS_MARCH=...     -march for all CPU code (default: none, a portable build whose kernels pick their
+                           AVX-512 / AVX2 + FMA / baseline variant at run time; e.g. native)
   TORCH_CUDA_ARCH_LIST     CUDA architectures (default: the visible GPUs', else 9.0)
   MAX_JOBS                 parallel compile jobs
 """
@@ -71,12 +72,19 @@ if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
     else:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
-march = os.environ.get("MOLKERNELS_MARCH", "native")
+march = os.environ.get("MOLKERNELS_MARCH", "")
 # -fno-math-errno: sqrt in a loop vectorises (no errno branch); nothing here reads errno.
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-DMOLKERNELS_VERSION=\"%s\"" % VERSION] + (
     ["-march=" + march] if march else [])
-sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/mol_ops.cpp", "csrc/core/cpu_kernels.cpp",
-           "csrc/core/mol_cpu_kernels.cpp", "csrc/fl_ops.cpp", "csrc/core/fl_cpu_kernels.cpp"]
+# The torch-free core (CMakeLists.txt's molkernels_core): each cpu_variant_<isa>.cpp / fl_variant_<isa>.cpp
+# compiles the hot loops for one instruction set through its own #pragma GCC target, so every source
+# takes the same flags here.
+MOLKERNELS_CORE_SOURCES = [
+    "csrc/core/cpu_isa.cpp", "csrc/core/cpu_kernels.cpp", "csrc/core/mol_cpu_kernels.cpp",
+    "csrc/core/fl_cpu_kernels.cpp", "csrc/core/cpu_variant_baseline.cpp", "csrc/core/cpu_variant_avx2.cpp",
+    "csrc/core/cpu_variant_avx512.cpp", "csrc/core/fl_variant_baseline.cpp", "csrc/core/fl_variant_avx2.cpp",
+    "csrc/core/fl_variant_avx512.cpp"]
+sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/mol_ops.cpp", "csrc/fl_ops.cpp"] + MOLKERNELS_CORE_SOURCES
 include_dirs = [os.path.join(ROOT, "csrc")]
 extra_link_args = ["-fopenmp"]
 

@@ -28,6 +28,14 @@ except ImportError as error:  # a source tree that was never built
     _C = None
     _C_ERROR = error
 
+if _C is not None:
+    # The CPU kernels' variant (MOLKERNELS_CPU_ISA=baseline|avx2|avx512, else the CPU's best): a
+    # variant this CPU lacks is an error here, at import, naming the missing features.
+    try:
+        _C._cpu_isa()
+    except ValueError as error:
+        raise RuntimeError(str(error)) from None
+
 
 def _fake_products(a: List[torch.Tensor], *rest) -> torch.Tensor:
     K = a[0].shape[0]

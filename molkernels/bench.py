@@ -15,7 +15,8 @@ helper), measured in the same run as the baselines it is compared with, interlea
   a slow oracle), and torchjd's MGDA weighting (Frank-Wolfe) on the same matrices; on CUDA, whether
   the op synchronises with the host (torch.cuda.set_sync_debug_mode("error")).
 - mgda: gram -> min_norm -> combine against torchjd.aggregation.MGDA() on the [K, d] matrix and a
-  plain torch implementation (x @ x.T, Frank-Wolfe with host synchronisations, w @ x).
+  plain torch implementation (x @ x.T, Frank-Wolfe with host synchronisations, w @ x); the floor is
+  a read pass (x.amax()) plus x.sum(0), the two passes' bytes.
 - moco: moco_step on 100 parameter tensors against an unfused LibMTL-style step and the two-pass
   floor (torch's own streaming passes over the same bytes).
 - backward: mol.backward + MGDA end to end on an MLP against torchjd's autojac.backward +
@@ -30,6 +31,9 @@ helper), measured in the same run as the baselines it is compared with, interlea
   in the same run (torch.add(x, y, out=z)).
 - fl_round: one round of the federated simulator with C = 1000 clients (K column), D = 1000, local
   Adam batched over all clients against a Python loop of per-client torch.optim.Adam.
+
+The CPU numbers are for the kernels' variant in use (the header's "cpu isa"; MOLKERNELS_CPU_ISA=
+baseline|avx2|avx512 forces one), and the header gives the load average at the start.
 
 Errors ("rel err") are max |result − exact| / max |exact| against a float64 computation.
 
@@ -493,7 +497,10 @@ def bench_mgda(K: int, d: int, *, device, dtype, repeats: int = 10, targets: boo
         lam = molkernels.min_norm(molkernels.gram(x, backend=backend), backend=backend)
         return molkernels.combine(x, lam, backend=backend)
 
-    fns: Dict[str, Callable[[], object]] = {"torch": plain_torch}
+    # The two-pass floor: a read pass over the stack (the Gram's) and x.sum(0) (the combine's).
+    summed = torch.empty(d, dtype=dtype, device=device)
+    fns: Dict[str, Callable[[], object]] = {"torch": plain_torch,
+                                            "floor": lambda: (x.amax(), torch.sum(x, 0, out=summed))}
     try:
         from torchjd.aggregation import MGDA
 
@@ -507,16 +514,20 @@ def bench_mgda(K: int, d: int, *, device, dtype, repeats: int = 10, targets: boo
     row = functools.partial(_row, "mgda", K=K, device=device, dtype=dtype, d=d, blocks=0, nbytes=nbytes, flops=flops)
     # |d|: the norm of the direction; the exact min-norm solution has the smallest.
     norm = lambda name: f"|d| = {float(fns[name]().double().norm()):.6g}"  # noqa: E731
+    floor = row(impl="two-pass floor: x.amax() + x.sum(0)", timing=timings["floor"], note="floor")
     base = row(impl="torch: x @ x.T, Frank-Wolfe, w @ x", timing=timings["torch"], note=norm("torch"))
-    out.rows.append(base)
+    base.vs_floor = base.median_s / floor.median_s
+    out.rows += [floor, base]
     jd = None
     if "torchjd" in fns:
         jd = row(impl="torchjd.aggregation.MGDA()", timing=timings["torchjd"], note=norm("torchjd"))
+        jd.vs_floor = jd.median_s / floor.median_s
         out.rows.append(jd)
     for backend in backends:
         r = row(impl=f"molkernels gram→min_norm→combine [{backend}]", timing=timings[backend], note=norm(backend))
         reference = jd if jd is not None else base
         r.speedup, r.speedup_vs = reference.median_s / r.median_s, "torchjd" if jd is not None else "torch"
+        r.vs_floor = r.median_s / floor.median_s
         if sync_free(fns[backend], device) is False:
             r.note += "; SYNCHRONISES"
         out.rows.append(r)
@@ -1025,6 +1036,9 @@ def machine_description(device: torch.device) -> Dict[str, str]:
     info["cpu"] = f"{cpu}, {os.cpu_count()} logical cores"
     info["torch"] = f"{torch.__version__}, {torch.get_num_threads()} threads"
     info["molkernels"] = f"{molkernels.__version__}, backends {', '.join(molkernels.backends())}"
+    build = molkernels.build_info()
+    if "cpu_isa" in build:  # the CPU kernels' variant (MOLKERNELS_CPU_ISA forces one)
+        info["cpu isa"] = f"{build['cpu_isa']} (this CPU runs: {', '.join(build['cpu_isas'])})"
     commit = git_commit()
     if commit:
         info["git commit"] = commit
@@ -1057,11 +1071,12 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def write_markdown(result: Result, path: str, *, title: str, device: torch.device) -> None:
+def write_markdown(result: Result, path: str, *, title: str, device: torch.device,
+                   info: Optional[Dict[str, str]] = None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## {title} ({now})", ""]
-    lines += [f"- {key}: {value}" for key, value in machine_description(device).items()]
+    lines += [f"- {key}: {value}" for key, value in (info or machine_description(device)).items()]
     lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in result.rows]
     if result.targets:
@@ -1173,7 +1188,7 @@ def run(args: argparse.Namespace) -> int:
     write_csv(total.rows, args.csv)
     print(f"\nwrote {args.csv}")
     if args.markdown:
-        write_markdown(total, args.markdown, title=f"`{command_line(args)}`", device=device)
+        write_markdown(total, args.markdown, title=f"`{command_line(args)}`", device=device, info=info)
         print(f"appended {args.markdown}")
     missed = [t for t in total.targets if not t.passed]
     print(f"total {time.perf_counter() - started:.1f} s; targets: {len(total.targets) - len(missed)} pass, {len(missed)} miss")

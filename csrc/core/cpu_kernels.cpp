@@ -9,39 +9,27 @@
 #endif
 
 #include "convert.h"
-#include "cpu_products.h"
+#include "cpu_variant.h"
 #include "min_norm.h"
 #include "simplex.h"
 
 namespace mk {
 
-using cpu::WorkItem;
-
+// The vectorised kernels: the variant of cpu_isa() (cpu_variant.h).
 template <class T>
 void gram_cpu(const StackView<T>& g, accum_t<T>* out) {
-  using A = accum_t<T>;
-  const int64_t scratch = std::is_same_v<T, A> ? 0 : g.K * cpu::chunk_columns(g.K);
-  auto rows = [&](const WorkItem& item, cpu::ItemRows<A>& r) { cpu::widened_rows(g, item, r.scratch.data(), r.rows.data()); };
-  cpu::item_products<A>(cpu::work_items(g.cols, g.num_blocks, g.K), g.K, g.K, true, scratch, rows, rows, out);
+  MK_CPU_DISPATCH(gram_cpu<T>(g, out));
 }
 
 template <class T>
 void cross_gram_cpu(const StackView<T>& a, const StackView<T>& b, accum_t<T>* out) {
-  using A = accum_t<T>;
-  const int64_t scratch = std::is_same_v<T, A> ? 0 : a.K * cpu::chunk_columns(a.K);
-  auto rows_a = [&](const WorkItem& item, cpu::ItemRows<A>& r) { cpu::widened_rows(a, item, r.scratch.data(), r.rows.data()); };
-  auto rows_b = [&](const WorkItem& item, cpu::ItemRows<A>& r) { cpu::widened_rows(b, item, r.scratch.data(), r.rows.data()); };
-  cpu::item_products<A>(cpu::work_items(a.cols, a.num_blocks, a.K), a.K, a.K, false, scratch, rows_a, rows_b, out);
+  MK_CPU_DISPATCH(cross_gram_cpu<T>(a, b, out));
 }
 
 template <class T, class U>
 void combine_into_cpu(const StackView<T>& g, const accum_t<T>* weights, U* const* out, accum_t<T> alpha,
                       bool accumulate) {
-  using A = accum_t<T>;
-  auto row = [&](const WorkItem& item, int64_t k, int64_t c0, int64_t n, A* scratch) -> const A* {
-    return cpu::widened_slice(g, item, k, c0, n, scratch);
-  };
-  cpu::combine_items<A, U>(cpu::work_items(g.cols, g.num_blocks, g.K), g.K, row, weights, out, alpha, accumulate);
+  MK_CPU_DISPATCH(combine_into_cpu<T, U>(g, weights, out, alpha, accumulate));
 }
 
 template <class T>
@@ -63,7 +51,7 @@ void project_simplex_cpu(const T* v, int64_t rows, int64_t K, T* out) {
 
 template <class T>
 void min_norm_cpu(const T* gram, int64_t batch, int64_t K, T* out) {
-  // Small problems stay on the calling thread (see item_products).
+  // Small problems stay on the calling thread: waking a team costs more than it saves.
 #pragma omp parallel if (batch > 1 && batch * K * K * K > (int64_t(1) << 18))
   {
     std::vector<double> work(min_norm_workspace(K));

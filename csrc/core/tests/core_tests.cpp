@@ -7,6 +7,7 @@
 
 #include "check.h"
 #include "convert.h"
+#include "cpu_isa.h"
 #include "cpu_kernels.h"
 #include "min_norm.h"
 #include "mol_kernels.h"
@@ -340,8 +341,12 @@ int main() {
   test_min_norm();
   test_min_norm_near_overflow();
   test_conversions();
-  test_cpu_gram_and_combine();
-  test_tracking_passes();
+  for (mk::CpuIsa isa : mk::supported_cpu_isas()) {  // every variant this CPU runs
+    mk::set_cpu_isa(mk::cpu_isa_name(isa));
+    std::printf("core_tests: CPU kernels, variant %s\n", mk::cpu_isa_name(mk::cpu_isa()));
+    test_cpu_gram_and_combine();
+    test_tracking_passes();
+  }
   if (failures) {
     std::printf("core_tests: %d failed checks\n", failures);
     return 1;

@@ -12,6 +12,7 @@
 
 #include "check.h"
 #include "convert.h"
+#include "cpu_isa.h"
 #include "fl_kernels.h"
 
 namespace {
@@ -153,6 +154,9 @@ void test_weighted_mean() {
 }  // namespace
 
 int main() {
+  for (mk::CpuIsa isa : mk::supported_cpu_isas()) {  // every variant this CPU runs
+  mk::set_cpu_isa(mk::cpu_isa_name(isa));
+  std::printf("fl_core_tests: variant %s\n", mk::cpu_isa_name(mk::cpu_isa()));
   const mk::fl::AdamHyper defaults{1e-3, 0.9, 0.999, 1e-8, 0.0};
   const mk::fl::AdamHyper decayed{3e-3, 0.3, 0.99, 1e-6, 0.05};  // lerp's other form, L2 decay
   test_adam<float>(defaults);
@@ -166,6 +170,7 @@ int main() {
   test_weighted_mean<float>();
   test_weighted_mean<double>();
   test_weighted_mean<mk::half_t>();
+  }
   if (failures) {
     std::printf("fl_core_tests: %d failed checks\n", failures);
     return 1;
