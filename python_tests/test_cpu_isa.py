@@ -92,10 +92,11 @@ def test_moco_passes(isa, K, d):
 
     def run():
         y = [t.clone() for t in y0]
-        G = ops.moco_track_gram(y, g, 0.3)
+        G = ops.moco_track_gram(y, g, torch.tensor(0.3))
         J = ops.joint_gram(y, g)
         out = [out0.clone()]
-        ops.moco_track_combine(y, g, torch.linspace(0.5, 1.5, K), 0.2, torch.linspace(-1, 1, K), out, -0.1, True)
+        ops.moco_track_combine(y, g, torch.linspace(0.5, 1.5, K), torch.tensor(0.2), torch.linspace(-1, 1, K), out,
+                               -0.1, True)
         return G, J, y[0], out[0]
 
     G, J, y_after, out = _twice_equal(run, isa)
