@@ -15,6 +15,21 @@ from collections import OrderedDict
 from typing import Callable, Hashable, List, Sequence, Tuple
 
 import torch
+import triton.language as tl
+
+from .._stack import accum_dtype
+
+
+#: the Triton type of each storage dtype, for the constexprs of kernels that read typed pointers
+#: from a table
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+
+def scalar_argument(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A hyperparameter as a one-element tensor in `like`'s accumulation dtype: Triton would pass a
+    Python float as float32, which rounds it for float64 data."""
+    return torch.full((1,), value, dtype=accum_dtype(like.dtype), device=like.device)
 
 
 def interpreted(device: torch.device) -> bool:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._stack import accum_dtype
-from ._launch import cached_table, interpreted, row_view
+from ._launch import TL_DTYPES, cached_table, interpreted, row_view, scalar_argument
 
 _FIELDS = 7  # g address, g row stride, y address, y row stride, out address, columns, first column
 
@@ -73,9 +73,6 @@ def _table_combine_kernel(
     tl.store(out_ptr + col, value.to(OUT_DTYPE), mask=in_cols)
 
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
-
 def _tile_table(rows: List[tuple], block_d: int, device: torch.device) -> torch.Tensor:
     """[programs, 7] int64 on `device`: each block's row repeated for each of its BLOCK_D-column
     tiles, with the tile's first column appended."""
@@ -93,12 +90,6 @@ def _tile_table(rows: List[tuple], block_d: int, device: torch.device) -> torch.
 
 def _aligned(tensor: torch.Tensor, row_stride: int) -> bool:
     return tensor.data_ptr() % 16 == 0 and (row_stride * tensor.element_size()) % 16 == 0
-
-
-def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A scalar argument as a one-element tensor in the accumulation dtype: Triton would pass a
-    Python float as float32, which rounds it for float64 stacks."""
-    return torch.full((1,), value, dtype=accum_dtype(like.dtype), device=like.device)
 
 
 def device_scalar(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -152,15 +143,15 @@ def run_combine(g: List[torch.Tensor], weights: torch.Tensor, out: List[torch.Te
     num_warps = 8 if block_k <= 8 else 4
     table = _tile_table(rows, block_d, device)
     weights = weights.to(acc_dtype).contiguous()
-    alpha_t = _scalar(alpha, g[0])
+    alpha_t = scalar_argument(alpha, g[0])
     scale = scale.to(acc_dtype).contiguous() if track else weights  # unread without tracking
     beta_t = device_scalar(beta, g[0]) if track else alpha_t
     y_dtype = (y if track else g)[0].dtype
     _table_combine_kernel[(table.shape[0],)](
         table, scale, weights, beta_t, alpha_t, K,
         TRACK=track, ACCUMULATE=accumulate, ALIGNED=aligned and not interpreted(device),
-        G_DTYPE=_TL_DTYPES[g[0].dtype], G_VECTOR=16 // g[0].element_size(), Y_DTYPE=_TL_DTYPES[y_dtype],
-        Y_VECTOR=16 // y_dtype.itemsize, OUT_DTYPE=_TL_DTYPES[out[0].dtype], ACC_DTYPE=_TL_DTYPES[acc_dtype], BLOCK_K=block_k, BLOCK_D=block_d,
+        G_DTYPE=TL_DTYPES[g[0].dtype], G_VECTOR=16 // g[0].element_size(), Y_DTYPE=TL_DTYPES[y_dtype],
+        Y_VECTOR=16 // y_dtype.itemsize, OUT_DTYPE=TL_DTYPES[out[0].dtype], ACC_DTYPE=TL_DTYPES[acc_dtype], BLOCK_K=block_k, BLOCK_D=block_d,
         num_warps=num_warps,
     )
 

@@ -18,19 +18,13 @@ import triton
 import triton.language as tl
 
 from .._stack import accum_dtype
-from ._launch import interpreted
+from ._launch import interpreted, scalar_argument
 
 MEAN_GROUP = 32  # federated.h's kMeanGroup: the clients of one partial sum
 
 
 def _acc_tl(dtype: torch.dtype):
     return tl.float64 if accum_dtype(dtype) == torch.float64 else tl.float32
-
-
-def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A hyperparameter as a one-element tensor in the accumulation dtype (a Python float would
-    reach the kernel as float32, which rounds it for float64 parameters)."""
-    return torch.full((1,), value, dtype=accum_dtype(like.dtype), device=like.device)
 
 
 def _block(device: torch.device) -> int:
@@ -122,8 +116,8 @@ def fl_adam_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tenso
     if D > 0:
         _adam_kernel[(C, programs)](
             params, grads, exp_avg, exp_avg_sq, active, neg_step_size, bc2_sqrt, D, span,
-            _scalar(weight_decay, params), _scalar(1.0 - beta1, params), _scalar(beta2, params),
-            _scalar(1.0 - beta2, params), _scalar(eps, params),
+            scalar_argument(weight_decay, params), scalar_argument(1.0 - beta1, params), scalar_argument(beta2, params),
+            scalar_argument(1.0 - beta2, params), scalar_argument(eps, params),
             HAS_WD=weight_decay != 0, LERP_FROM_START=abs(lerp_weight) < 0.5, ACC=_acc_tl(params.dtype),
             IS_FP64=acc == torch.float64, BLOCK=block,
             enable_fp_fusion=False,
@@ -169,7 +163,7 @@ def fl_sgd_step(params: torch.Tensor, grads: torch.Tensor, momentum_buffer: Opti
     has_momentum = momentum != 0
     _sgd_kernel[(C, programs)](
         params, grads, momentum_buffer if has_momentum else params, active, D, span,
-        _scalar(weight_decay, params), _scalar(momentum, params), _scalar(-lr, params),
+        scalar_argument(weight_decay, params), scalar_argument(momentum, params), scalar_argument(-lr, params),
         HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum, ACC=_acc_tl(params.dtype), BLOCK=block,
         enable_fp_fusion=False,
     )

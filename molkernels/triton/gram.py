@@ -21,10 +21,7 @@ import triton
 import triton.language as tl
 
 from .._stack import accum_dtype
-from ._launch import cached_table, interpreted, merged_segments, programs_to_fill
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
+from ._launch import TL_DTYPES, cached_table, interpreted, merged_segments, programs_to_fill
 
 
 # K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
@@ -231,7 +228,7 @@ def _products(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], symmetric: b
             table, partials[first_partial:], K,
             SYMMETRIC=symmetric, ONE_TILE=symmetric and n_tiles == 1, USE_DOT=use_dot,
             DOT_UPCAST=use_dot and interpreted(device) and a[0].dtype == torch.bfloat16, ALIGNED=aligned,
-            DTYPE=_TL_DTYPES[a[0].dtype], VECTOR=16 // item, ACC_DTYPE=acc_tl,
+            DTYPE=TL_DTYPES[a[0].dtype], VECTOR=16 // item, ACC_DTYPE=acc_tl,
             BLOCK_K=block_k, BLOCK_D=segment_block_d, num_warps=num_warps,
         )
         first_partial += len(rows)
