@@ -33,7 +33,9 @@ helper), measured in the same run as the baselines it is compared with, interlea
   Adam batched over all clients against a Python loop of per-client torch.optim.Adam.
 
 The CPU numbers are for the kernels' variant in use (the header's "cpu isa"; MOLKERNELS_CPU_ISA=
-baseline|avx2|avx512 forces one), and the header gives the load average at the start.
+baseline|avx2|avx512 forces one), and the header gives the load average at the start. `--busy-cores N`
+keeps N cores busy with spinning processes for the whole run, a controlled stand-in for other work:
+compare its time/floor ratios with those of a quiet run.
 
 Errors ("rel err") are max |result − exact| / max |exact| against a float64 computation.
 
@@ -44,6 +46,7 @@ printed with PASS/MISS; a miss is reported, not an error exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -1132,6 +1135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed repeats per measurement (median reported)")
     parser.add_argument("--threads", type=_cli.positive_int, default=None,
                         help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--busy-cores", type=_cli.int_range(0), default=0, metavar="N",
+                        help="keep N cores busy with spinning processes for the whole run: a controlled stand-in "
+                             "for other work on the machine (CPU kernels must not stall on a descheduled thread)")
     parser.add_argument("--csv", type=_cli.output_file, default=None,
                         help="CSV path (default: bench-out/<op>-<device>-<dtype>.csv)")
     parser.add_argument("--markdown", type=markdown_path, default=None,
@@ -1140,7 +1146,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """The default output paths, resolved here (args.csv, args.markdown), writable before anything runs."""
+    """The default output paths, resolved here (args.csv, args.markdown), writable before anything runs;
+    --busy-cores within the machine's cores."""
+    cores = os.cpu_count() or 1
+    if args.busy_cores >= cores:
+        raise ValueError(f"--busy-cores: {args.busy_cores} would leave none of this machine's {cores} cores "
+                         f"to the benchmark; at most {cores - 1}")
     if args.csv is None:
         args.csv = os.path.join("bench-out", f"{args.op}-{args.device}-{args.dtype}.csv")
         _cli.check_default_output("--csv", args.csv)
@@ -1162,7 +1173,23 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--blocks", str(args.blocks)]
     if args.threads:
         parts += ["--threads", str(args.threads)]
+    if args.busy_cores:
+        parts += ["--busy-cores", str(args.busy_cores)]
     return " ".join(parts)
+
+
+@contextlib.contextmanager
+def busy_cores(n: int):
+    """n processes that spin on a core each until the block ends (killed even if it raises)."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+                for _ in range(n)]
+    try:
+        yield spinners
+    finally:
+        for p in spinners:
+            p.kill()
+        for p in spinners:
+            p.wait()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1171,20 +1198,23 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     ops = OPS if args.op == "all" else (args.op,)
     info = machine_description(device)
+    if args.busy_cores:
+        info["busy cores"] = f"{args.busy_cores} (spinning processes started by this run, for its whole length)"
     print("molkernels bench " + args.op + ": " + "; ".join(f"{k} {v}" for k, v in info.items()))
     total = Result()
     started = time.perf_counter()
-    for op in ops:
-        op_started = time.perf_counter()
-        result = run_op(op, Ks=args.K or DEFAULT_K[op], ds=args.d or DEFAULT_D[op], device=device, dtype=dtype,
-                        repeats=args.repeats, blocks=args.blocks)
-        print()
-        print(format_table(result.rows))
-        if result.targets:
-            print("targets:")
-            print(format_targets(result.targets))
-        print(f"({op}: {time.perf_counter() - op_started:.1f} s)")
-        total.extend(result)
+    with busy_cores(args.busy_cores):
+        for op in ops:
+            op_started = time.perf_counter()
+            result = run_op(op, Ks=args.K or DEFAULT_K[op], ds=args.d or DEFAULT_D[op], device=device, dtype=dtype,
+                            repeats=args.repeats, blocks=args.blocks)
+            print()
+            print(format_table(result.rows))
+            if result.targets:
+                print("targets:")
+                print(format_targets(result.targets))
+            print(f"({op}: {time.perf_counter() - op_started:.1f} s)")
+            total.extend(result)
     write_csv(total.rows, args.csv)
     print(f"\nwrote {args.csv}")
     if args.markdown:

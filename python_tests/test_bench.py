@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import signal
 
 import pytest
 
@@ -39,3 +40,29 @@ def test_every_op_has_defaults_and_unknown_ops_fail():
         bench.run_op("nope", Ks=[2], ds=[10], device=None, dtype=None, repeats=1, blocks=1)
     with pytest.raises(SystemExit):
         main(["bench", "nope"])
+
+
+def test_busy_cores_spin_for_the_run_and_are_gone_after(tmp_path, capsys, monkeypatch):
+    started = []
+    real_popen = bench.subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    md_path = tmp_path / "out.md"
+    args = ["bench", "gram", "--K", "2", "--d", "100", "--repeats", "1", "--blocks", "2", "--threads", "1",
+            "--busy-cores", "1", "--csv", str(tmp_path / "out.csv"), "--markdown", str(md_path)]
+    assert main(args) == 0
+    spinners = [p for p in started if "while True: pass" in p.args]
+    # still spinning when the run ended, and killed then (a return code of -SIGKILL)
+    assert len(spinners) == 1 and spinners[0].poll() == -signal.SIGKILL
+    assert "busy cores: 1" in md_path.read_text() and "--busy-cores 1" in md_path.read_text()
+
+
+def test_busy_cores_must_leave_a_core(capsys):
+    cores = bench.os.cpu_count() or 1
+    with pytest.raises(SystemExit):
+        main(["bench", "gram", "--busy-cores", str(cores)])
+    assert f"--busy-cores: {cores} would leave none" in capsys.readouterr().err
