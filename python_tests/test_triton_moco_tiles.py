@@ -5,8 +5,9 @@ one launch walk many table rows: separate blocks, views at an odd offset of one 
 tiny blocks, empty blocks.
 
 They run under the interpreter twice: with its own tiles (one tile of all K rows) and with the tiles
-a GPU gets (`interpreted` patched to False in the launchers only; the kernels still run
-interpreted), which are the ones that split K into tiles of 8 or 16 rows.
+a GPU gets (`interpreted` patched to False in the launchers only, and an H200's programs; the
+kernels still run interpreted), which are the ones that split K into tiles of 8 or 16 rows and wide
+blocks into several chunks.
 
 Every tensor the launchers allocate with torch.empty (the partials workspace, the outputs) starts as
 NaN here: a slot the reduction reads but no program wrote, or an output element never written,
@@ -31,6 +32,7 @@ BLOCK_SHAPES = [(3,), (5, 7), (0,), (130,)]
 # Many tiny blocks (every seventh empty): one table row each.
 TINY_SHAPES = [(j % 4,) if j % 7 else (0,) for j in range(1, 30)]
 LAYOUTS = ["blocks", "flat", "tiny"]
+H200_MULTIPROCESSORS = 132
 
 
 @pytest.fixture(params=["interpreter", "sm_90"])
@@ -47,6 +49,7 @@ def moco(request, monkeypatch):
     if request.param == "sm_90":
         for module in (gram, moco, combine):
             monkeypatch.setattr(module, "interpreted", lambda device: False)
+        monkeypatch.setattr(gram, "programs_to_fill", lambda device: 4 * H200_MULTIPROCESSORS)
     return moco
 
 
@@ -113,6 +116,27 @@ def test_joint_gram(moco, K, dtype, layout):
     stacked = [torch.cat([yb, gb.to(yb.dtype)]) for yb, gb in zip(_rows(y), _rows(g))]
     check_products(J, stacked, None, tol.GRAM)
     assert torch.equal(J, J.T), "the joint Gram is not exactly symmetric"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("K", [3, 17])
+def test_wide_blocks_split_into_chunks(moco, K, dtype):
+    """A block wider than a program's span takes several table rows (chunks), each from its own
+    first column; the interpreter's own tiles hold it in one."""
+    shapes = [(3,), (2100,), (2, 7)]
+    y = [torch.randn((K,) + shape, dtype=tol.accum_dtype(dtype)) for shape in shapes]
+    g = [torch.randn((K,) + shape, dtype=torch.float64).to(dtype) for shape in shapes]
+    y_expected, y_joint = [b.clone() for b in y], [b.clone() for b in y]
+    G = moco.moco_track_gram(y, g, torch.tensor(0.3))
+    if not moco.interpreted(g[0].device):
+        spans = [table for key, (table, _) in importlib.import_module("molkernels.triton._launch")._TABLES.items()
+                 if key[0][0] == "spans"]
+        assert spans[-1].shape[0] > len(shapes), "the wide block was not split: the test checks nothing"
+    reference.track_gram(y_expected, g, 0.3)
+    _check_y(y, y_expected, dtype)
+    check_products(G, _rows(y_expected), None, tol.GRAM)
+    J = moco.joint_gram(y_joint, g)
+    check_products(J, [torch.cat([yb, gb.to(yb.dtype)]) for yb, gb in zip(_rows(y_joint), _rows(g))], None, tol.GRAM)
 
 
 @pytest.mark.parametrize("layout", ["blocks", "tiny"])

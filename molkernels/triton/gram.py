@@ -28,17 +28,18 @@ from ._launch import TL_DTYPES, cached_table, interpreted, merged_segments, prog
 @triton.jit
 def span_row(table_ptr, chunk, A_DTYPE: tl.constexpr, A_VECTOR: tl.constexpr, B_DTYPE: tl.constexpr,
              B_VECTOR: tl.constexpr, ALIGNED: tl.constexpr):
-    """Row `chunk` of a span table (see span_launches): A's and B's typed address and row stride,
-    the block's columns, and the chunk's first column and span. B's elements are no wider than A's,
-    so a first column that is a multiple of B_VECTOR (elements per 16 bytes) is one of A_VECTOR."""
+    """Row `chunk` of a span table (see span_launches): the typed addresses of A's and B's first
+    column of the chunk, their row strides, and how many columns the chunk has (its span, or fewer
+    at the block's end). Only these stay live through a kernel's column loop: with the block's
+    columns and the chunk's first column as well (64-bit each), a 64-row tile of 16-bit data
+    spilled on sm_90."""
     row = table_ptr + chunk.to(tl.int64) * 7
-    a_ptr = tl.load(row).to(tl.pointer_type(A_DTYPE), bitcast=True)
-    a_row_stride = tl.load(row + 1)
-    b_ptr = tl.load(row + 2).to(tl.pointer_type(B_DTYPE), bitcast=True)
-    b_row_stride = tl.load(row + 3)
-    cols = tl.load(row + 4)
     first_col = tl.load(row + 5)
-    span = tl.load(row + 6)
+    a_ptr = tl.load(row).to(tl.pointer_type(A_DTYPE), bitcast=True) + first_col
+    a_row_stride = tl.load(row + 1)
+    b_ptr = tl.load(row + 2).to(tl.pointer_type(B_DTYPE), bitcast=True) + first_col
+    b_row_stride = tl.load(row + 3)
+    n_cols = tl.minimum(tl.load(row + 6), tl.load(row + 4) - first_col)
     if ALIGNED:
         # Every address, row stride and first column of the table is a multiple of 16 bytes
         # (checked on the host): 16-byte vector loads.
@@ -46,8 +47,7 @@ def span_row(table_ptr, chunk, A_DTYPE: tl.constexpr, A_VECTOR: tl.constexpr, B_
         b_ptr = tl.multiple_of(b_ptr, 16)
         a_row_stride = tl.multiple_of(a_row_stride, A_VECTOR)
         b_row_stride = tl.multiple_of(b_row_stride, B_VECTOR)
-        first_col = tl.multiple_of(first_col, B_VECTOR)
-    return a_ptr, a_row_stride, b_ptr, b_row_stride, cols, first_col, span
+    return a_ptr, a_row_stride, b_ptr, b_row_stride, n_cols
 
 
 # K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
@@ -64,8 +64,7 @@ def _partial_products_kernel(
     if SYMMETRIC and tile_j < tile_i:
         return  # the lower triangle is the mirror of the upper one
     n_tiles = tl.num_programs(0)
-    a_ptr, a_row_stride, b_ptr, b_row_stride, cols, first_col, span = span_row(
-        table_ptr, chunk, DTYPE, VECTOR, DTYPE, VECTOR, ALIGNED)
+    a_ptr, a_row_stride, b_ptr, b_row_stride, n_cols = span_row(table_ptr, chunk, DTYPE, VECTOR, DTYPE, VECTOR, ALIGNED)
     rows_i = tile_i * BLOCK_K + tl.arange(0, BLOCK_K)
     rows_j = tile_j * BLOCK_K + tl.arange(0, BLOCK_K)
     # 64-bit offsets: K rows of a billion-column buffer overflow int32.
@@ -80,9 +79,9 @@ def _partial_products_kernel(
         # Small tiles and float64 accumulate elementwise products and reduce across the columns
         # once, after the loop, instead of a cross-thread sum every step.
         acc_wide = tl.zeros((BLOCK_K, BLOCK_K, BLOCK_D), dtype=ACC_DTYPE)
-    for offset in range(0, span, BLOCK_D):
-        col = first_col + offset + tl.arange(0, BLOCK_D)
-        in_cols = col < cols
+    for offset in range(0, n_cols, BLOCK_D):
+        col = offset + tl.arange(0, BLOCK_D)
+        in_cols = col < n_cols
         # 16-bit data reaches tl.dot as it is stored: its products are exact in the fp32 accumulator.
         # The interpreter has no bfloat16 matmul (numpy lacks the type), so there it is upcast
         # first: the same exact products.

@@ -70,7 +70,7 @@ def _track_gram_kernel(
         return
     chunk = tl.program_id(2)
     n_tiles = tl.num_programs(0)
-    y_ptr, y_row_stride, g_ptr, g_row_stride, cols, first_col, span = span_row(
+    y_ptr, y_row_stride, g_ptr, g_row_stride, n_cols = span_row(
         table_ptr, chunk, Y_DTYPE, Y_VECTOR, G_DTYPE, G_VECTOR, ALIGNED)
     rows_i = tile_i * BLOCK_K + tl.arange(0, BLOCK_K)
     rows_j = tile_j * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -80,9 +80,9 @@ def _track_gram_kernel(
     g_rows_i = g_ptr + rows_i.to(tl.int64)[:, None] * g_row_stride
     beta = tl.load(beta_ptr)
     acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
-    for offset in range(0, span, BLOCK_D):
-        col = first_col + offset + tl.arange(0, BLOCK_D)
-        in_cols = (col < cols)[None, :]
+    for offset in range(0, n_cols, BLOCK_D):
+        col = offset + tl.arange(0, BLOCK_D)
+        in_cols = (col < n_cols)[None, :]
         mask_i = (rows_i < K)[:, None] & in_cols
         y_i = tl.load(y_rows_i + col[None, :], mask=mask_i, other=0.0).to(ACC_DTYPE)
         if TRACK:
@@ -113,7 +113,7 @@ def _joint_gram_kernel(
     of [BLOCK_K, BLOCK_K] tiles: yy in tile (0, 0) and yg in (0, 1) (Y_PRODUCTS), gg in (1, 1)
     (G_PRODUCT). Tile (1, 0), the mirror of yg, is never written nor read."""
     chunk = tl.program_id(0)
-    y_ptr, y_row_stride, g_ptr, g_row_stride, cols, first_col, span = span_row(
+    y_ptr, y_row_stride, g_ptr, g_row_stride, n_cols = span_row(
         table_ptr, chunk, Y_DTYPE, Y_VECTOR, G_DTYPE, G_VECTOR, ALIGNED)
     rows = tl.arange(0, BLOCK_K)
     y_rows = y_ptr + rows.to(tl.int64)[:, None] * y_row_stride
@@ -121,9 +121,9 @@ def _joint_gram_kernel(
     yy = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
     yg = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
     gg = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
-    for offset in range(0, span, BLOCK_D):
-        col = first_col + offset + tl.arange(0, BLOCK_D)
-        mask = (rows < K)[:, None] & (col < cols)[None, :]
+    for offset in range(0, n_cols, BLOCK_D):
+        col = offset + tl.arange(0, BLOCK_D)
+        mask = (rows < K)[:, None] & (col < n_cols)[None, :]
         g = tl.load(g_rows + col[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
         if Y_PRODUCTS:
             y = tl.load(y_rows + col[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
