@@ -219,7 +219,7 @@ def span_launches(plans, a_item: int, b_item: int, device: torch.device) -> List
     for block_d, rows in rows_by_width.items():
         aligned = not interpreted(device) and all(
             r[0] % 16 == 0 and r[2] % 16 == 0 and (r[1] * a_item) % 16 == 0 and (r[3] * b_item) % 16 == 0
-            and (r[5] * b_item) % 16 == 0 for r in rows)
+            and (r[5] * a_item) % 16 == 0 and (r[5] * b_item) % 16 == 0 for r in rows)
         table = cached_table(("spans", tuple(rows)), lambda: torch.tensor(rows, dtype=torch.int64), device)
         launches.append(SpanLaunch(block_d, table, len(rows), aligned, first_partial))
         first_partial += len(rows)
