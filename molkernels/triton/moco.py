@@ -184,7 +184,10 @@ def moco_track_gram(y: List[torch.Tensor], g: List[torch.Tensor], beta: torch.Te
     updated tiles pairwise (gram's tiles, so no tile outgrows the registers); one reduction."""
     K, device = g[0].shape[0], g[0].device
     acc_dtype = accum_dtype(g[0].dtype)
-    block_k, block_d, use_dot, num_warps = tiling(K, g[0].dtype, device)
+    # Tiles as wide as gram's for y's dtype (the accumulation dtype), which the kernel loads, stores
+    # and multiplies: gram's twice wider tiles of 16-bit data spilled on sm_90 under triton 3.6
+    # (32 rows, bf16).
+    block_k, block_d, use_dot, num_warps = tiling(K, y[0].dtype, device)
     if not use_dot and not interpreted(device):
         # Loading g and storing y on top of gram's product spilled on sm_90 (float64, 16 rows).
         block_d //= 2
