@@ -185,9 +185,13 @@ def launcher_calls(max_k: int):
             yield lambda: triton_ops.moco_track_gram(y, g, beta)
             yield lambda: triton_ops.joint_gram(y, g)
             yield lambda: triton_ops.moco_track_combine(y, g, scale, beta, weights, out, 1.0, False)
-            # Rows of a multiple of 16 bytes: the combination's aligned (vectorised) variant.
+            # Rows of a multiple of 16 bytes: the aligned (vectorised) variants.
             g16, y16 = _stack(K, dtype, ALIGNED_WIDTHS), _stack(K, acc, ALIGNED_WIDTHS)
             out16 = [torch.zeros(w, dtype=dtype) for w in ALIGNED_WIDTHS]
+            yield lambda: triton_ops.gram(g16)
+            yield lambda: triton_ops.cross_gram(g16, g16)
+            yield lambda: triton_ops.moco_track_gram(y16, g16, beta)
+            yield lambda: triton_ops.joint_gram(y16, g16)
             yield lambda: triton_ops.combine_into(g16, weights, out16, 1.0, True)
             yield lambda: triton_ops.moco_track_combine(y16, g16, scale, beta, weights, out16, 1.0, False)
             yield lambda: triton_ops.project_simplex(torch.zeros(3, K, dtype=dtype))

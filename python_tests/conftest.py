@@ -59,3 +59,32 @@ def be(request):
 def _seed_per_test(request):
     """Each test draws its own random inputs (seeded from its id, so a failure reproduces)."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+class _CountedKernel:
+    """A Triton kernel that notes its name in `launched` each time it is launched, then launches."""
+
+    def __init__(self, name: str, kernel, launched: list):
+        self.name, self.kernel, self.launched = name, kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The names of the Triton kernels launched during the test, in order (clear the list to count
+    anew). Only the `*_kernel`s that the launchers of molkernels.triton launch are counted: the
+    @triton.jit helpers that kernels call must stay Triton functions."""
+    import importlib
+
+    import triton
+
+    launched = []
+    for module_name in ("gram", "moco", "combine", "simplex", "min_norm", "federated"):
+        module = importlib.import_module(f"molkernels.triton.{module_name}")
+        for name, value in list(vars(module).items()):
+            if name.endswith("_kernel") and isinstance(value, triton.runtime.jit.KernelInterface):
+                monkeypatch.setattr(module, name, _CountedKernel(name, value, launched))
+    return launched

@@ -186,7 +186,7 @@ def test_output_is_fresh_memory(be):
 
 
 @pytest.mark.triton
-def test_triton_combines_every_block_in_one_launch(monkeypatch):
+def test_triton_combines_every_block_in_one_launch(triton_launches):
     """combine, combine_into and MoCo's second pass are one Triton launch for any number of blocks,
     from a tile table that the next call with the same blocks reuses."""
     from conftest import INTERPRETED
@@ -196,22 +196,13 @@ def test_triton_combines_every_block_in_one_launch(monkeypatch):
     import importlib
 
     combine_module = importlib.import_module("molkernels.triton.combine")
-    kernel = combine_module._table_combine_kernel
-    launches = []
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(combine_module, "_table_combine_kernel", Counting())
     K = 3
     g = [randn(K, *shape) for shape in [(5,), (0,), (4, 3), (1,), (33,)]]
     w = torch.rand(K)
     out = [torch.empty(b.shape[1:]) for b in g]
     for _ in range(2):
         combine_module.combine_into(g, w, out, 1.0, False)
-    assert len(launches) == 2, f"{len(launches)} launches for two calls"
+    assert triton_launches == ["_table_combine_kernel"] * 2, f"{triton_launches} for two calls"
     tables = [table for key, (table, _) in importlib.import_module("molkernels.triton._launch")._TABLES.items()
               if key[0][0] == "combine"]
     assert tables[-1].shape == (4, 7), "one table row per program: four non-empty blocks of one tile each"

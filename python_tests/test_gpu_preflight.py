@@ -1,6 +1,6 @@
 """benchmarks/gpu_preflight.py without its minutes of compiling: the configurations it derives from
 the launchers keep tiles register-sized, a 100-parameter model's first steps request few Triton
-variants, and the largest float64 MoCo tile compiles for sm_90 without spilling.
+variants in four launches, and the largest float64 MoCo tile compiles for sm_90 without spilling.
 
 The preflight runs in a subprocess: it needs the compiled @triton.jit kernels, while this test
 process has them interpreted (TRITON_INTERPRET=1 is read when they are defined).
@@ -67,6 +67,15 @@ def test_joint_gram_dot_tiles_get_8_warps_and_split_above_32_rows(preflight):
 def test_first_steps_of_an_odd_model_compile_few_variants(preflight):
     for step, K, dtype, variants, launches in preflight["variants"]:
         assert variants <= 8, f"{step} K={K} {dtype}: {variants} variants for {launches} launches"
+
+
+@pytest.mark.triton
+def test_first_steps_of_an_odd_model_make_four_launches(preflight):
+    """With a GPU's tiles, a first mgda_step or moco_step of 100 parameters is four Triton launches
+    (the Gram or MoCo's first pass over a table of every block, its reduction, the weights, the
+    combination), not one per block."""
+    for step, K, dtype, variants, launches in preflight["variants"]:
+        assert launches == 4, f"{step} K={K} {dtype}: {launches} launches"
 
 
 @pytest.mark.triton

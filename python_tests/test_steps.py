@@ -4,6 +4,7 @@ in float64 here, against the reference backend, through checkpoint/resume, and b
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -108,6 +109,53 @@ def test_moco_flat_buffer_equals_blocks(be):
         mk.moco_step(params_b, [v.clone() for v in views], state_b, lr=0.1, backend=be.backend)
     for a, b in zip(params_a, params_b):
         assert torch.equal(a, b)
+
+
+TRACK, REDUCE, SIMPLEX, COMBINE = ("_track_gram_kernel", "_reduce_partials_kernel", "_project_simplex_kernel",
+                                   "_table_combine_kernel")
+#: (tiles, normalize, dtype, K) -> the Triton kernels a first moco_step launches, in order
+MOCO_STEP_LAUNCHES = {
+    ("interpreter", "none", torch.float32, 3): [TRACK, REDUCE, SIMPLEX, COMBINE],
+    ("interpreter", "l2", torch.float32, 3): ["_joint_gram_kernel", REDUCE, SIMPLEX, COMBINE],
+    # Two row tiles of 16: the diagonal programs update y, a second launch multiplies tiles 0 and 1.
+    ("sm_90", "none", torch.float64, 17): [TRACK, TRACK, REDUCE, SIMPLEX, COMBINE],
+    # 64 rows: yy and yg in one read, gg in another.
+    ("sm_90", "l2", torch.float32, 40): ["_joint_gram_kernel"] * 2 + [REDUCE, SIMPLEX, COMBINE],
+    # float64 above 16 rows: gram(y), cross_gram(y, g), gram(g).
+    ("sm_90", "l2", torch.float64, 17): ["_partial_products_kernel", REDUCE] * 3 + [SIMPLEX, COMBINE],
+}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", MOCO_STEP_LAUNCHES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_triton_moco_step_launches_do_not_grow_with_the_blocks(triton_launches, monkeypatch, case):
+    """A first moco_step of a model of 100 tensors launches the same few Triton kernels as one of a
+    single tensor (it made ≈ 2N + 12 when the passes launched per block), and takes the reference
+    backend's step. Tiny blocks: the interpreter, which gives narrow blocks narrow tiles (one launch
+    per tile width), gives all of them one width; with a GPU's tiles (`interpreted` patched to False
+    in the launchers) there is one width whatever the blocks."""
+    from conftest import INTERPRETED
+
+    if not INTERPRETED:
+        pytest.skip("runs the Triton kernels on CPU tensors under TRITON_INTERPRET=1")
+    tiles, normalize, dtype, K = case
+    if tiles == "sm_90":
+        for name in ("gram", "moco", "combine"):
+            monkeypatch.setattr(importlib.import_module(f"molkernels.triton.{name}"), "interpreted", lambda device: False)
+    for n_blocks in (1, 100):
+        shapes = [(j % 5 + 1,) if j % 2 else (j % 3 + 1, 2) for j in range(n_blocks)]
+        params = [torch.randn(shape, dtype=dtype) for shape in shapes]
+        grads = make_grads(params, K)
+        expected = [p.clone() for p in params]
+        triton_launches.clear()
+        lam = mk.moco_step(params, grads, mk.MoCoState(params, K, dtype=dtype), lr=0.1, normalize=normalize,
+                           backend="triton")
+        assert triton_launches == MOCO_STEP_LAUNCHES[case], f"{n_blocks} blocks"
+        lam_expected = mk.moco_step(expected, grads, mk.MoCoState(expected, K, dtype=dtype), lr=0.1,
+                                    normalize=normalize, backend="reference")
+        assert torch.allclose(lam, lam_expected, atol=LAMBDA_TOL[dtype], rtol=0)
+        for got, want in zip(params, expected):
+            assert torch.allclose(got, want, atol=PARAM_TOL[dtype], rtol=0)
 
 
 @pytest.mark.parametrize("be", backend_params(), indirect=True)

@@ -9,12 +9,13 @@ Two kernels, so that the result is deterministic without atomics:
    partials per load step) and writes the [K, K] result; for gram element (i, j) reads the upper-triangle entry (min, max), so
    the result is exactly symmetric.
 Every run of adjacent block views (see _launch.merged_segments) is a segment; one launch of the first
-kernel covers all segments, and one reduction sums their partials.
+kernel covers all segments (a span table: one row per chunk of columns, read by span_row), and one
+reduction sums their partials. moco.py's passes walk the same tables and share the reduction.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -22,6 +23,31 @@ import triton.language as tl
 
 from .._stack import accum_dtype
 from ._launch import TL_DTYPES, cached_table, interpreted, merged_segments, programs_to_fill
+
+
+@triton.jit
+def span_row(table_ptr, chunk, A_DTYPE: tl.constexpr, A_VECTOR: tl.constexpr, B_DTYPE: tl.constexpr,
+             B_VECTOR: tl.constexpr, ALIGNED: tl.constexpr):
+    """Row `chunk` of a span table (see span_launches): the typed addresses of A's and B's first
+    column of the chunk, their row strides, and how many columns the chunk has (its span, or fewer
+    at the block's end). Only these stay live through a kernel's column loop: with the block's
+    columns and the chunk's first column as well (64-bit each), a 64-row tile of 16-bit data
+    spilled on sm_90."""
+    row = table_ptr + chunk.to(tl.int64) * 7
+    first_col = tl.load(row + 5)
+    a_ptr = tl.load(row).to(tl.pointer_type(A_DTYPE), bitcast=True) + first_col
+    a_row_stride = tl.load(row + 1)
+    b_ptr = tl.load(row + 2).to(tl.pointer_type(B_DTYPE), bitcast=True) + first_col
+    b_row_stride = tl.load(row + 3)
+    n_cols = tl.minimum(tl.load(row + 6), tl.load(row + 4) - first_col)
+    if ALIGNED:
+        # Every address, row stride and first column of the table is a multiple of 16 bytes
+        # (checked on the host): 16-byte vector loads.
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+        a_row_stride = tl.multiple_of(a_row_stride, A_VECTOR)
+        b_row_stride = tl.multiple_of(b_row_stride, B_VECTOR)
+    return a_ptr, a_row_stride, b_ptr, b_row_stride, n_cols
 
 
 # K only bounds the rows (never the vectorised column axis): one variant for every K of a tile size.
@@ -38,24 +64,7 @@ def _partial_products_kernel(
     if SYMMETRIC and tile_j < tile_i:
         return  # the lower triangle is the mirror of the upper one
     n_tiles = tl.num_programs(0)
-    # The chunk's row of the table: A's and B's address and row stride, the segment's columns, and
-    # the chunk's first column and span.
-    row = table_ptr + chunk.to(tl.int64) * 7
-    a_ptr = tl.load(row).to(tl.pointer_type(DTYPE), bitcast=True)
-    a_row_stride = tl.load(row + 1)
-    b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE), bitcast=True)
-    b_row_stride = tl.load(row + 3)
-    cols = tl.load(row + 4)
-    first_col = tl.load(row + 5)
-    span = tl.load(row + 6)
-    if ALIGNED:
-        # Every address and row stride of the table is a multiple of 16 bytes (checked on the host):
-        # 16-byte vector loads.
-        a_ptr = tl.multiple_of(a_ptr, 16)
-        b_ptr = tl.multiple_of(b_ptr, 16)
-        a_row_stride = tl.multiple_of(a_row_stride, VECTOR)  # elements per 16 bytes
-        b_row_stride = tl.multiple_of(b_row_stride, VECTOR)
-        first_col = tl.multiple_of(first_col, VECTOR)
+    a_ptr, a_row_stride, b_ptr, b_row_stride, n_cols = span_row(table_ptr, chunk, DTYPE, VECTOR, DTYPE, VECTOR, ALIGNED)
     rows_i = tile_i * BLOCK_K + tl.arange(0, BLOCK_K)
     rows_j = tile_j * BLOCK_K + tl.arange(0, BLOCK_K)
     # 64-bit offsets: K rows of a billion-column buffer overflow int32.
@@ -70,9 +79,9 @@ def _partial_products_kernel(
         # Small tiles and float64 accumulate elementwise products and reduce across the columns
         # once, after the loop, instead of a cross-thread sum every step.
         acc_wide = tl.zeros((BLOCK_K, BLOCK_K, BLOCK_D), dtype=ACC_DTYPE)
-    for offset in range(0, span, BLOCK_D):
-        col = first_col + offset + tl.arange(0, BLOCK_D)
-        in_cols = col < cols
+    for offset in range(0, n_cols, BLOCK_D):
+        col = offset + tl.arange(0, BLOCK_D)
+        in_cols = col < n_cols
         # 16-bit data reaches tl.dot as it is stored: its products are exact in the fp32 accumulator.
         # The interpreter has no bfloat16 matmul (numpy lacks the type), so there it is upcast
         # first: the same exact products.
@@ -100,9 +109,9 @@ def _partial_products_kernel(
 
 
 # The counts only bound loops and index tiles: no variant per model size.
-@triton.jit(do_not_specialize=["K", "n_partials", "n_tiles"])
+@triton.jit(do_not_specialize=["K", "n_partials", "n_tiles", "rows_per_tile"])
 def _reduce_partials_kernel(
-    partial_ptr, out_ptr, K, n_partials, n_tiles,
+    partial_ptr, out_ptr, K, n_partials, n_tiles, rows_per_tile,
     SYMMETRIC: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -117,7 +126,9 @@ def _reduce_partials_kernel(
         first = row
         second = col
     tile_size = BLOCK_K * BLOCK_K
-    offsets = ((first // BLOCK_K) * n_tiles + second // BLOCK_K) * tile_size + (first % BLOCK_K) * BLOCK_K + second % BLOCK_K
+    # Output row r is row r % rows_per_tile of tile r // rows_per_tile.
+    offsets = (((first // rows_per_tile) * n_tiles + second // rows_per_tile) * tile_size
+               + (first % rows_per_tile) * BLOCK_K + second % rows_per_tile)
     # One partial is a whole [n_tiles, n_tiles] grid of tiles (64-bit strides: a long run of
     # partials overflows int32). Each step loads BLOCK_P partials at once, so that many loads are
     # in flight; the sum over them comes once, at the end, in a fixed order.
@@ -180,20 +191,58 @@ def span_plans(segments, block_d: int, tile_programs: int, device: torch.device)
     return plans
 
 
+class SpanLaunch(NamedTuple):
+    """One launch over the chunks of a span table: their tile width, the int64 table on the device
+    (one row per chunk: A's address and row stride, B's, the block's columns, the chunk's first
+    column and span; read by span_row), whether every row is 16-byte aligned, and where the
+    launch's partials start in the workspace."""
+
+    block_d: int
+    table: torch.Tensor
+    chunks: int
+    aligned: bool
+    first_partial: int
+
+
+def span_launches(plans, a_item: int, b_item: int, device: torch.device) -> List[SpanLaunch]:
+    """The launches that cover span_plans' chunks: one in all on a GPU (every segment has one
+    BLOCK_D), one per tile width in the interpreter. Chunk c of the whole plan writes partial c, so
+    every kernel that walks the same launches fills the same workspace slots. `a_item` and
+    `b_item` are the element sizes of the first and the last view of each segment."""
+    rows_by_width = {}
+    for views, cols, block_d, span, chunks in plans:
+        a_view, b_view = views[0], views[-1]
+        rows_by_width.setdefault(block_d, []).extend(
+            (a_view.data_ptr(), a_view.stride(0), b_view.data_ptr(), b_view.stride(0), cols, c * span, span)
+            for c in range(chunks))
+    launches, first_partial = [], 0
+    for block_d, rows in rows_by_width.items():
+        aligned = not interpreted(device) and all(
+            r[0] % 16 == 0 and r[2] % 16 == 0 and (r[1] * a_item) % 16 == 0 and (r[3] * b_item) % 16 == 0
+            and (r[5] * a_item) % 16 == 0 and (r[5] * b_item) % 16 == 0 for r in rows)
+        table = cached_table(("spans", tuple(rows)), lambda: torch.tensor(rows, dtype=torch.int64), device)
+        launches.append(SpanLaunch(block_d, table, len(rows), aligned, first_partial))
+        first_partial += len(rows)
+    return launches
+
+
 # Partials each program of the reduction loads per step (a [REDUCE_PARTIALS_AT_ONCE, BLOCK] tile).
 REDUCE_PARTIALS_AT_ONCE = 8
 
 
-def reduce_partials(partials: torch.Tensor, K: int, symmetric: bool) -> torch.Tensor:
+def reduce_partials(partials: torch.Tensor, K: int, symmetric: bool, rows_per_tile: Optional[int] = None) -> torch.Tensor:
     """The [K, K] sum, in a fixed order, of a [n_partials, n_tiles, n_tiles, BLOCK_K, BLOCK_K]
-    workspace of tile products (for `symmetric`, only the tiles i <= j are read)."""
+    workspace of tile products (for `symmetric`, only the tiles i <= j are read, and of a diagonal
+    tile only its upper triangle, so the result is exactly symmetric). Output row r is row
+    r % rows_per_tile of tile r // rows_per_tile: BLOCK_K rows per tile by default; the joint Gram
+    of [y; g] puts y's K rows in tile 0 and g's in tile 1."""
     n_partials, n_tiles, _, block_k, _ = partials.shape
     acc_tl = tl.float64 if partials.dtype == torch.float64 else tl.float32
     out = torch.empty((K, K), dtype=partials.dtype, device=partials.device)
     block = min(triton.next_power_of_2(K * K), (1 << 16) if interpreted(partials.device) else 256)
     _reduce_partials_kernel[(triton.cdiv(K * K, block),)](
-        partials, out, K, n_partials, n_tiles, SYMMETRIC=symmetric, ACC_DTYPE=acc_tl, BLOCK_K=block_k, BLOCK=block,
-        BLOCK_P=REDUCE_PARTIALS_AT_ONCE,
+        partials, out, K, n_partials, n_tiles, block_k if rows_per_tile is None else rows_per_tile,
+        SYMMETRIC=symmetric, ACC_DTYPE=acc_tl, BLOCK_K=block_k, BLOCK=block, BLOCK_P=REDUCE_PARTIALS_AT_ONCE,
     )
     return out
 
@@ -210,28 +259,15 @@ def _products(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], symmetric: b
     plans = span_plans(segments, block_d, tile_programs, device)
     n_partials = sum(plan[-1] for plan in plans)
     partials = torch.empty((n_partials, n_tiles, n_tiles, block_k, block_k), dtype=acc_dtype, device=device)
-    # One launch for every segment (on a GPU all share one BLOCK_D; the interpreter gives narrow
-    # segments narrow tiles, so there it is one launch per tile width), each chunk a table row.
-    launches = {}
-    for views, cols, segment_block_d, span, chunks in plans:
-        a_view, b_view = views[0], views[-1]
-        rows = launches.setdefault(segment_block_d, [])
-        rows += [(a_view.data_ptr(), a_view.stride(0), b_view.data_ptr(), b_view.stride(0), cols, c * span, span)
-                 for c in range(chunks)]
     item = a[0].element_size()
-    first_partial = 0
-    for segment_block_d, rows in launches.items():
-        aligned = not interpreted(device) and all(
-            r[0] % 16 == 0 and r[2] % 16 == 0 and (r[1] * item) % 16 == 0 and (r[3] * item) % 16 == 0 for r in rows)
-        table = cached_table(("products", tuple(rows)), lambda: torch.tensor(rows, dtype=torch.int64), device)
-        _partial_products_kernel[(n_tiles, n_tiles, len(rows))](
-            table, partials[first_partial:], K,
+    for launch in span_launches(plans, item, item, device):
+        _partial_products_kernel[(n_tiles, n_tiles, launch.chunks)](
+            launch.table, partials[launch.first_partial:], K,
             SYMMETRIC=symmetric, ONE_TILE=symmetric and n_tiles == 1, USE_DOT=use_dot,
-            DOT_UPCAST=use_dot and interpreted(device) and a[0].dtype == torch.bfloat16, ALIGNED=aligned,
+            DOT_UPCAST=use_dot and interpreted(device) and a[0].dtype == torch.bfloat16, ALIGNED=launch.aligned,
             DTYPE=TL_DTYPES[a[0].dtype], VECTOR=16 // item, ACC_DTYPE=acc_tl,
-            BLOCK_K=block_k, BLOCK_D=segment_block_d, num_warps=num_warps,
+            BLOCK_K=block_k, BLOCK_D=launch.block_d, num_warps=num_warps,
         )
-        first_partial += len(rows)
     return reduce_partials(partials, K, symmetric)
 
 
