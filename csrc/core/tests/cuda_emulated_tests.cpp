@@ -574,12 +574,27 @@ void test_weighted_mean(int64_t C, int64_t D, bool none_active) {
   for (auto& w : weights) w = A(std::uniform_real_distribution<double>(0.1, 1.0)(rng));
   std::unique_ptr<bool[]> active(new bool[size_t(C)]);
   for (int64_t c = 0; c < C; ++c) active[c] = !none_active && c % 5 != 2;
-  std::vector<A> partials = poisoned<A>(size_t(mk::fl::weighted_mean_cuda_partials(C, D)));
+  // The workspace poisoned but for its tickets, which every call must leave zero again.
+  std::vector<unsigned char> workspace = poisoned<unsigned char>(mk::fl::weighted_mean_cuda_workspace_bytes<T>(C, D));
+  std::memset(workspace.data(), 0, mk::fl::weighted_mean_cuda_ticket_bytes(D));
+  const std::vector<unsigned char> zero_tickets(mk::fl::weighted_mean_cuda_ticket_bytes(D), 0);
   std::vector<T> out = poisoned<T>(size_t(D)), cpu = poisoned<T>(size_t(D));
-  mk::fl::weighted_mean_cuda<T>(x.data(), weights.data(), active.get(), C, D, partials.data(), out.data(), stream);
+  mk::fl::weighted_mean_cuda<T>(x.data(), weights.data(), active.get(), C, D, workspace.data(), out.data(), stream);
   mk::fl::weighted_mean_cpu<T>(x.data(), weights.data(), active.get(), C, D, cpu.data());
   CHECK(std::memcmp(out.data(), cpu.data(), size_t(D) * sizeof(T)) == 0,
         "weighted_mean %s C=%lld D=%lld: differs from the CPU kernel", type_name<T>(), (long long)C, (long long)D);
+  // Again with the same workspace (as a graph replay would) and on other grids (SM counts): the
+  // same bits, and the tickets zero after each call.
+  for (const int sms : {2, 1, 3}) {
+    mk::simt::set_multiprocessor_count(sms);
+    std::vector<T> again = poisoned<T>(size_t(D));
+    mk::fl::weighted_mean_cuda<T>(x.data(), weights.data(), active.get(), C, D, workspace.data(), again.data(), stream);
+    CHECK(same_bytes(again.data(), out.data(), size_t(D) * sizeof(T)) &&
+              same_bytes(workspace.data(), zero_tickets.data(), zero_tickets.size()),
+          "weighted_mean %s C=%lld D=%lld SMs=%d: a second call differs or leaves a ticket set", type_name<T>(),
+          (long long)C, (long long)D, sms);
+  }
+  mk::simt::set_multiprocessor_count(2);
   for (int64_t j = 0; j < D; ++j) {
     double sum = 0.0, total = 0.0, scale = 0.0;
     for (int64_t c = 0; c < C; ++c)
@@ -648,9 +663,10 @@ void test_min_norm_cases(int64_t K) {
   const int64_t batch = int64_t(std::size(cases));
   std::vector<T> G(size_t(batch * K * K));
   for (int64_t b = 0; b < batch; ++b) {
-    if (cases[b] == MinNormCase::huge && !std::is_same_v<T, double>) {  // beyond the 16- and 32-bit ranges
+    if (cases[b] == MinNormCase::huge && !std::is_same_v<T, double>) {  // 1e300 is beyond their ranges
+      const double large = std::is_same_v<T, mk::half_t> ? 1e3 / double(K + 3) : 1e30;  // fp16 ends at 65504
       const std::vector<double> g = min_norm_case_gram(MinNormCase::full_rank, K);
-      for (int64_t e = 0; e < K * K; ++e) G[b * K * K + e] = mk::from_float<T>(accum_t<T>(g[e] * 1e3));
+      for (int64_t e = 0; e < K * K; ++e) G[b * K * K + e] = mk::from_float<T>(accum_t<T>(g[e] * large));
       continue;
     }
     const std::vector<double> g = min_norm_case_gram(cases[b], K);
@@ -762,6 +778,8 @@ void test_type() {
   for (const int64_t C : {1, 33, 70})
     for (const int64_t D : {1, 17, 300}) test_weighted_mean<T>(C, D, false);
   test_weighted_mean<T>(5, 17, true);
+  test_weighted_mean<T>(200, 4099, false);  // 7 groups x 17 column blocks: more items than CTAs
+  test_weighted_mean<T>(1100, 3, false);    // 35 groups: the total's shares come in two rounds of 32
   std::printf("%s done\n", type_name<T>());
   std::fflush(stdout);
 }
