@@ -15,8 +15,6 @@
 // memory across __syncwarp().
 #pragma once
 
-#include <limits>
-
 #include "convert.h"
 #include "gpu_launch.cuh"
 #include "min_norm.h"
@@ -115,7 +113,7 @@ __device__ inline bool min_norm_sweep_afresh(MinNormTiles& tiles, int K, int lan
 // Wolfe's algorithm for K >= 3 on tiles.G (written and synced): lane i's lambda_i, on the simplex.
 __device__ inline double min_norm_wolfe(MinNormTiles& tiles, int K, int lane) {
   const bool valid = lane < K;
-  const double inf = std::numeric_limits<double>::infinity();
+  const double inf = 1.0 / 0.0;
   const int start = warp_argmin(valid ? tiles.G[lane][lane] : inf, lane);  // the shortest gradient
   double lambda = lane == start ? 1.0 : 0.0;
   unsigned corral = 1u << start;
@@ -205,7 +203,7 @@ __device__ void min_norm_warp(const T* G_in, int K, T* out, MinNormTiles& tiles,
   if (valid)
     for (int j = 0; j < K; ++j) finite = finite && is_finite(load(lane, j));
   const double scale = warp_max(valid ? load(lane, lane) : 0.0);  // as min_norm.h: max(0, max_i G_ii)
-  if (__ballot_sync(kFullWarp, !finite) != 0) return store(std::numeric_limits<double>::quiet_NaN());
+  if (__ballot_sync(kFullWarp, !finite) != 0) return store(0.0 / 0.0);
   if (K == 1) return store(1.0);
   if (!(scale > 0.0)) return store(1.0 / double(K));  // every gradient is zero: the symmetric weights
   // Each entry is scaled before the two are added, as in min_norm.h (no overflow near the largest
