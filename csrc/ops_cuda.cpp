@@ -88,7 +88,8 @@ at::Tensor min_norm_cuda(const at::Tensor& gram) {
   const int64_t batch = input.numel() / (K * K);
   at::Tensor out = at::empty(input.sizes().slice(0, input.dim() - 1), input.options());
   const int64_t work_doubles = mk::min_norm_cuda_workspace(batch, K);
-  const at::Tensor work = work_doubles > 0 ? at::empty({work_doubles}, input.options().dtype(at::kDouble)) : at::Tensor();
+  const at::Tensor work =
+      work_doubles > 0 ? at::empty({work_doubles}, input.options().dtype(at::kDouble)) : at::Tensor();
   dispatch_float_types(input.scalar_type(), "gram", [&](auto tag) {
     using T = decltype(tag);
     mk::min_norm_cuda<T>(reinterpret_cast<const T*>(input.const_data_ptr()), batch, K,

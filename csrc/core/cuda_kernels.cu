@@ -81,8 +81,10 @@ template <class T>
 void min_norm_cuda(const T* gram, int64_t batch, int64_t K, T* out, double* work, cudaStream_t stream) {
   if (batch == 0) return;
   if (K <= gpu::kMinNormWarpMaxK) {
-    // The warps stride over the batch, so any batch fits the grid's limit.
-    const int64_t ctas = std::min<int64_t>(blocks_for(batch, gpu::kMinNormWarps), int64_t(1) << 20);
+    // The warps stride over the batch, so any batch fits the grid; 8 CTAs per SM are more than its
+    // shared memory holds at once.
+    const int64_t ctas =
+        std::min<int64_t>(blocks_for(batch, gpu::kMinNormWarps), 8 * int64_t(device_multiprocessors()));
     launch_kernel(gpu::min_norm_warp_kernel<T>, unsigned(ctas), gpu::kMinNormWarps * 32, 0, stream, gram, batch,
                   int(K), out);
   } else {

@@ -100,7 +100,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // The weighted mean's workspace: one ticket per column block, then groups x D partial sums.
 int64_t mean_column_blocks(int64_t D) { return ceil_div(D, kThreads); }
-size_t mean_ticket_bytes(int64_t D) { return size_t(ceil_div(mean_column_blocks(D) * int64_t(sizeof(unsigned)), 16)) * 16; }
+size_t mean_ticket_bytes(int64_t D) {
+  return size_t(ceil_div(mean_column_blocks(D) * int64_t(sizeof(unsigned)), 16)) * 16;
+}
 
 // Item (column block b, group): partials[group * D + j] = the sum over the group's active clients
 // c of weights[c] x[c, j] for the block's columns j; the last item of block b then writes out[j].

@@ -61,11 +61,13 @@
 #define __shfl_xor_sync(...) ::mk::simt::shuffle(__FILE__, __LINE__, ::mk::simt::ShuffleMode::xor_, __VA_ARGS__)
 #define __shfl_down_sync(...) ::mk::simt::shuffle(__FILE__, __LINE__, ::mk::simt::ShuffleMode::down, __VA_ARGS__)
 #define __shfl_up_sync(...) ::mk::simt::shuffle(__FILE__, __LINE__, ::mk::simt::ShuffleMode::up, __VA_ARGS__)
-#define __ballot_sync(mask, predicate) \
-  unsigned(::mk::simt::shuffle_bits(__FILE__, __LINE__, ::mk::simt::ShuffleMode::ballot, mask, (predicate) ? 1 : 0, 0, 32))
+#define __ballot_sync(mask, predicate)                                                                 \
+  unsigned(::mk::simt::shuffle_bits(__FILE__, __LINE__, ::mk::simt::ShuffleMode::ballot, mask, (predicate) ? 1 : 0, \
+                                    0, 32))
 // __syncwarp() or __syncwarp(mask): WarpMask{} is the full warp, CUDA's default argument.
-#define __syncwarp(...) \
-  ((void)::mk::simt::shuffle_bits(__FILE__, __LINE__, ::mk::simt::ShuffleMode::sync, ::mk::simt::WarpMask{__VA_ARGS__}.bits, 0, 0, 32))
+#define __syncwarp(...)                                                                               \
+  ((void)::mk::simt::shuffle_bits(__FILE__, __LINE__, ::mk::simt::ShuffleMode::sync,                 \
+                                  ::mk::simt::WarpMask{__VA_ARGS__}.bits, 0, 0, 32))
 
 struct dim3 {
   unsigned x, y, z;

@@ -678,7 +678,8 @@ void test_min_norm_cases(int64_t K) {
   mk::min_norm_cpu<T>(G.data(), batch, K, cpu.data());
   for (int64_t b = 0; b < batch; ++b) {
     char what[96];
-    std::snprintf(what, sizeof what, "min_norm %s K=%lld %s", type_name<T>(), (long long)K, min_norm_case_name(cases[b]));
+    std::snprintf(what, sizeof what, "min_norm %s K=%lld %s", type_name<T>(), (long long)K,
+                  min_norm_case_name(cases[b]));
     const MinNormCase c = cases[b];
     bool written = true, nan = true;
     for (int64_t i = 0; i < K; ++i) {
