@@ -50,13 +50,18 @@ at::Tensor fl_weighted_mean_cuda(const at::Tensor& x, const at::Tensor& weights,
   const fl::ClientShape shape = fl::check_mean(x, weights, active);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes().slice(1), x.options());
-  at::Tensor partials = at::empty({mk::fl::weighted_mean_cuda_partials(shape.C, shape.D)}, weights.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_float_types(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     using A = mk::accum_t<T>;
+    // Fresh bytes from the caching allocator: the tickets at their start are zeroed on the call's
+    // stream (under graph capture a node that runs before the kernel on every replay).
+    at::Tensor workspace = at::empty({int64_t(mk::fl::weighted_mean_cuda_workspace_bytes<T>(shape.C, shape.D))},
+                                     x.options().dtype(at::kByte));
+    C10_CUDA_CHECK(cudaMemsetAsync(workspace.data_ptr(), 0, mk::fl::weighted_mean_cuda_ticket_bytes(shape.D), stream));
     mk::fl::weighted_mean_cuda<T>(reinterpret_cast<const T*>(x.const_data_ptr()), weights.const_data_ptr<A>(),
-                                  active.const_data_ptr<bool>(), shape.C, shape.D, partials.data_ptr<A>(),
-                                  reinterpret_cast<T*>(out.data_ptr()), at::cuda::getCurrentCUDAStream());
+                                  active.const_data_ptr<bool>(), shape.C, shape.D, workspace.data_ptr(),
+                                  reinterpret_cast<T*>(out.data_ptr()), stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

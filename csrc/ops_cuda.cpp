@@ -7,7 +7,6 @@
 #include <vector>
 
 #include "core/cuda_kernels.h"
-#include "core/min_norm.h"
 #include "gram_workspace_cuda.h"
 #include "stack.h"
 
@@ -88,11 +87,13 @@ at::Tensor min_norm_cuda(const at::Tensor& gram) {
   const int64_t K = input.size(-1);
   const int64_t batch = input.numel() / (K * K);
   at::Tensor out = at::empty(input.sizes().slice(0, input.dim() - 1), input.options());
-  at::Tensor work = at::empty({std::max<int64_t>(batch, 1) * mk::min_norm_workspace(K)}, input.options().dtype(at::kDouble));
+  const int64_t work_doubles = mk::min_norm_cuda_workspace(batch, K);
+  const at::Tensor work =
+      work_doubles > 0 ? at::empty({work_doubles}, input.options().dtype(at::kDouble)) : at::Tensor();
   dispatch_float_types(input.scalar_type(), "gram", [&](auto tag) {
     using T = decltype(tag);
     mk::min_norm_cuda<T>(reinterpret_cast<const T*>(input.const_data_ptr()), batch, K,
-                         reinterpret_cast<T*>(out.data_ptr()), work.data_ptr<double>(),
+                         reinterpret_cast<T*>(out.data_ptr()), work.defined() ? work.data_ptr<double>() : nullptr,
                          at::cuda::getCurrentCUDAStream());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

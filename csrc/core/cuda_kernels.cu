@@ -4,6 +4,7 @@
 
 #include "convert.h"
 #include "cuda_gram.cuh"
+#include "cuda_min_norm.cuh"
 #include "cuda_products.cuh"
 #include "min_norm.h"
 #include "simplex.h"
@@ -24,6 +25,7 @@ __global__ void project_simplex_kernel(const T* v, int64_t rows, int64_t K, T* o
       [&](int64_t i, double x) { out_row[i] = from_float<T>(accum_t<T>(x)); });
 }
 
+// K > gpu::kMinNormWarpMaxK: a thread per problem running min_norm.h's solver on its workspace.
 template <class T>
 __global__ void min_norm_kernel(const T* gram, int64_t batch, int64_t K, T* out, double* work) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -71,9 +73,23 @@ void project_simplex_cuda(const T* v, int64_t rows, int64_t K, T* out, cudaStrea
   launch_kernel(project_simplex_kernel<T>, unsigned(blocks_for(rows, 128)), 128, 0, stream, v, rows, K, out);
 }
 
+int64_t min_norm_cuda_workspace(int64_t batch, int64_t K) {
+  return K <= gpu::kMinNormWarpMaxK ? 0 : batch * min_norm_workspace(K);
+}
+
 template <class T>
 void min_norm_cuda(const T* gram, int64_t batch, int64_t K, T* out, double* work, cudaStream_t stream) {
-  launch_kernel(min_norm_kernel<T>, unsigned(blocks_for(batch, 64)), 64, 0, stream, gram, batch, K, out, work);
+  if (batch == 0) return;
+  if (K <= gpu::kMinNormWarpMaxK) {
+    // The warps stride over the batch, so any batch fits the grid; 8 CTAs per SM are more than its
+    // shared memory holds at once.
+    const int64_t ctas =
+        std::min<int64_t>(blocks_for(batch, gpu::kMinNormWarps), 8 * int64_t(device_multiprocessors()));
+    launch_kernel(gpu::min_norm_warp_kernel<T>, unsigned(ctas), gpu::kMinNormWarps * 32, 0, stream, gram, batch,
+                  int(K), out);
+  } else {
+    launch_kernel(min_norm_kernel<T>, unsigned(blocks_for(batch, 64)), 64, 0, stream, gram, batch, K, out, work);
+  }
 }
 
 #define MK_INSTANTIATE_INTO(T, U)                                                                            \

@@ -44,7 +44,11 @@ void combine_into_cuda(const StackView<T>& g, const accum_t<T>* weights, U* cons
 template <class T>
 void project_simplex_cuda(const T* v, int64_t rows, int64_t K, T* out, cudaStream_t stream);
 
-// work: batch * min_norm_workspace(K) doubles of device memory.
+// lambda = argmin over the simplex of lambda^T G lambda for each of the batch's K x K matrices
+// (min_norm.h's contract). K <= 32: one warp per problem, no workspace (cuda_min_norm.cuh); above, a
+// thread per problem with min_norm_workspace(K) doubles of its own. work: min_norm_cuda_workspace
+// (batch, K) doubles of device memory (none, and work may be null, for K <= 32).
+int64_t min_norm_cuda_workspace(int64_t batch, int64_t K);
 template <class T>
 void min_norm_cuda(const T* gram, int64_t batch, int64_t K, T* out, double* work, cudaStream_t stream);
 

@@ -148,10 +148,21 @@ MK_HD void sgd_update(A& p, A g, A* buffer, const SgdConstants<A>& k) {
 }
 
 // The weighted mean sums the active clients in groups of kMeanGroup consecutive clients, then the
-// group sums in group order: a fixed order that every backend follows, so the result does not
-// depend on the backend, the thread count or the launch shape, and a GPU gets C / kMeanGroup
-// independent partial sums per column to run in parallel.
+// group sums in group order, and its total weight likewise (group_weight, then the groups' shares
+// in group order): a fixed order that every backend follows, so the result does not depend on the
+// backend, the thread count or the launch shape, and a GPU gets C / kMeanGroup independent partial
+// sums per column, and as many shares of the total, to run in parallel.
 constexpr int64_t kMeanGroup = 32;
+
+// The active weights of clients first..last-1, summed in client order: one group's share of the
+// total weight.
+template <class A>
+MK_HD A group_weight(const A* weights, const bool* active, int64_t first, int64_t last) {
+  A sum = 0;
+  for (int64_t c = first; c < last; ++c)
+    if (active[c]) sum += weights[c];
+  return sum;
+}
 
 template <class A>
 MK_HD A weighted_term(A sum, A weight, A x) {

@@ -5,6 +5,8 @@
 
 #include "cuda_runtime_types.h"
 
+#include <cstddef>
+
 #include "fl_kernels.h"
 
 namespace mk {
@@ -18,11 +20,16 @@ template <class T>
 void sgd_step_cuda(T* params, const T* grads, accum_t<T>* momentum_buffer, const bool* active, int64_t C, int64_t D,
                    const SgdHyper& hyper, cudaStream_t stream);
 
-// partials: weighted_mean_cuda_partials(C, D) accumulators of device workspace.
-int64_t weighted_mean_cuda_partials(int64_t C, int64_t D);
+// One launch. workspace: weighted_mean_cuda_workspace_bytes<T>(C, D) bytes of device memory whose
+// first weighted_mean_cuda_ticket_bytes(D) bytes (the column blocks' ticket counters) are zero
+// before the first call; every call leaves them zero again, so a workspace can be reused by later
+// calls on the same stream and under CUDA graph replay. The rest needs no initialisation.
+size_t weighted_mean_cuda_ticket_bytes(int64_t D);
+template <class T>
+size_t weighted_mean_cuda_workspace_bytes(int64_t C, int64_t D);
 template <class T>
 void weighted_mean_cuda(const T* x, const accum_t<T>* weights, const bool* active, int64_t C, int64_t D,
-                        accum_t<T>* partials, T* out, cudaStream_t stream);
+                        void* workspace, T* out, cudaStream_t stream);
 
 }  // namespace fl
 }  // namespace mk

@@ -103,8 +103,8 @@ template <class T>
 void weighted_mean_cpu(const T* x, const accum_t<T>* weights, const bool* active, int64_t C, int64_t D, T* out) {
   using A = accum_t<T>;
   A total = 0;
-  for (int64_t c = 0; c < C; ++c)
-    if (active[c]) total += weights[c];
+  for (int64_t first = 0; first < C; first += kMeanGroup)
+    total += group_weight(weights, active, first, std::min(C, first + kMeanGroup));
   const int64_t items = (D + kMeanColumns - 1) / kMeanColumns;
 #pragma omp parallel for schedule(dynamic, 4) if (items > 1 && C * D > kParallelElements)
   for (int64_t item = 0; item < items; ++item) {

@@ -15,6 +15,26 @@
 
 namespace mk {
 
+// The solver's thresholds, shared with the CUDA warp solver (cuda_min_norm.cuh), all relative to G
+// normalised by its largest diagonal entry. Stopping rule: the Frank-Wolfe gap f - min_i <x, g_i>
+// bounds (f - f*) / 2, so these give f within 2e-10 relative (or 2e-13 of the largest squared
+// norm) of f*.
+constexpr double kMinNormGapRelTol = 1e-10, kMinNormGapAbsTol = 1e-13;
+// Barycentric coordinates at or below this count as zero.
+constexpr double kMinNormZeroWeight = 1e-14;
+// A pivot at or below this is not positive: the corral would be affinely dependent.
+constexpr double kMinNormPivotTol = 1e-300;
+// K = 2: |g0 - g1|^2 at or below this counts as g0 = g1.
+constexpr double kMinNormCollinearTol = 1e-15;
+
+// K = 2, on the normalised G: the weight t of g0 minimising |t g0 + (1 - t) g1|^2 over [0, 1].
+MK_HD double min_norm_pair_weight(double g00, double g01, double g11) {
+  const double curvature = g00 - 2.0 * g01 + g11;  // |g0 - g1|^2
+  if (!(curvature > kMinNormCollinearTol)) return 0.5;
+  const double t = (g11 - g01) / curvature;
+  return t < 0.0 ? 0.0 : (t > 1.0 ? 1.0 : t);
+}
+
 // Doubles of scratch memory min_norm_solve needs for a K x K problem.
 MK_HD int64_t min_norm_workspace(int64_t K) { return 4 * K + (K + 1) * (K + 2) + K * K; }
 
@@ -35,7 +55,7 @@ MK_HD bool solve_augmented(double* A, int64_t n) {
         pivot = r;
       }
     }
-    if (!(best > 1e-300)) return false;
+    if (!(best > kMinNormPivotTol)) return false;
     if (pivot != col) {
       for (int64_t c = col; c <= n; ++c) {
         const double t = A[col * ld + c];
@@ -96,14 +116,7 @@ MK_HD void min_norm_solve(int64_t K, LoadGram gram, Store store, double* work) {
   auto G = [&](int64_t i, int64_t j) { return normalised[i * K + j]; };
 
   if (K == 2) {
-    // min over t in [0, 1] of |t g0 + (1 - t) g1|^2.
-    const double g00 = G(0, 0), g01 = G(0, 1), g11 = G(1, 1);
-    const double curvature = g00 - 2.0 * g01 + g11;  // |g0 - g1|^2
-    double t = 0.5;
-    if (curvature > 1e-15) {
-      t = (g11 - g01) / curvature;
-      t = t < 0.0 ? 0.0 : (t > 1.0 ? 1.0 : t);
-    }
+    const double t = min_norm_pair_weight(G(0, 0), G(0, 1), G(1, 1));
     store(0, t);
     store(1, 1.0 - t);
     return;
@@ -117,9 +130,6 @@ MK_HD void min_norm_solve(int64_t K, LoadGram gram, Store store, double* work) {
   corral[0] = double(start);
   int64_t size = 1;
 
-  // Stopping rule: the Frank-Wolfe gap f - min_i <x, g_i> bounds (f - f*) / 2, so these
-  // tolerances give f within 2e-10 relative (or 2e-13 of the largest squared norm) of f*.
-  const double rel_tol = 1e-10, abs_tol = 1e-13;
   double previous_f = 2.0;  // > any f, since f <= max_i G_ii = 1
   const int64_t max_major = 8 * K + 16;  // Wolfe's algorithm is finite; this only bounds rounding
   for (int64_t major = 0; major < max_major; ++major) {
@@ -138,7 +148,7 @@ MK_HD void min_norm_solve(int64_t K, LoadGram gram, Store store, double* work) {
       const int64_t j = int64_t(corral[s]);
       f += lambda[j] * Glambda[j];
     }
-    if (f - Glambda[entering] <= rel_tol * f + abs_tol || !(f < previous_f)) break;
+    if (f - Glambda[entering] <= kMinNormGapRelTol * f + kMinNormGapAbsTol || !(f < previous_f)) break;
     previous_f = f;
     bool already_in = false;
     for (int64_t s = 0; s < size; ++s) already_in = already_in || int64_t(corral[s]) == entering;
@@ -164,7 +174,7 @@ MK_HD void min_norm_solve(int64_t K, LoadGram gram, Store store, double* work) {
       bool interior = true;
       for (int64_t s = 0; s < size; ++s) {
         alpha[s] = system[s * ld + n];
-        interior = interior && alpha[s] > 1e-14;
+        interior = interior && alpha[s] > kMinNormZeroWeight;
       }
       if (interior) {
         for (int64_t s = 0; s < size; ++s) lambda[int64_t(corral[s])] = alpha[s];
@@ -174,7 +184,7 @@ MK_HD void min_norm_solve(int64_t K, LoadGram gram, Store store, double* work) {
       double theta = 1.0;
       for (int64_t s = 0; s < size; ++s) {
         const double l = lambda[int64_t(corral[s])];
-        if (alpha[s] <= 1e-14 && l - alpha[s] > 0.0) {
+        if (alpha[s] <= kMinNormZeroWeight && l - alpha[s] > 0.0) {
           const double t = l / (l - alpha[s]);
           theta = t < theta ? t : theta;
         }
@@ -190,7 +200,7 @@ MK_HD void min_norm_solve(int64_t K, LoadGram gram, Store store, double* work) {
       const int64_t forced = int64_t(corral[weakest]);
       for (int64_t s = 0; s < size; ++s) {
         const int64_t i = int64_t(corral[s]);
-        if (lambda[i] > 1e-14 && i != forced) {
+        if (lambda[i] > kMinNormZeroWeight && i != forced) {
           corral[kept++] = double(i);
         } else {
           lambda[i] = 0.0;

@@ -150,7 +150,9 @@ const char* shuffle_name(ShuffleMode mode) {
     case ShuffleMode::index: return "__shfl_sync";
     case ShuffleMode::xor_: return "__shfl_xor_sync";
     case ShuffleMode::down: return "__shfl_down_sync";
-    default: return "__shfl_up_sync";
+    case ShuffleMode::up: return "__shfl_up_sync";
+    case ShuffleMode::ballot: return "__ballot_sync";
+    default: return "__syncwarp";
   }
 }
 
@@ -223,12 +225,20 @@ bool resolve_shuffles(unsigned threads) {
     if (!any) first = i;
     any = true;
     if (!group_ready(i, threads, false)) continue;
-    // Every named lane is here: each gets its source lane's value, then all run on.
+    // Every named lane is here: each gets its source lane's value (a ballot: the named lanes'
+    // predicate bits), then all run on.
     const unsigned base = i & ~31u;
     const unsigned mask = f.shuffle_mask;
+    uint64_t votes = 0;
+    for (unsigned l = 0; l < 32; ++l)
+      if (mask >> l & 1u && scheduler.fibers[base + l].shuffle_value != 0) votes |= uint64_t(1) << l;
     for (unsigned l = 0; l < 32; ++l) {
       if (!(mask >> l & 1u)) continue;
       Fiber& o = scheduler.fibers[base + l];
+      if (o.shuffle_mode == ShuffleMode::ballot || o.shuffle_mode == ShuffleMode::sync) {
+        o.shuffle_result = o.shuffle_mode == ShuffleMode::ballot ? votes : 0;
+        continue;
+      }
       const unsigned source = shuffle_source(o, l);
       if (!(mask >> source & 1u))
         fail("block (%u, %u, %u): at the %s of %s:%d lane %u reads lane %u, which is not in mask 0x%08x",

@@ -22,6 +22,11 @@
 //   __syncthreads(), or a source lane outside the mask is an error, reported and fatal, never a hang.
 //   "The same shuffle" means the same source line: lanes at one line reached through different
 //   call sites of an inlined helper count as one intrinsic;
+// - __ballot_sync(mask, predicate) and __syncwarp(mask) are the same rendezvous (same rules and
+//   errors): the ballot gives every named lane the bits of the named lanes whose predicate is
+//   nonzero, __syncwarp lets them go on only once all of them are there. Without it, lanes of one
+//   warp that exchange data through shared memory would read each other's stores in whatever
+//   order the fibers happen to run, as they may on the GPU. __popc and __ffs are CUDA's bit counts;
 // - atomics (atomicAdd, atomicExch, atomicInc, atomicMax) are plain read-modify-writes: one OS thread
 //   runs the whole grid and a fiber is only ever suspended at a barrier or a shuffle, never inside an
 //   atomic, so each one is indivisible as on the GPU. __threadfence() is a no-op: all "device memory"
@@ -56,6 +61,13 @@
 #define __shfl_xor_sync(...) ::mk::simt::shuffle(__FILE__, __LINE__, ::mk::simt::ShuffleMode::xor_, __VA_ARGS__)
 #define __shfl_down_sync(...) ::mk::simt::shuffle(__FILE__, __LINE__, ::mk::simt::ShuffleMode::down, __VA_ARGS__)
 #define __shfl_up_sync(...) ::mk::simt::shuffle(__FILE__, __LINE__, ::mk::simt::ShuffleMode::up, __VA_ARGS__)
+#define __ballot_sync(mask, predicate)                                                                 \
+  unsigned(::mk::simt::shuffle_bits(__FILE__, __LINE__, ::mk::simt::ShuffleMode::ballot, mask, (predicate) ? 1 : 0, \
+                                    0, 32))
+// __syncwarp() or __syncwarp(mask): WarpMask{} is the full warp, CUDA's default argument.
+#define __syncwarp(...)                                                                               \
+  ((void)::mk::simt::shuffle_bits(__FILE__, __LINE__, ::mk::simt::ShuffleMode::sync,                 \
+                                  ::mk::simt::WarpMask{__VA_ARGS__}.bits, 0, 0, 32))
 
 struct dim3 {
   unsigned x, y, z;
@@ -102,6 +114,10 @@ inline T __ldcg(const T* address) {
   return *address;
 }
 
+// The number of set bits, and the 1-based position of the lowest one (0 for none), as CUDA's.
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+
 // CUDA's device overload of min, which the kernels call unqualified.
 template <class T>
 inline T min(T a, T b) {
@@ -121,7 +137,11 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::fun
 void sync_threads(const char* file, int line);
 
 // Warp shuffles: the raw rendezvous on 64-bit payloads, and the typed front end the macros call.
-enum class ShuffleMode { index, xor_, down, up };
+// ballot and sync are the other warp intrinsics, which meet at the same rendezvous.
+enum class ShuffleMode { index, xor_, down, up, ballot, sync };
+struct WarpMask {
+  unsigned bits = 0xFFFFFFFFu;
+};
 uint64_t shuffle_bits(const char* file, int line, ShuffleMode mode, unsigned mask, uint64_t bits, int argument,
                       int width);
 template <class T>

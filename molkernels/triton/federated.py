@@ -171,15 +171,17 @@ def fl_sgd_step(params: torch.Tensor, grads: torch.Tensor, momentum_buffer: Opti
 
 @triton.jit
 def _total_weight_kernel(w_ptr, active_ptr, total_ptr, C, GROUP: tl.constexpr, ACC: tl.constexpr):
-    """*total = the active weights summed in client order (one program; each step issues a group's
-    loads together, then adds them in order)."""
+    """*total = the active weights in federated.h's order: each group's share summed in client
+    order, the shares in group order (one program; each step issues a group's loads together)."""
     total = tl.zeros((), dtype=ACC)
     client0 = tl.zeros((), dtype=tl.int64)
     for first in range(0, C, GROUP):
+        share = tl.zeros((), dtype=ACC)
         for i in tl.static_range(GROUP):
             c = client0 + first + i
             active = (tl.load(active_ptr + c, mask=c < C, other=0) != 0) & (c < C)
-            total = tl.where(active, total + tl.load(w_ptr + c, mask=active, other=0.0), total)
+            share = tl.where(active, share + tl.load(w_ptr + c, mask=active, other=0.0), share)
+        total += share
     tl.store(total_ptr, total)
 
 

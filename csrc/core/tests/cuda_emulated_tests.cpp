@@ -383,8 +383,8 @@ void test_min_norm(int64_t batch, int64_t K) {
       }
   }
   for (size_t e = 0; e < G.size(); ++e) Gd[e] = as_double(G[e]);
-  std::vector<double> work = poisoned<double>(size_t(batch * mk::min_norm_workspace(K)));
-  mk::min_norm_cuda<T>(G.data(), batch, K, out.data(), work.data(), stream);
+  std::vector<double> work = poisoned<double>(size_t(mk::min_norm_cuda_workspace(batch, K)));
+  mk::min_norm_cuda<T>(G.data(), batch, K, out.data(), work.empty() ? nullptr : work.data(), stream);
   mk::min_norm_cpu<T>(G.data(), batch, K, cpu.data());
   for (int64_t b = 0; b < batch; ++b) {
     const double* Gb = Gd.data() + b * K * K;
@@ -574,12 +574,27 @@ void test_weighted_mean(int64_t C, int64_t D, bool none_active) {
   for (auto& w : weights) w = A(std::uniform_real_distribution<double>(0.1, 1.0)(rng));
   std::unique_ptr<bool[]> active(new bool[size_t(C)]);
   for (int64_t c = 0; c < C; ++c) active[c] = !none_active && c % 5 != 2;
-  std::vector<A> partials = poisoned<A>(size_t(mk::fl::weighted_mean_cuda_partials(C, D)));
+  // The workspace poisoned but for its tickets, which every call must leave zero again.
+  std::vector<unsigned char> workspace = poisoned<unsigned char>(mk::fl::weighted_mean_cuda_workspace_bytes<T>(C, D));
+  std::memset(workspace.data(), 0, mk::fl::weighted_mean_cuda_ticket_bytes(D));
+  const std::vector<unsigned char> zero_tickets(mk::fl::weighted_mean_cuda_ticket_bytes(D), 0);
   std::vector<T> out = poisoned<T>(size_t(D)), cpu = poisoned<T>(size_t(D));
-  mk::fl::weighted_mean_cuda<T>(x.data(), weights.data(), active.get(), C, D, partials.data(), out.data(), stream);
+  mk::fl::weighted_mean_cuda<T>(x.data(), weights.data(), active.get(), C, D, workspace.data(), out.data(), stream);
   mk::fl::weighted_mean_cpu<T>(x.data(), weights.data(), active.get(), C, D, cpu.data());
   CHECK(std::memcmp(out.data(), cpu.data(), size_t(D) * sizeof(T)) == 0,
         "weighted_mean %s C=%lld D=%lld: differs from the CPU kernel", type_name<T>(), (long long)C, (long long)D);
+  // Again with the same workspace (as a graph replay would) and on other grids (SM counts): the
+  // same bits, and the tickets zero after each call.
+  for (const int sms : {2, 1, 3}) {
+    mk::simt::set_multiprocessor_count(sms);
+    std::vector<T> again = poisoned<T>(size_t(D));
+    mk::fl::weighted_mean_cuda<T>(x.data(), weights.data(), active.get(), C, D, workspace.data(), again.data(), stream);
+    CHECK(same_bytes(again.data(), out.data(), size_t(D) * sizeof(T)) &&
+              same_bytes(workspace.data(), zero_tickets.data(), zero_tickets.size()),
+          "weighted_mean %s C=%lld D=%lld SMs=%d: a second call differs or leaves a ticket set", type_name<T>(),
+          (long long)C, (long long)D, sms);
+  }
+  mk::simt::set_multiprocessor_count(2);
   for (int64_t j = 0; j < D; ++j) {
     double sum = 0.0, total = 0.0, scale = 0.0;
     for (int64_t c = 0; c < C; ++c)
@@ -596,6 +611,119 @@ void test_weighted_mean(int64_t C, int64_t D, bool none_active) {
     const double tol = storage_eps<T>() * std::fabs(ref) + 4.0 * C * 0x1p-24 * scale / total;
     CHECK(std::fabs(as_double(out[j]) - ref) <= tol, "weighted_mean %s C=%lld: column %lld = %.9g, float64 %.9g",
           type_name<T>(), (long long)C, (long long)j, as_double(out[j]), ref);
+  }
+}
+
+// The degenerate min_norm problems of the CPU tests, one Gram per case, solved by the CUDA
+// launcher (the warp solver up to K = 32, the per-thread one above) and the CPU kernel: lambda is
+// written everywhere, on the simplex, satisfies the KKT conditions in float64 and reaches the CPU
+// objective; where the minimiser is unique (full rank) it is the CPU's lambda; a non-finite entry
+// gives all NaN. Batched, so that problems share CTAs and warps.
+enum class MinNormCase { full_rank, low_rank, duplicated, one_zero, all_zero, collinear, orthonormal, equal, huge,
+                         nan_entry, inf_entry };
+const char* min_norm_case_name(MinNormCase c) {
+  const char* names[] = {"full rank", "rank 2",  "duplicated", "one zero", "all zero", "collinear",
+                         "orthonormal", "equal", "huge",      "NaN",      "Inf"};
+  return names[int(c)];
+}
+
+std::vector<double> min_norm_case_gram(MinNormCase c, int64_t K) {
+  const int64_t dim = c == MinNormCase::low_rank ? 2 : K + 3;
+  std::normal_distribution<double> normal;
+  std::vector<double> x(size_t(K * dim));
+  for (auto& e : x) e = normal(rng);
+  if (c == MinNormCase::duplicated && K > 1)
+    for (int64_t j = 0; j < dim; ++j) x[(K - 1) * dim + j] = x[(K / 2) * dim + j] = x[j];
+  if (c == MinNormCase::one_zero)
+    for (int64_t j = 0; j < dim; ++j) x[(K / 2) * dim + j] = 0.0;
+  if (c == MinNormCase::all_zero) std::fill(x.begin(), x.end(), 0.0);
+  if (c == MinNormCase::collinear)  // multiples of one direction, both signs: 0 is in the hull for K > 1
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < dim; ++j) x[i * dim + j] = x[j] * (i % 2 ? -0.5 - 0.25 * double(i) : 1.0 + double(i));
+  if (c == MinNormCase::orthonormal || c == MinNormCase::equal)  // ties everywhere
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < dim; ++j) x[i * dim + j] = c == MinNormCase::equal ? (j == 0) : (i == j);
+  std::vector<double> G(size_t(K * K), 0.0);
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j)
+      for (int64_t d = 0; d < dim; ++d) G[i * K + j] += x[i * dim + d] * x[j * dim + d];
+  if (c == MinNormCase::huge)
+    for (auto& e : G) e *= 1e300 / (1.0 + std::fabs(G[0]));
+  if (c == MinNormCase::nan_entry) G[K - 1] = std::nan("");
+  if (c == MinNormCase::inf_entry) G[(K - 1) * K] = -INFINITY;
+  return G;
+}
+
+template <class T>
+void test_min_norm_cases(int64_t K) {
+  const MinNormCase cases[] = {MinNormCase::full_rank, MinNormCase::low_rank,   MinNormCase::duplicated,
+                               MinNormCase::one_zero,  MinNormCase::all_zero,   MinNormCase::collinear,
+                               MinNormCase::orthonormal, MinNormCase::equal,    MinNormCase::huge,
+                               MinNormCase::nan_entry, MinNormCase::inf_entry};
+  const int64_t batch = int64_t(std::size(cases));
+  std::vector<T> G(size_t(batch * K * K));
+  for (int64_t b = 0; b < batch; ++b) {
+    if (cases[b] == MinNormCase::huge && !std::is_same_v<T, double>) {  // 1e300 is beyond their ranges
+      const double large = std::is_same_v<T, mk::half_t> ? 1e3 / double(K + 3) : 1e30;  // fp16 ends at 65504
+      const std::vector<double> g = min_norm_case_gram(MinNormCase::full_rank, K);
+      for (int64_t e = 0; e < K * K; ++e) G[b * K * K + e] = mk::from_float<T>(accum_t<T>(g[e] * large));
+      continue;
+    }
+    const std::vector<double> g = min_norm_case_gram(cases[b], K);
+    for (int64_t e = 0; e < K * K; ++e) G[b * K * K + e] = mk::from_float<T>(accum_t<T>(g[e]));
+  }
+  std::vector<T> out = poisoned<T>(size_t(batch * K)), cpu(size_t(batch * K));
+  std::vector<double> work = poisoned<double>(size_t(mk::min_norm_cuda_workspace(batch, K)));
+  mk::min_norm_cuda<T>(G.data(), batch, K, out.data(), work.empty() ? nullptr : work.data(), stream);
+  mk::min_norm_cpu<T>(G.data(), batch, K, cpu.data());
+  for (int64_t b = 0; b < batch; ++b) {
+    char what[96];
+    std::snprintf(what, sizeof what, "min_norm %s K=%lld %s", type_name<T>(), (long long)K,
+                  min_norm_case_name(cases[b]));
+    const MinNormCase c = cases[b];
+    bool written = true, nan = true;
+    for (int64_t i = 0; i < K; ++i) {
+      written = written && !is_poison(out[b * K + i]);
+      nan = nan && std::isnan(as_double(out[b * K + i]));
+    }
+    CHECK(written, "%s: an element of lambda was not written", what);
+    if (c == MinNormCase::nan_entry || c == MinNormCase::inf_entry) {
+      CHECK(nan, "%s: a non-finite Gram gives lambda = NaN everywhere", what);
+      continue;
+    }
+    // Up to 8 K roundings of the normalisation and of lambda's storage.
+    const double eps = storage_eps<T>(), tol = 8.0 * double(K) * eps + 1e-9;
+    std::vector<double> lambda(static_cast<size_t>(K)), Gl(static_cast<size_t>(K), 0.0);
+    double sum = 0.0, f = 0.0, f_cpu = 0.0, scale = 0.0;
+    for (int64_t i = 0; i < K; ++i) {
+      lambda[i] = as_double(out[b * K + i]);
+      sum += lambda[i];
+      scale = std::max(scale, as_double(G[b * K * K + i * K + i]));
+    }
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) {
+        const double g = as_double(G[b * K * K + i * K + j]) / (scale > 0.0 ? scale : 1.0);
+        Gl[i] += g * lambda[j];
+        f_cpu += as_double(cpu[b * K + i]) * g * as_double(cpu[b * K + j]);
+      }
+    for (int64_t i = 0; i < K; ++i) f += lambda[i] * Gl[i];
+    CHECK(std::fabs(sum - 1.0) <= 2.0 * K * eps + 1e-12, "%s: lambda sums to %.17g", what, sum);
+    for (int64_t i = 0; i < K; ++i) {
+      CHECK(lambda[i] >= 0.0, "%s: lambda[%lld] = %g < 0", what, (long long)i, lambda[i]);
+      CHECK(Gl[i] >= f - tol, "%s: KKT: (G lambda)_%lld = %.17g < f = %.17g", what, (long long)i, Gl[i], f);
+      if (lambda[i] > 64.0 * eps)
+        CHECK(std::fabs(Gl[i] - f) <= tol, "%s: KKT: support %lld not tight (%.17g vs f = %.17g)", what, (long long)i,
+              Gl[i], f);
+    }
+    CHECK(std::fabs(f - f_cpu) <= tol, "%s: objective %.17g, CPU kernel %.17g", what, f, f_cpu);
+    // Unique minimisers: the CPU's lambda (the all-zero Gram: both take the uniform weights; equal
+    // gradients: both keep the first, the lowest index among tied norms).
+    const bool unique = c == MinNormCase::full_rank || c == MinNormCase::one_zero || c == MinNormCase::all_zero ||
+                        c == MinNormCase::orthonormal || c == MinNormCase::equal || c == MinNormCase::huge;
+    if (!unique) continue;
+    for (int64_t i = 0; i < K; ++i)
+      CHECK(std::fabs(lambda[i] - as_double(cpu[b * K + i])) <= 2.0 * eps + 1e-9,
+            "%s: lambda[%lld] = %.17g, CPU kernel %.17g", what, (long long)i, lambda[i], as_double(cpu[b * K + i]));
   }
 }
 
@@ -644,11 +772,15 @@ void test_type() {
     for (const int64_t rows : {1, 5, 300}) test_project_simplex<T>(rows, K);
     for (const int64_t batch : {1, 70}) test_min_norm<T>(batch, K);
   }
+  for (const int64_t K : {1, 2, 3, 4, 5, 8, 13, 31, 32, 33}) test_min_norm_cases<T>(K);
+  test_min_norm<T>(3, 32);  // an odd batch: the second warp of the last CTA has no problem
   for (const int64_t C : {1, 3, 40})
     for (const int64_t D : {0, 1, 17, 4099}) test_fl_steps<T>(C, D);
   for (const int64_t C : {1, 33, 70})
     for (const int64_t D : {1, 17, 300}) test_weighted_mean<T>(C, D, false);
   test_weighted_mean<T>(5, 17, true);
+  test_weighted_mean<T>(200, 4099, false);  // 7 groups x 17 column blocks: more items than CTAs
+  test_weighted_mean<T>(1100, 3, false);    // 35 groups: the total's shares come in two rounds of 32
   std::printf("%s done\n", type_name<T>());
   std::fflush(stdout);
 }

@@ -106,7 +106,8 @@ void test_sgd() {
   CHECK(wrong == 0, "sgd momentum: %lld wrong elements", (long long)wrong);
 }
 
-// The mean in federated.h's order: groups of kMeanGroup clients summed with fma, then the groups.
+// The mean in federated.h's order: groups of kMeanGroup clients summed with fma, then the groups;
+// the total weight in groups too.
 template <class T>
 void test_weighted_mean() {
   using A = mk::accum_t<T>;
@@ -124,9 +125,13 @@ void test_weighted_mean() {
   }
   std::vector<T> out(D);
   mk::fl::weighted_mean_cpu<T>(x.data(), w.data(), active, C, D, out.data());
-  A total = 0;
-  for (int64_t c = 0; c < C; ++c)
-    if (active[c]) total += w[c];
+  A total = 0;  // the group shares of the weight, in group order
+  for (int64_t first = 0; first < C; first += mk::fl::kMeanGroup) {
+    A share = 0;
+    for (int64_t c = first; c < std::min(C, first + mk::fl::kMeanGroup); ++c)
+      if (active[c]) share += w[c];
+    total += share;
+  }
   int64_t wrong = 0;
   for (int64_t j = 0; j < D; ++j) {
     A sum = 0;

@@ -137,6 +137,64 @@ __global__ void shuffle_missing_lane_kernel(int* out) {  // a 40-thread block: w
   out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, int(threadIdx.x), 1);
 }
 
+// __ballot_sync (full and partial masks), __syncwarp, __popc and __ffs on a 96-thread block (3
+// warps). Each lane reads its neighbour's shared-memory store after the __syncwarp: without the
+// rendezvous lane 0 would run first and read the poison.
+__global__ void ballot_kernel(const int* in, unsigned* votes, int* out) {
+  MK_SHARED(int, slots, [96]);
+  const unsigned t = threadIdx.x, n = blockDim.x;
+  votes[t] = __ballot_sync(0xFFFFFFFFu, in[t] > 0);
+  votes[n + t] = (t & 31) < 8 ? __ballot_sync(0x000000FFu, in[t] > 0) : 0xDEADu;
+  slots[t] = in[t];
+  __syncwarp();
+  out[t] = slots[t ^ 1];
+  out[n + t] = __popc(votes[t]);
+  out[2 * n + t] = __ffs(int(votes[t]));
+  __syncwarp(0xFFFFFFFFu);
+}
+
+// Misuses of the ballot and __syncwarp: each must be reported, not hang.
+__global__ void ballot_exit_kernel(int* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = int(__ballot_sync(0xFFFFFFFFu, threadIdx.x % 3 == 0));
+}
+__global__ void ballot_mask_kernel(int* out) {
+  const unsigned mask = threadIdx.x == 4 ? 0x0000FFFFu : 0xFFFFFFFFu;
+  out[threadIdx.x] = int(__ballot_sync(mask, 1));
+}
+__global__ void syncwarp_divergent_kernel(int* out) {
+  if (threadIdx.x % 2 == 0) {
+    __syncwarp();
+  } else {
+    __syncwarp();
+  }
+  out[threadIdx.x] = 1;
+}
+__global__ void syncwarp_barrier_kernel(int* out) {
+  if (threadIdx.x == 7) __syncthreads();
+  __syncwarp();
+  out[threadIdx.x] = 1;
+}
+
+void test_ballot_and_syncwarp() {
+  const unsigned n = 96;
+  std::vector<int> in(n), out(3 * n, -7);
+  std::vector<unsigned> votes(2 * n, 0);
+  for (unsigned i = 0; i < n; ++i) in[i] = (i * 7 + i / 32) % 5 == 0 ? 1 : -int(i);
+  mk::launch_kernel(ballot_kernel, 1, n, 0, nullptr, in.data(), votes.data(), out.data());
+  for (unsigned t = 0; t < n; ++t) {
+    const unsigned lane = t % 32, warp = t - lane;
+    unsigned expected = 0, low = 0;
+    for (unsigned l = 0; l < 32; ++l) expected |= (in[warp + l] > 0 ? 1u : 0u) << l;
+    for (unsigned l = 0; l < 8; ++l) low |= (in[warp + l] > 0 ? 1u : 0u) << l;
+    CHECK(votes[t] == expected, "ballot: thread %u got 0x%08x, expected 0x%08x", t, votes[t], expected);
+    CHECK(votes[n + t] == (lane < 8 ? low : 0xDEADu), "ballot with mask 0xff: thread %u got 0x%08x", t, votes[n + t]);
+    CHECK(out[t] == in[t ^ 1], "__syncwarp: thread %u read %d from its neighbour, expected %d", t, out[t], in[t ^ 1]);
+    CHECK(out[n + t] == __builtin_popcount(expected), "__popc: thread %u", t);
+    CHECK(out[2 * n + t] == (expected ? __builtin_ctz(expected) + 1 : 0), "__ffs: thread %u", t);
+  }
+}
+
 void test_shuffles_and_atomics() {
   const unsigned n = 96;
   std::vector<double> in(n), out(9 * n, 0.0);
@@ -200,6 +258,7 @@ void test_kernels() {
   mk::launch_kernel(unwritten_shared_kernel, 1, 32, 0, nullptr, unwritten.data());
   for (float x : unwritten) CHECK(x != x, "unwritten shared memory reads as NaN, not %g", x);
   test_shuffles_and_atomics();
+  test_ballot_and_syncwarp();
 }
 
 }  // namespace
@@ -232,6 +291,12 @@ int main(int argc, char** argv) {
     mk::launch_kernel(shuffle_source_kernel, 1, 32, 0, nullptr, out.data());
   if (!std::strcmp(misuse, "shuffle-missing-lane"))
     mk::launch_kernel(shuffle_missing_lane_kernel, 1, 40, 0, nullptr, out.data());
+  if (!std::strcmp(misuse, "ballot-exit")) mk::launch_kernel(ballot_exit_kernel, 1, 32, 0, nullptr, out.data());
+  if (!std::strcmp(misuse, "ballot-mask")) mk::launch_kernel(ballot_mask_kernel, 1, 32, 0, nullptr, out.data());
+  if (!std::strcmp(misuse, "syncwarp-divergent"))
+    mk::launch_kernel(syncwarp_divergent_kernel, 1, 32, 0, nullptr, out.data());
+  if (!std::strcmp(misuse, "syncwarp-barrier"))
+    mk::launch_kernel(syncwarp_barrier_kernel, 1, 32, 0, nullptr, out.data());
   std::printf("misuse %s was not reported\n", misuse);
   return 1;
 }
