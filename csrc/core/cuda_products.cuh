@@ -9,11 +9,12 @@
 //   blocks (empty blocks are left out; a call without columns launches nothing).
 // - A thread's step covers G column positions: vectors of V = 16 / sizeof(T) columns from the
 //   block's head on (the first column where g, y and the output are all aligned for vector access:
-//   16-byte loads of g and y, out in accesses of min(16, V sizeof(U)) bytes), single columns before
-//   the head and after the last whole vector. It loads R rows of all G positions before using any,
-//   so that G x R = 8 loads are in flight per thread (4 for 16-bit tracking, whose y vectors are 32
-//   bytes): K = 1 takes 8 positions, K = 2 4 x 2 rows, K <= 4 2 x 4, larger K 1 x 8 (2 CTAs x 256
-//   threads x 128 B = 64 KB per SM, above the ~24 KB that DRAM latency needs on H200).
+//   16-byte loads of g and y, out in accesses of min(16, V sizeof(U)) bytes), and G V single
+//   columns at a time before the head, after the last whole vector, and in blocks without a head.
+//   It loads R rows of all its positions before using any, so that G x R = 8 vector loads are in
+//   flight per thread (4 for 16-bit tracking, whose y vectors are 32 bytes): K = 1 takes 8
+//   positions, K = 2 4 x 2 rows, K <= 4 2 x 4, larger K 1 x 8 (2 CTAs x 256 threads x 128 B = 64 KB
+//   per SM, above the ~24 KB that DRAM latency needs on H200; as many bytes in single columns).
 // - Weights (and the tracking's scales) are staged in shared memory, kCombineWeightChunk at a time:
 //   all of them once when K <= kCombineWeightChunk, otherwise chunk by chunk inside every step (the
 //   loops' trip counts are the same for every thread of a CTA, so every thread reaches the barriers).
@@ -76,34 +77,36 @@ __device__ inline void store_columns(X* p, const X (&in)[N]) {
   else store_vector(p, in);
 }
 
+// One CTA's walk over its columns (the state its steps share).
 template <class T, class U, CombineKind kind, int R>
-__global__ void __launch_bounds__(kCombineThreads, 2)
-    combine_kernel(MK_GRID_CONSTANT(CombineTable<kind>, tab), CombineArgs<accum_t<T>> args) {
+struct CombinePass {
   using A = accum_t<T>;
-  constexpr bool track = kind == CombineKind::track;
-  constexpr int V = int(16 / sizeof(T));
-  constexpr int G = combine_slots<T, kind>() / R;
+  static constexpr bool track = kind == CombineKind::track;
+  static constexpr int V = int(16 / sizeof(T));
+  static constexpr int G = combine_slots<T, kind>() / R;
   static_assert(G >= 1, "rows per batch within the slots");
-  const int t = int(threadIdx.x);
-  const int64_t K = args.K, chunk = min_i64(K, kCombineWeightChunk);
-  MK_DYNAMIC_SHARED(unsigned char, shared_bytes);
-  A* const w = reinterpret_cast<A*>(shared_bytes);
-  A* const s = w + chunk;  // track: the scales of the chunk's rows
-  const A beta = track ? *args.beta : A(0);
-  auto stage = [&](int64_t k0) {
-    for (int64_t i = t; i < min_i64(chunk, K - k0); i += kCombineThreads) {
+  const CombineTable<kind>& tab;
+  const CombineArgs<A>& args;
+  A* w;  // shared: the chunk's weights
+  A* s;  // shared, track: the chunk's row scales
+  A beta;
+  int64_t chunk;
+  bool restage;  // K > chunk: every step stages its chunks itself
+  int t;
+
+  __device__ void stage(int64_t k0) const {
+    for (int64_t i = t; i < min_i64(chunk, args.K - k0); i += kCombineThreads) {
       w[i] = args.weights[k0 + i];
       if constexpr (track) s[i] = args.scale[k0 + i];
     }
-  };
-  const bool restage = K > chunk;
-  if (!restage) stage(0);
-  __syncthreads();
+  }
 
-  // One step over G column positions of block j: N columns each (N = V: vectors, N = 1: single
-  // columns) at local columns col[i], those with valid[i].
-  auto step = [&](auto columns_tag, int j, const int64_t (&col)[G], const bool (&valid)[G]) {
-    constexpr int N = decltype(columns_tag)::value;
+  // One step over P column positions of block j: N columns each (vectors: P = G, N = V; single
+  // columns: P = G V, N = 1, so that as many bytes are in flight) at local columns col[i], those
+  // with valid[i].
+  template <int P, int N>
+  __device__ void step(int j, const int64_t (&col)[P], const bool (&valid)[P]) const {
+    const int64_t K = args.K;
     const T* const g = static_cast<const T*>(tab.data[0][j]);
     const int64_t g_stride = tab.stride[0][j];
     A* y = nullptr;
@@ -112,9 +115,9 @@ __global__ void __launch_bounds__(kCombineThreads, 2)
       y = static_cast<A*>(const_cast<void*>(tab.data[2][j]));
       y_stride = tab.stride[2][j];
     }
-    A acc[G][N];
+    A acc[P][N];
 #pragma unroll
-    for (int i = 0; i < G; ++i)
+    for (int i = 0; i < P; ++i)
 #pragma unroll
       for (int n = 0; n < N; ++n) acc[i][n] = A(0);
     for (int64_t k0 = 0; k0 < K; k0 += kCombineWeightChunk) {
@@ -126,11 +129,11 @@ __global__ void __launch_bounds__(kCombineThreads, 2)
       const int64_t k1 = min_i64(K, k0 + kCombineWeightChunk);
       for (int64_t kb = k0; kb < k1; kb += R) {
         // All loads of the batch first, then the arithmetic in row order.
-        A x[R][G][N], yx[R][G][N];
+        A x[R][P][N], yx[R][P][N];
 #pragma unroll
         for (int r = 0; r < R; ++r)
 #pragma unroll
-          for (int i = 0; i < G; ++i) {
+          for (int i = 0; i < P; ++i) {
             if (valid[i] && kb + r < k1) {
               T raw[N];
               load_columns(g + (kb + r) * g_stride + col[i], raw);
@@ -148,7 +151,7 @@ __global__ void __launch_bounds__(kCombineThreads, 2)
           const A wk = w[kb + r - k0];
           const A sk = track ? s[kb + r - k0] : A(0);
 #pragma unroll
-          for (int i = 0; i < G; ++i) {
+          for (int i = 0; i < P; ++i) {
             if (!valid[i]) continue;
             if constexpr (track) {
 #pragma unroll
@@ -163,7 +166,7 @@ __global__ void __launch_bounds__(kCombineThreads, 2)
     }
     U* const out = static_cast<U*>(const_cast<void*>(tab.data[1][j]));
 #pragma unroll
-    for (int i = 0; i < G; ++i) {
+    for (int i = 0; i < P; ++i) {
       if (!valid[i]) continue;
       U value[N];
       if (args.accumulate) load_columns(out + col[i], value);
@@ -174,27 +177,26 @@ __global__ void __launch_bounds__(kCombineThreads, 2)
       }
       store_columns(out + col[i], value);
     }
-  };
-  // Single columns [from, to) of block j, G x 256 per step.
-  auto scalar_columns = [&](int j, int64_t from, int64_t to) {
-    for (int64_t c0 = from; c0 < to; c0 += int64_t(kCombineThreads) * G) {
-      int64_t col[G];
-      bool valid[G];
+  }
+
+  // Single columns [from, to) of block j, G V x 256 per step.
+  __device__ void scalar_columns(int j, int64_t from, int64_t to) const {
+    constexpr int P = G * V;
+    for (int64_t c0 = from; c0 < to; c0 += int64_t(kCombineThreads) * P) {
+      int64_t col[P];
+      bool valid[P];
 #pragma unroll
-      for (int i = 0; i < G; ++i) {
+      for (int i = 0; i < P; ++i) {
         col[i] = c0 + int64_t(i) * kCombineThreads + t;
         valid[i] = col[i] < to;
       }
-      step(std::integral_constant<int, 1>{}, j, col, valid);
+      step<P, 1>(j, col, valid);
     }
-  };
+  }
 
-  int64_t c0, c1;
-  cta_columns(tab.begin[tab.num_blocks], c0, c1);
-  for (int j = c0 < c1 ? first_block(tab, c0) : tab.num_blocks; j < tab.num_blocks && tab.begin[j] < c1; ++j) {
-    const BlockRange b = block_range(tab, j, c0, c1, V);
-    scalar_columns(j, b.lo, b.va);
-    const int64_t vectors = (b.vb - b.va) / V;
+  // Vectors [va, vb) of block j (vb - va a multiple of V), G x 256 per step.
+  __device__ void vector_columns(int j, int64_t va, int64_t vb) const {
+    const int64_t vectors = (vb - va) / V;
     for (int64_t v0 = 0; v0 < vectors; v0 += int64_t(kCombineThreads) * G) {
       int64_t col[G];
       bool valid[G];
@@ -202,11 +204,31 @@ __global__ void __launch_bounds__(kCombineThreads, 2)
       for (int i = 0; i < G; ++i) {
         const int64_t v = v0 + int64_t(i) * kCombineThreads + t;
         valid[i] = v < vectors;
-        col[i] = b.va + v * V;
+        col[i] = va + v * V;
       }
-      step(std::integral_constant<int, V>{}, j, col, valid);
+      step<G, V>(j, col, valid);
     }
-    scalar_columns(j, b.vb, b.hi);
+  }
+};
+
+template <class T, class U, CombineKind kind, int R>
+__global__ void __launch_bounds__(kCombineThreads, 2)
+    combine_kernel(MK_GRID_CONSTANT(CombineTable<kind>, tab), CombineArgs<accum_t<T>> args) {
+  using A = accum_t<T>;
+  using Pass = CombinePass<T, U, kind, R>;
+  MK_DYNAMIC_SHARED(unsigned char, shared_bytes);
+  A* const w = reinterpret_cast<A*>(shared_bytes);
+  const int64_t chunk = min_i64(args.K, kCombineWeightChunk);
+  const Pass pass{tab, args, w, w + chunk, Pass::track ? *args.beta : A(0), chunk, args.K > chunk, int(threadIdx.x)};
+  if (!pass.restage) pass.stage(0);
+  __syncthreads();
+  int64_t c0, c1;
+  cta_columns(tab.begin[tab.num_blocks], c0, c1);
+  for (int j = c0 < c1 ? first_block(tab, c0) : tab.num_blocks; j < tab.num_blocks && tab.begin[j] < c1; ++j) {
+    const BlockRange b = block_range(tab, j, c0, c1, Pass::V);
+    pass.scalar_columns(j, b.lo, b.va);
+    pass.vector_columns(j, b.va, b.vb);
+    pass.scalar_columns(j, b.vb, b.hi);
   }
 }
 
