@@ -10,11 +10,13 @@
 // - A thread's step covers G column positions: vectors of V = 16 / sizeof(T) columns from the
 //   block's head on (the first column where g, y and the output are all aligned for vector access:
 //   16-byte loads of g and y, out in accesses of min(16, V sizeof(U)) bytes), and G V single
-//   columns at a time before the head, after the last whole vector, and in blocks without a head.
+//   columns (at most 32 values in flight) before the head, after the last whole vector, and in
+//   blocks without a head.
 //   It loads R rows of all its positions before using any, so that G x R = 8 vector loads are in
 //   flight per thread (4 for 16-bit tracking, whose y vectors are 32 bytes): K = 1 takes 8
 //   positions, K = 2 4 x 2 rows, K <= 4 2 x 4, larger K 1 x 8 (2 CTAs x 256 threads x 128 B = 64 KB
-//   per SM, above the ~24 KB that DRAM latency needs on H200; as many bytes in single columns).
+//   per SM, above the ~24 KB that DRAM latency needs on H200; as many bytes in single columns, or
+//   half for 16-bit g at K <= 2).
 // - Weights (and the tracking's scales) are staged in shared memory, kCombineWeightChunk at a time:
 //   all of them once when K <= kCombineWeightChunk, otherwise chunk by chunk inside every step (the
 //   loops' trip counts are the same for every thread of a CTA, so every thread reaches the barriers).
@@ -85,6 +87,9 @@ struct CombinePass {
   static constexpr int V = int(16 / sizeof(T));
   static constexpr int G = combine_slots<T, kind>() / R;
   static_assert(G >= 1, "rows per batch within the slots");
+  // Single columns per step: G V, as many bytes as the vectors, but at most 32 values in flight
+  // (16-bit data at K <= 2 would otherwise spill).
+  static constexpr int P1 = G * V * R <= 32 ? G * V : 32 / R;
   const CombineTable<kind>& tab;
   const CombineArgs<A>& args;
   A* w;  // shared: the chunk's weights
@@ -102,8 +107,7 @@ struct CombinePass {
   }
 
   // One step over P column positions of block j: N columns each (vectors: P = G, N = V; single
-  // columns: P = G V, N = 1, so that as many bytes are in flight) at local columns col[i], those
-  // with valid[i].
+  // columns: P = P1, N = 1) at local columns col[i], those with valid[i].
   template <int P, int N>
   __device__ void step(int j, const int64_t (&col)[P], const bool (&valid)[P]) const {
     const int64_t K = args.K;
@@ -179,9 +183,9 @@ struct CombinePass {
     }
   }
 
-  // Single columns [from, to) of block j, G V x 256 per step.
+  // Single columns [from, to) of block j, P1 x 256 per step.
   __device__ void scalar_columns(int j, int64_t from, int64_t to) const {
-    constexpr int P = G * V;
+    constexpr int P = P1;
     for (int64_t c0 = from; c0 < to; c0 += int64_t(kCombineThreads) * P) {
       int64_t col[P];
       bool valid[P];
