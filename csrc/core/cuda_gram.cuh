@@ -1,14 +1,14 @@
 // Internal to the CUDA kernels: the Gram family (gram, cross_gram, MoCo's fused track + Gram, the
 // [Y; G] joint Gram) as one persistent launch per call.
 //
-// - The launch walks a table of blocks {pointers, row strides, first column} passed by value
-//   (__grid_constant__, up to kGramTableBlocks blocks; a longer list takes one launch per
-//   kGramTableBlocks blocks, chained through a carry, see below). Empty blocks are left out.
+// - The launch walks a block table (cuda_block_table.cuh: up to kTableBlocks blocks by value; a
+//   longer list takes one launch per kTableBlocks blocks, chained through a carry, see below).
+//   Empty blocks are left out.
 // - The grid is min(2 x SMs, columns / 32) CTAs; CTA b owns the contiguous range
 //   [total * b / grid, total * (b + 1) / grid) of the concatenated columns.
-// - Rows are read with 16-byte vector loads where the block's base and row stride allow it (the
-//   host finds the first column at which every operand's rows are 16-byte aligned: the head), with
-//   scalar loads for the head and the tail of each block range.
+// - Rows are read with 16-byte vector loads from the block's head on (the first column at which
+//   every operand's rows are 16-byte aligned), with scalar loads for the head and the tail of each
+//   block range.
 // - K <= 8 (symmetric; cross_gram K <= 4): every thread accumulates the products of its columns in
 //   registers (the upper triangle), no shared memory; rows unrolled so that 1-2 KB per warp are in
 //   flight. Larger K: the CTA stages slabs of [rows x BD] columns in shared memory and each thread
@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "convert.h"
+#include "cuda_block_table.cuh"
 #include "cpu_kernels.h"  // StackView
 #include "gpu_launch.cuh"
 #include "mol_kernels.h"  // MutableStackView
@@ -41,8 +42,6 @@ enum class GramKind { gram, cross, track, joint };
 
 constexpr int kGramThreads = 256;
 constexpr int kGramWarps = kGramThreads / 32;
-constexpr int kGramTableBlocks = 512;
-constexpr int64_t kGramMinColumnsPerCta = 32;
 constexpr size_t kGramHeaderBytes = 16;
 constexpr int kFlushColumns = 256;  // fp32 partial sums per thread span at most this many columns
 constexpr int kTile = 4;                        // rows per side of a thread's register tile
@@ -51,15 +50,8 @@ constexpr int64_t kMaxSharedBytes = 44 * 1024;  // dynamic; the finish step's st
 constexpr int64_t kGramMaxSlabRows = 1024;
 
 // The blocks of one launch. Operand 0 is the stack of storage type T (gram/cross_gram: a; track
-// and joint: g); operand 1 is b (cross_gram) or the tracking state y (accumulation type).
-struct GramTable {
-  int64_t begin[kGramTableBlocks + 1];  // first concatenated column of block j; begin[n] = columns
-  const void* p0[kGramTableBlocks];
-  const void* p1[kGramTableBlocks];
-  int64_t stride0[kGramTableBlocks], stride1[kGramTableBlocks];
-  int32_t head[kGramTableBlocks];  // first column where every row is 16-byte aligned; -1: scalar only
-  int32_t num_blocks;
-};
+// and joint: g); operand 1 is b (cross_gram), the tracking state y (accumulation type), or absent.
+using GramTable = BlockTable<2>;
 
 struct GramArgs {
   int64_t K;     // objectives
@@ -82,50 +74,12 @@ struct TileGeometry {
   int lanes;        // threads per pair (pairs <= 256), or 0: each thread owns pairs (pairs > 256)
 };
 
-__host__ __device__ inline int64_t gram_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-__host__ __device__ inline int64_t gram_min(int64_t a, int64_t b) { return b < a ? b : a; }
-__host__ __device__ inline int64_t gram_max(int64_t a, int64_t b) { return a < b ? b : a; }
-
 // CTAs per SM the kernels are compiled for: 2 (<= 128 registers); fp64's double accumulators
 // need more registers at K = 7, 8 and in the tiles, so fp64 gets 1 (its 2 x SMs CTAs run in two
 // rounds of equal work).
 template <class T>
 constexpr int gram_min_ctas() {
   return std::is_same_v<T, double> ? 1 : 2;
-}
-
-struct alignas(16) Vec16 {
-  uint32_t w[4];
-};
-
-// The GPU faults on a misaligned vector access; the CPU would not, so the emulation checks.
-__device__ inline void check_vector_alignment(const void* p) {
-#if defined(MK_SIMT_EMULATION)
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) ::mk::simt::fail("misaligned 16-byte vector access at %p", p);
-#else
-  (void)p;
-#endif
-}
-
-// N elements of X from 16-byte aligned memory (N * sizeof(X) a multiple of 16), as 16-byte loads.
-template <class X, int N>
-__device__ inline void load_vector(const X* p, X (&out)[N]) {
-  static_assert(N * sizeof(X) % 16 == 0, "whole 16-byte vectors");
-  check_vector_alignment(p);
-  constexpr int kLoads = int(N * sizeof(X) / 16);
-  Vec16 v[kLoads];
-#pragma unroll
-  for (int i = 0; i < kLoads; ++i) v[i] = reinterpret_cast<const Vec16*>(p)[i];
-  memcpy(out, v, sizeof out);
-}
-template <class X, int N>
-__device__ inline void store_vector(X* p, const X (&in)[N]) {
-  check_vector_alignment(p);
-  constexpr int kLoads = int(N * sizeof(X) / 16);
-  Vec16 v[kLoads];
-  memcpy(v, in, sizeof v);
-#pragma unroll
-  for (int i = 0; i < kLoads; ++i) reinterpret_cast<Vec16*>(p)[i] = v[i];
 }
 
 // Row r of the slab at column c of block j (track: also writes the updated y back).
@@ -138,18 +92,18 @@ struct GramRows {
   A beta;
 
   __device__ A load(int j, int64_t r, int64_t c) const {
-    const T* g = static_cast<const T*>(tab.p0[j]);
+    const T* g = static_cast<const T*>(tab.data[0][j]);
     if constexpr (kind == GramKind::gram) {
-      return A(to_float(g[r * tab.stride0[j] + c]));
+      return A(to_float(g[r * tab.stride[0][j] + c]));
     } else if constexpr (kind == GramKind::cross) {
-      return r < K ? A(to_float(g[r * tab.stride0[j] + c]))
-                   : A(to_float(static_cast<const T*>(tab.p1[j])[(r - K) * tab.stride1[j] + c]));
+      return r < K ? A(to_float(g[r * tab.stride[0][j] + c]))
+                   : A(to_float(static_cast<const T*>(tab.data[1][j])[(r - K) * tab.stride[1][j] + c]));
     } else if constexpr (kind == GramKind::joint) {
-      return r < K ? static_cast<const A*>(tab.p1[j])[r * tab.stride1[j] + c]
-                   : A(to_float(g[(r - K) * tab.stride0[j] + c]));
+      return r < K ? static_cast<const A*>(tab.data[1][j])[r * tab.stride[1][j] + c]
+                   : A(to_float(g[(r - K) * tab.stride[0][j] + c]));
     } else {
-      A& yk = const_cast<A*>(static_cast<const A*>(tab.p1[j]))[r * tab.stride1[j] + c];
-      const A updated = yk - beta * (yk - A(to_float(g[r * tab.stride0[j] + c])));
+      A& yk = const_cast<A*>(static_cast<const A*>(tab.data[1][j]))[r * tab.stride[1][j] + c];
+      const A updated = yk - beta * (yk - A(to_float(g[r * tab.stride[0][j] + c])));
       yk = updated;
       return updated;
     }
@@ -157,7 +111,7 @@ struct GramRows {
 
   // Columns c..c+V-1, c at or after the block's head and a multiple of V past it.
   __device__ void load_vec(int j, int64_t r, int64_t c, A (&x)[V]) const {
-    const T* g = static_cast<const T*>(tab.p0[j]);
+    const T* g = static_cast<const T*>(tab.data[0][j]);
     auto widen = [&](const T* p) {
       T v[V];
       load_vector(p, v);
@@ -165,17 +119,17 @@ struct GramRows {
       for (int i = 0; i < V; ++i) x[i] = A(to_float(v[i]));
     };
     if constexpr (kind == GramKind::gram) {
-      widen(g + r * tab.stride0[j] + c);
+      widen(g + r * tab.stride[0][j] + c);
     } else if constexpr (kind == GramKind::cross) {
-      if (r < K) widen(g + r * tab.stride0[j] + c);
-      else widen(static_cast<const T*>(tab.p1[j]) + (r - K) * tab.stride1[j] + c);
+      if (r < K) widen(g + r * tab.stride[0][j] + c);
+      else widen(static_cast<const T*>(tab.data[1][j]) + (r - K) * tab.stride[1][j] + c);
     } else if constexpr (kind == GramKind::joint) {
-      if (r < K) load_vector(static_cast<const A*>(tab.p1[j]) + r * tab.stride1[j] + c, x);
-      else widen(g + (r - K) * tab.stride0[j] + c);
+      if (r < K) load_vector(static_cast<const A*>(tab.data[1][j]) + r * tab.stride[1][j] + c, x);
+      else widen(g + (r - K) * tab.stride[0][j] + c);
     } else {
-      A* y = const_cast<A*>(static_cast<const A*>(tab.p1[j])) + r * tab.stride1[j] + c;
+      A* y = const_cast<A*>(static_cast<const A*>(tab.data[1][j])) + r * tab.stride[1][j] + c;
       A gv[V];
-      widen(g + r * tab.stride0[j] + c);
+      widen(g + r * tab.stride[0][j] + c);
 #pragma unroll
       for (int i = 0; i < V; ++i) gv[i] = x[i];
       load_vector(y, x);
@@ -185,37 +139,6 @@ struct GramRows {
     }
   }
 };
-
-// The CTA's column range, and the part of block j inside [c0, c1): local columns [lo, hi), of
-// which [va, vb) are whole vectors (V columns from the head on) and the rest scalar.
-struct BlockRange {
-  int64_t lo, hi, va, vb;
-};
-__device__ inline BlockRange block_range(const GramTable& tab, int j, int64_t c0, int64_t c1, int V) {
-  BlockRange b;
-  b.lo = gram_max(c0, tab.begin[j]) - tab.begin[j];
-  b.hi = gram_min(c1, tab.begin[j + 1]) - tab.begin[j];
-  const int64_t h = tab.head[j];
-  if (h < 0 || b.hi - b.lo < V) {
-    b.va = b.vb = b.hi;
-    return b;
-  }
-  b.va = b.lo <= h ? h : h + gram_ceil_div(b.lo - h, V) * V;
-  if (b.va > b.hi) b.va = b.hi;
-  b.vb = b.va + (b.hi - b.va) / V * V;
-  return b;
-}
-
-// First block whose columns reach past column c (blocks are non-empty).
-__device__ inline int first_block(const GramTable& tab, int64_t c) {
-  int lo = 0, hi = tab.num_blocks;  // answer in [lo, hi]
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (tab.begin[mid + 1] <= c) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
 
 __device__ inline double* gram_carry(const GramArgs& args) {
   return reinterpret_cast<double*>(static_cast<unsigned char*>(args.workspace) + kGramHeaderBytes);
@@ -261,12 +184,12 @@ __device__ void gram_finish(const GramArgs& args, bool symmetric) {
   }
   // Few entries: `lanes` threads per entry each sum a contiguous run of partials, then the runs
   // are added in order.
-  const int64_t chunk = gram_ceil_div(parts, lanes);
+  const int64_t chunk = ceil_div(parts, lanes);
   const int64_t e = threadIdx.x / lanes, lane = threadIdx.x % lanes;
   double run = 0.0;
   if (e < entries) {
     const int64_t src = source(e);
-    for (int64_t p = lane * chunk; p < gram_min(parts, (lane + 1) * chunk); ++p) run += __ldcg(partials + p * entries + src);
+    for (int64_t p = lane * chunk; p < min_i64(parts, (lane + 1) * chunk); ++p) run += __ldcg(partials + p * entries + src);
   }
   lane_sums[threadIdx.x] = run;
   __syncthreads();
@@ -276,11 +199,6 @@ __device__ void gram_finish(const GramArgs& args, bool symmetric) {
     for (int64_t l = 0; l < lanes; ++l) total += lane_sums[threadIdx.x * lanes + l];
     emit(threadIdx.x, total);
   }
-}
-
-__device__ inline void cta_columns(int64_t total, int64_t& c0, int64_t& c1) {
-  c0 = total * int64_t(blockIdx.x) / int64_t(gridDim.x);
-  c1 = total * (int64_t(blockIdx.x) + 1) / int64_t(gridDim.x);
 }
 
 // ---- K <= 8: registers only -------------------------------------------------------------------
@@ -480,7 +398,7 @@ __global__ void __launch_bounds__(kGramThreads, gram_min_ctas<T>())
   cta_columns(tab.begin[tab.num_blocks], c0, c1);
   int j = c0 < c1 ? first_block(tab, c0) : tab.num_blocks;
   for (int64_t s0 = c0; s0 < c1; s0 += geo.bd) {
-    const int64_t s1 = gram_min(c1, s0 + geo.bd);
+    const int64_t s1 = min_i64(c1, s0 + geo.bd);
     const int ncols = int(s1 - s0), groups = (ncols + 3) / 4;
     while (j < tab.num_blocks && tab.begin[j + 1] <= s0) ++j;
     // Stage columns [s0, s1) of every block they touch, rows [0, R); pad with zeros.
@@ -572,23 +490,11 @@ inline size_t gram_workspace_bytes(int64_t n) {
   return kGramHeaderBytes + size_t(gram_ctas() + 1) * size_t(n * n) * sizeof(double);
 }
 
-// The first column from which every row of both operands is 16-byte aligned, or -1.
-inline int32_t gram_head(const void* p0, int64_t stride0, size_t size0, const void* p1, int64_t stride1, size_t size1) {
-  const uintptr_t a0 = reinterpret_cast<uintptr_t>(p0);
-  if (a0 % size0 != 0 || (uint64_t(stride0) * size0) % 16 != 0) return -1;
-  const int64_t h = int64_t((16 - a0 % 16) % 16 / size0);
-  if (p1 != nullptr) {
-    const uintptr_t a1 = reinterpret_cast<uintptr_t>(p1);
-    if ((uint64_t(stride1) * size1) % 16 != 0 || (a1 + uint64_t(h) * size1) % 16 != 0) return -1;
-  }
-  return int32_t(h);
-}
-
 inline TileGeometry tile_geometry(GramKind kind, int64_t K, int64_t rows, size_t accum_bytes) {
   TileGeometry geo{};
   const bool cross = kind == GramKind::cross;
   const int64_t left = cross ? K : rows;
-  geo.tiles = int(gram_ceil_div(left, kTile));
+  geo.tiles = int(ceil_div(left, kTile));
   geo.rows_padded = int(cross ? K + kTile * geo.tiles : kTile * geo.tiles);
   geo.pairs = cross ? geo.tiles * geo.tiles : geo.tiles * (geo.tiles + 1) / 2;
   geo.lanes = geo.pairs <= kGramThreads ? kGramThreads / geo.pairs : 0;
@@ -626,7 +532,7 @@ inline void launch_gram_table(const GramTable& tab, const GramArgs& args, cudaSt
   using A = accum_t<T>;
   const int64_t total = tab.begin[tab.num_blocks];
   const unsigned grid =
-      unsigned(std::clamp<int64_t>(gram_ceil_div(total, kGramMinColumnsPerCta), 1, gram_ctas()));
+      unsigned(std::clamp<int64_t>(ceil_div(total, kMinColumnsPerCta), 1, gram_ctas()));
   if (use_registers(kind, args.rows)) {
     switch (args.rows) {
       case 1: return launch_registers<T, kind, 1>(tab, args, grid, stream);
@@ -644,14 +550,13 @@ inline void launch_gram_table(const GramTable& tab, const GramArgs& args, cudaSt
                 geo);
 }
 
-// One call: a launch per kGramTableBlocks non-empty blocks (usually one), chained by the carry.
+// One call: a launch per kTableBlocks non-empty blocks (usually one), chained by the carry.
 // p1/stride1: operand 1 (b or y) per block, or null for gram.
 template <class T, GramKind kind>
 void launch_gram(const T* const* p0, const int64_t* stride0, const void* const* p1, const int64_t* stride1,
                  const int64_t* cols, int64_t num_blocks, int64_t K, const void* beta, void* workspace,
                  accum_t<T>* out, cudaStream_t stream) {
-  using A = accum_t<T>;
-  const size_t size1 = kind == GramKind::cross ? sizeof(T) : sizeof(A);
+  const size_t size1 = kind == GramKind::cross ? sizeof(T) : sizeof(accum_t<T>);
   GramArgs args{};
   args.K = K;
   args.rows = kind == GramKind::cross || kind == GramKind::joint ? 2 * K : K;
@@ -660,31 +565,17 @@ void launch_gram(const T* const* p0, const int64_t* stride0, const void* const* 
   args.workspace = workspace;
   args.out = out;
   args.first = 1;
-  GramTable tab;
-  tab.num_blocks = 0;
-  tab.begin[0] = 0;
-  int64_t remaining = 0;
-  for (int64_t j = 0; j < num_blocks; ++j) remaining += cols[j] > 0 ? 1 : 0;
-  for (int64_t j = 0; j < num_blocks; ++j) {
-    if (cols[j] <= 0) continue;
-    const int n = tab.num_blocks;
-    tab.p0[n] = p0[j];
-    tab.stride0[n] = stride0[j];
-    tab.p1[n] = p1 ? p1[j] : nullptr;
-    tab.stride1[n] = p1 ? stride1[j] : 0;
-    tab.head[n] = gram_head(p0[j], stride0[j], sizeof(T), p1 ? p1[j] : nullptr, p1 ? stride1[j] : 0, size1);
-    tab.begin[n + 1] = tab.begin[n] + cols[j];
-    tab.num_blocks = n + 1;
-    --remaining;
-    if (tab.num_blocks == kGramTableBlocks && remaining > 0) {
-      args.last = 0;
-      launch_gram_table<T, kind>(tab, args, stream);
-      args.first = 0;
-      tab.num_blocks = 0;
-    }
-  }
-  args.last = 1;
-  launch_gram_table<T, kind>(tab, args, stream);
+  for_each_table<2>(
+      num_blocks, cols,
+      [&](int64_t j, TableOperand (&ops)[2]) {
+        ops[0] = {p0[j], stride0[j], sizeof(T), 16};
+        ops[1] = {p1 ? p1[j] : nullptr, p1 ? stride1[j] : 0, size1, 16};
+      },
+      [&](const GramTable& tab, bool last) {
+        args.last = last ? 1 : 0;
+        launch_gram_table<T, kind>(tab, args, stream);
+        args.first = 0;
+      });
 }
 
 }  // namespace gpu

@@ -57,10 +57,9 @@ void gram_cuda(const StackView<T>& a, const StackView<T>* b, void* workspace, ac
 template <class T, class U>
 void combine_into_cuda(const StackView<T>& g, const accum_t<T>* weights, U* const* out, accum_t<T> alpha,
                        bool accumulate, cudaStream_t stream) {
-  for (int64_t j = 0; j < g.num_blocks; ++j) {
-    gpu::launch_combine<accum_t<T>, U>(gpu::BlockLoad<T>{g.data[j], g.row_stride[j]}, g.K, g.cols[j], weights, out[j],
-                                       alpha, accumulate, stream);
-  }
+  const gpu::CombineArgs<accum_t<T>> args{g.K, weights, nullptr, nullptr, alpha, accumulate ? 1 : 0};
+  gpu::launch_combine<T, U, gpu::CombineKind::plain>(g.data, g.row_stride, g.cols, g.num_blocks, nullptr, nullptr, out,
+                                                     args, stream);
 }
 
 template <class T>

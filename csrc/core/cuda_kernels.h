@@ -32,6 +32,11 @@ constexpr int64_t kGramCudaMaxK = 512;
 template <class T>
 void gram_cuda(const StackView<T>& a, const StackView<T>* b, void* workspace, accum_t<T>* out, cudaStream_t stream);
 
+// The combinations (combine_cuda, combine_into_cuda, track_combine_cuda) are one launch per call
+// for all blocks (one per 512 non-empty blocks beyond that), any K, no workspace; each output
+// element is summed in row order by one thread, so results are bitwise deterministic; see
+// cuda_products.cuh.
+//
 // out[j] (device) = sum_k weights[k] * block_j[k, :]; weights is a device array of K accumulators.
 template <class T>
 void combine_cuda(const StackView<T>& g, const accum_t<T>* weights, T* const* out, cudaStream_t stream);

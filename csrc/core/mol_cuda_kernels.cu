@@ -3,27 +3,6 @@
 #include "cuda_products.cuh"
 
 namespace mk {
-namespace {
-
-// y <- y + beta (scale_k g - y) for one element; returns the updated value.
-template <class T>
-struct ScaledTrackedLoad {
-  const T* g;
-  int64_t g_stride;
-  accum_t<T>* y;
-  int64_t y_stride;
-  const accum_t<T>* scale;
-  const accum_t<T>* beta;
-  __device__ accum_t<T> operator()(int64_t row, int64_t col) const {
-    accum_t<T>& yk = y[row * y_stride + col];
-    const accum_t<T> updated = yk + *beta * (scale[row] * accum_t<T>(to_float(g[row * g_stride + col])) - yk);
-    yk = updated;
-    return updated;
-  }
-};
-
-}  // namespace
-
 template <class T>
 void track_gram_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& y, const accum_t<T>* beta,
                      void* workspace, accum_t<T>* out, cudaStream_t stream) {
@@ -44,10 +23,11 @@ template <class T, class U>
 void track_combine_cuda(const StackView<T>& g, const MutableStackView<accum_t<T>>& y, const accum_t<T>* scale,
                         const accum_t<T>* beta, const accum_t<T>* weights, U* const* out, accum_t<T> alpha,
                         bool accumulate, cudaStream_t stream) {
-  for (int64_t j = 0; j < g.num_blocks; ++j) {
-    const ScaledTrackedLoad<T> load{g.data[j], g.row_stride[j], y.data[j], y.row_stride[j], scale, beta};
-    gpu::launch_combine<accum_t<T>, U>(load, g.K, g.cols[j], weights, out[j], alpha, accumulate, stream);
-  }
+  // y <- y + beta (scale_k g - y) is fused into the combination's loads: each element of y is read
+  // and written once.
+  const gpu::CombineArgs<accum_t<T>> args{g.K, weights, scale, beta, alpha, accumulate ? 1 : 0};
+  gpu::launch_combine<T, U, gpu::CombineKind::track>(g.data, g.row_stride, g.cols, g.num_blocks, y.data, y.row_stride,
+                                                     out, args, stream);
 }
 
 #define MK_INSTANTIATE_OUT(T, U)                                                                              \

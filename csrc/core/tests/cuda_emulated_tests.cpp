@@ -11,6 +11,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "check.h"
@@ -510,6 +511,141 @@ void test_moco_passes(Layout layout, int64_t K, int64_t d) {
   CHECK(padding_intact(out) && padding_intact(y), "track_combine: padding written");
 }
 
+// The one-launch combinations (combine, combine_into, track_combine) across their paths: every
+// (T, U) pair, K from 1 to 64 (each batch shape: 8 column positions x 1 row, 4 x 2, 2 x 4, 1 x 8,
+// with partial last batches) and above the 1024 weights staged at a time, scalar heads and tails
+// around the vectors, blocks split between CTAs, more blocks than one table holds. NaN planted in
+// g must come out exactly at its columns (and in y at its elements); a second call, and calls on
+// other SM counts, must give the same bits.
+template <class T>
+std::vector<std::pair<size_t, int64_t>> plant_nans(Stack<T>& g) {
+  std::vector<size_t> blocks;
+  for (size_t j = 0; j < g.cols.size(); ++j)
+    if (g.cols[j] > 0) blocks.push_back(j);
+  std::vector<std::pair<size_t, int64_t>> planted;
+  if (blocks.empty()) return planted;
+  for (const size_t j : {blocks.front(), blocks.back()})
+    for (const int64_t c : {int64_t(0), g.cols[j] / 2, g.cols[j] - 1}) {
+      g.at(j, g.K - 1, c) = mk::from_float<T>(accum_t<T>(NAN));
+      planted.emplace_back(j, c);
+    }
+  return planted;
+}
+
+template <class T, class U>
+void test_combine_launch(Layout layout, int64_t K, int64_t d, bool accumulate, bool track, bool nans, bool grids) {
+  using A = accum_t<T>;
+  const std::vector<int64_t> widths = widths_for(layout, d);
+  const bool flat = flat_layout(layout), aligned = aligned_layout(layout);
+  Stack<T> g = make_stack<T>(K, widths, flat, true, aligned);
+  if (nans) plant_nans(g);
+  const Stack<A> y0 = track ? make_stack<A>(K, widths, flat, true, aligned) : Stack<A>();
+  const Stack<U> out0 = make_stack<U>(1, widths, flat, accumulate, aligned);
+  std::vector<A> weights(K), row_scale(K);
+  for (auto& w : weights) w = A(std::uniform_real_distribution<double>(-1.0, 1.0)(rng));
+  for (auto& s : row_scale) s = A(std::uniform_real_distribution<double>(0.5, 2.0)(rng));
+  const std::vector<A> beta_on_device{A(0.3)};
+  // combine itself (alpha = 1, no accumulation, U = T) on odd K; combine_into with alpha != 1 otherwise.
+  const bool plain_combine = !track && !accumulate && std::is_same_v<T, U> && K % 2 == 1;
+  const A alpha = plain_combine ? A(1) : accumulate ? A(-0.375) : A(1.625);
+  auto run = [&](Stack<U>& out, Stack<A>& y) {
+    if (track)
+      mk::track_combine_cuda<T, U>(g.view(), y.mutable_view(), row_scale.data(), beta_on_device.data(),
+                                   weights.data(), out.data.data(), alpha, accumulate, stream);
+    else if (plain_combine)
+      mk::combine_cuda<T>(g.view(), weights.data(), reinterpret_cast<T* const*>(out.data.data()), stream);
+    else
+      mk::combine_into_cuda<T, U>(g.view(), weights.data(), out.data.data(), alpha, accumulate, stream);
+  };
+  Stack<U> out = out0;
+  Stack<A> y = y0;
+  run(out, y);
+  const std::string what =
+      label(track ? "track_combine" : plain_combine ? "combine" : "combine_into", type_name<T>(), layout, K, d) +
+      " into " + type_name<U>() + (accumulate ? " accumulate" : "") + (nans ? " with NaN" : "");
+  const double eps_a = std::is_same_v<A, double> ? 0x1p-53 : 0x1p-24;
+  const double beta = double(beta_on_device[0]);
+  int bad = 0;  // reported per call, not per element
+  for (size_t j = 0; j < widths.size(); ++j)
+    for (int64_t c = 0; c < widths[j]; ++c) {
+      double ref = 0.0, scale = 0.0, y_error = 0.0;  // y_error: what y's rounding moves the sum by
+      for (int64_t k = 0; k < K; ++k) {
+        double x = as_double(g.at(j, k, c));
+        if (track) {
+          const double yo = double(y0.at(j, k, c)), gv = double(row_scale[k]) * x;
+          x = yo + beta * (gv - yo);
+          const double got = double(y.at(j, k, c));
+          if (std::isnan(x) ? !std::isnan(got) : !(std::fabs(got - x) <= tracking_tol<A>(yo, gv)))
+            if (bad++ < 5) CHECK(false, "%s: y[%zu][%lld][%lld] = %.9g, float64 %.9g", what.c_str(), j, (long long)k,
+                                 (long long)c, got, x);
+          y_error += std::fabs(double(weights[k])) * tracking_tol<A>(yo, gv);
+        }
+        ref += double(weights[k]) * x;
+        scale += std::fabs(double(weights[k]) * x);
+      }
+      ref *= double(alpha);
+      scale *= std::fabs(double(alpha));
+      if (accumulate) {
+        ref += as_double(out0.at(j, 0, c));
+        scale += std::fabs(as_double(out0.at(j, 0, c)));
+      }
+      const double got = as_double(out.at(j, 0, c));
+      const double tol = storage_eps<U>() * std::fabs(ref) + 8.0 * (K + 2) * eps_a * scale +
+                         std::fabs(double(alpha)) * y_error + 0x1p-24;
+      if (std::isnan(ref) ? !std::isnan(got) : !(std::fabs(got - ref) <= tol))
+        if (bad++ < 5) CHECK(false, "%s: block %zu column %lld = %.9g, float64 %.9g", what.c_str(), j, (long long)c,
+                             got, ref);
+    }
+  CHECK(padding_intact(out) && (!track || padding_intact(y)), "%s: padding written", what.c_str());
+  // Again, on the same and on other SM counts (other grids and CTA boundaries): the same bits.
+  std::vector<int> sm_counts{2};
+  if (grids) sm_counts.insert(sm_counts.end(), {1, 3, 7});
+  for (const int sms : sm_counts) {
+    mk::simt::set_multiprocessor_count(sms);
+    Stack<U> out2 = out0;
+    Stack<A> y2 = y0;
+    run(out2, y2);
+    CHECK(same_bytes(out.storage.data(), out2.storage.data(), out.storage.size() * sizeof(U)) &&
+              same_bytes(y.storage.data(), y2.storage.data(), y.storage.size() * sizeof(A)),
+          "%s: a second call on %d SMs differs", what.c_str(), sms);
+  }
+  mk::simt::set_multiprocessor_count(2);
+}
+
+template <class T, class U>
+void test_combine_outputs(Layout layout, int64_t K, int64_t d, bool grids) {
+  const bool nans = K % 3 == 0;
+  test_combine_launch<T, U>(layout, K, d, K % 2 == 0, false, nans, grids);
+  test_combine_launch<T, U>(layout, K, d, K % 2 == 1, false, !nans, false);
+  test_combine_launch<T, U>(layout, K, d, K % 2 == 1, true, nans, grids);
+  test_combine_launch<T, U>(layout, K, d, K % 2 == 0, true, !nans, false);
+}
+
+const int64_t kCombineKs[] = {1, 2, 3, 7, 8, 9, 16, 33, 64};
+
+template <class T>
+void test_combine_family() {
+  for (const int64_t K : kCombineKs) {
+    test_combine_outputs<T, float>(Layout::vector_heads, K, 1000, K == 9);
+    test_combine_outputs<T, double>(Layout::vector_heads, K, 1000, false);
+    test_combine_outputs<T, mk::half_t>(Layout::vector_heads, K, 1000, false);
+    test_combine_outputs<T, mk::bf16_t>(Layout::vector_heads, K, 1000, K == 2);
+    test_combine_outputs<T, T>(Layout::flat_views, K, 1000, K == 3);
+    test_combine_outputs<T, T>(Layout::one_block, K, 4099, false);
+    test_combine_outputs<T, T>(Layout::tiny_blocks, K, 1, false);
+    test_combine_outputs<T, T>(Layout::many_blocks, K, 1, K == 1);
+  }
+  // Above the weights staged at once (1024): the chunks are restaged inside every step.
+  test_combine_outputs<T, T>(Layout::vector_heads, 1100, 37, false);
+  test_combine_outputs<T, float>(Layout::flat_views, 1030, 5, false);
+  // Only empty blocks: nothing launched, nothing written.
+  const Stack<T> empty = make_stack<T>(3, {0, 0, 0}, false, false);
+  Stack<T> out = make_stack<T>(1, {0, 0, 0}, false, false);
+  const std::vector<accum_t<T>> weights(3, accum_t<T>(1));
+  mk::combine_into_cuda<T, T>(empty.view(), weights.data(), out.data.data(), accum_t<T>(2), true, stream);
+  CHECK(padding_intact(out), "combine_into %s of empty blocks wrote", type_name<T>());
+}
+
 // Adam and SGD on C clients, every third one inactive: bit for bit the CPU kernel's result (the
 // element math is shared and neither build contracts), inactive rows and steps untouched.
 template <class T>
@@ -768,6 +904,7 @@ void test_type() {
     test_combine_into<T, mk::half_t>(Layout::flat_views, K, 17, false);
     test_combine_into<T, mk::bf16_t>(Layout::one_block, K, 17, true);
   }
+  test_combine_family<T>();
   for (const int64_t K : kKs) {
     for (const int64_t rows : {1, 5, 300}) test_project_simplex<T>(rows, K);
     for (const int64_t batch : {1, 70}) test_min_norm<T>(batch, K);
