@@ -42,7 +42,7 @@ __host__ __device__ inline int64_t max_i64(int64_t a, int64_t b) { return a < b 
 // The width of one access to N consecutive elements of X: 16 bytes, or all of them when they are
 // fewer (an fp16 output of two fp64 columns is one 4-byte access).
 template <class X, int N>
-constexpr int vector_access_bytes() {
+__host__ __device__ constexpr int vector_access_bytes() {
   return int(N * sizeof(X)) >= 16 ? 16 : int(N * sizeof(X));
 }
 
