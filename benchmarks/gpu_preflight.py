@@ -340,6 +340,10 @@ def cuda_preflight() -> list:
                                  capture_output=True, text=True)
         if run.returncode != 0:
             return [f"nvcc failed on {source.name}:\n{run.stderr[-2000:]}"]
+        # A warning here is a bug on the GPU (device code calling a host function, a ptxas stack
+        # overflow), so it fails the preflight like an error.
+        if warnings := [line for line in run.stderr.splitlines() if "warning" in line.lower()]:
+            return [f"nvcc warned on {source.name}:\n" + "\n".join(warnings[:20])]
         function, spills = None, (0, 0, 0)
         for line in run.stderr.splitlines():
             if m := _PTXAS_FUNCTION.search(line):

@@ -62,30 +62,33 @@ __device__ inline void check_vector_alignment(const void* p, int bytes) {
 #endif
 }
 
-// N elements of X as vector_access_bytes<X, N>()-byte accesses (p aligned to that width).
+// N elements of X as whole accesses of vector_access_bytes<X, N>() bytes each.
+template <class X, int N>
+struct VectorAccess {
+  static constexpr int kBytes = vector_access_bytes<X, N>();
+  static constexpr int kCount = int(N * sizeof(X) / kBytes);
+  static_assert(kBytes % 4 == 0 && N * sizeof(X) % kBytes == 0, "whole 4-, 8- or 16-byte accesses");
+  using Word = VectorWord<kBytes>;
+};
+
+// p aligned to the access width (load_vector and store_vector).
 template <class X, int N>
 __device__ inline void load_vector(const X* p, X (&out)[N]) {
-  constexpr int kBytes = vector_access_bytes<X, N>();
-  static_assert(kBytes % 4 == 0 && N * sizeof(X) % kBytes == 0, "whole 4-, 8- or 16-byte accesses");
-  check_vector_alignment(p, kBytes);
-  using Word = VectorWord<kBytes>;
-  constexpr int kAccesses = int(N * sizeof(X) / kBytes);
-  Word v[kAccesses];
+  using A = VectorAccess<X, N>;
+  check_vector_alignment(p, A::kBytes);
+  typename A::Word v[A::kCount];
 #pragma unroll
-  for (int i = 0; i < kAccesses; ++i) v[i] = reinterpret_cast<const Word*>(p)[i];
+  for (int i = 0; i < A::kCount; ++i) v[i] = reinterpret_cast<const typename A::Word*>(p)[i];
   memcpy(out, v, sizeof out);
 }
 template <class X, int N>
 __device__ inline void store_vector(X* p, const X (&in)[N]) {
-  constexpr int kBytes = vector_access_bytes<X, N>();
-  static_assert(kBytes % 4 == 0 && N * sizeof(X) % kBytes == 0, "whole 4-, 8- or 16-byte accesses");
-  check_vector_alignment(p, kBytes);
-  using Word = VectorWord<kBytes>;
-  constexpr int kAccesses = int(N * sizeof(X) / kBytes);
-  Word v[kAccesses];
+  using A = VectorAccess<X, N>;
+  check_vector_alignment(p, A::kBytes);
+  typename A::Word v[A::kCount];
   memcpy(v, in, sizeof v);
 #pragma unroll
-  for (int i = 0; i < kAccesses; ++i) reinterpret_cast<Word*>(p)[i] = v[i];
+  for (int i = 0; i < A::kCount; ++i) reinterpret_cast<typename A::Word*>(p)[i] = v[i];
 }
 
 // ---- walking the table (device) ---------------------------------------------------------------

@@ -16,7 +16,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "platform.h"
 
@@ -169,10 +168,11 @@ MK_HD A weighted_term(A sum, A weight, A x) {
   return fused_multiply_add(weight, x, sum);
 }
 
-// sum / total, or NaN when the active weights sum to zero (or no client is active).
+// sum / total, or NaN when the active weights sum to zero (or no client is active). NAN, not
+// numeric_limits: device code may not call that host constexpr without --expt-relaxed-constexpr.
 template <class A>
 MK_HD A mean_or_nan(A sum, A total) {
-  return total != A(0) ? sum / total : std::numeric_limits<A>::quiet_NaN();
+  return total != A(0) ? sum / total : A(NAN);
 }
 
 }  // namespace fl
