@@ -2,9 +2,9 @@
 Sequential, Mix, ALRIGHT and MAXRIGHT schedules and MGDA/MoCo weighting on the fused kernels."""
 
 from .data import ByteTokenizer, HFTokenizer, PreferenceDataset, SFTDataset, load_records
-from .losses import DPOOutput, dpo_loss, sequence_logps, sft_loss
+from .losses import DPOOutput, dpo_loss, response_tokens, sequence_logps, sft_loss
 from .trainer import METHODS, JointTrainer, model_logits, precompute_reference_logps
 
 __all__ = ["METHODS", "ByteTokenizer", "DPOOutput", "HFTokenizer", "JointTrainer", "PreferenceDataset",
            "SFTDataset", "dpo_loss", "load_records", "model_logits", "precompute_reference_logps",
-           "sequence_logps", "sft_loss"]
+           "response_tokens", "sequence_logps", "sft_loss"]

@@ -13,6 +13,7 @@ synchronisation per call on CUDA, next to the loss's own .item() in a training s
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -105,14 +106,32 @@ def _token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     return logps, mask
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Supervised fine-tuning loss: the mean over all response tokens of the batch of
-    −log p(y_{t+1} | y_{≤t}) (token mean, not a mean of per-sequence means). A batch without
-    response tokens gives NaN (the data layer refuses such records). Labels are token ids in
-    [0, V) or ignore_index; anything else raises ValueError naming `labels`."""
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
+             num_items=None) -> torch.Tensor:
+    """Supervised fine-tuning loss: Σ −log p(y_{t+1} | y_{≤t}) over the response tokens of the batch,
+    divided by `num_items`: by default the batch's own count of response tokens (a token mean, not
+    a mean of per-sequence means). With gradient accumulation pass the count of the whole
+    accumulated batch (response_tokens summed over its micro-batches; transformers'
+    `num_items_in_batch`), so that the micro-batch losses add up to the token mean of all of them.
+    A batch without response tokens gives NaN (the data layer refuses such records). Labels are
+    token ids in [0, V) or ignore_index; anything else raises ValueError naming `labels`; a
+    num_items that is not a positive count raises ValueError naming it."""
     _check_logits_labels(logits, labels, ignore_index)
+    if num_items is not None:
+        count = num_items.item() if isinstance(num_items, torch.Tensor) and num_items.numel() == 1 else num_items
+        if isinstance(count, bool) or not isinstance(count, numbers.Real) or not count > 0 or not math.isfinite(count):
+            raise ValueError(f"num_items: expected a positive count of response tokens, got {num_items!r}")
     logps, mask = _token_logps(logits, labels, ignore_index)
-    return -(logps * mask).sum() / mask.sum()
+    return -(logps * mask).sum() / (mask.sum() if num_items is None else num_items)
+
+
+def response_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The number of tokens sft_loss averages over in a batch (labels other than ignore_index
+    after the first position): a 0-d int64 tensor, to sum over micro-batches for num_items."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise ValueError(f"labels: expected a [B, T] tensor of token ids, got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    return (labels[:, 1:] != ignore_index).sum()
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -36,7 +36,7 @@ from .._checks import (check_integer, check_number, check_state_generator, check
 from .._stack import flat_buffer
 from ..steps import NORMALIZATIONS, MoCoState, mgda_step, moco_step
 from .data import BatchStream, ByteTokenizer, PreferenceDataset, SFTDataset
-from .losses import LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
+from .losses import LOSS_TYPES, dpo_loss, response_tokens, sequence_logps, sft_loss
 
 METHODS = ("sequential", "mix", "alright", "maxright", "mgda", "moco")
 OBJECTIVES = ("sft", "dpo")
@@ -122,7 +122,8 @@ class JointTrainer:
     "adapters": the policy itself with its PEFT adapters disabled (policy.disable_adapter()).
     sft_opt / dpo_opt: the optimal values f* of MAXRIGHT's gaps (default 0, a lower bound of every
     loss here); single-objective runs estimate them. total_steps: the step budget that
-    `sequential` splits. grad_accum: micro-batches of batch_size per objective per step.
+    `sequential` splits. grad_accum: micro-batches of batch_size per objective per step (the SFT
+    loss a token mean over all of them, as transformers' num_items_in_batch).
     moco_beta / moco_gamma: MoCo's tracking and λ step sizes. normalize: the gradient normalisation
     of mgda and moco ('none', 'l2', 'loss', 'loss+'; see molkernels.moco_step). seed fixes the data order and
     ALRIGHT's draws (an integer in [0, 2**32)); with a deterministic model the run is reproducible
@@ -259,13 +260,16 @@ class JointTrainer:
         batch = data.batch(self.streams[objective].next_indices())
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def objective(self, name: str, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """f_SFT or f_DPO of the policy on a batch (with autograd unless called under no_grad)."""
+    def objective(self, name: str, batch: Dict[str, torch.Tensor], *, num_items=None) -> torch.Tensor:
+        """f_SFT or f_DPO of the policy on a batch (with autograd unless called under no_grad);
+        num_items: the SFT loss's divisor (see sft_loss), for a micro-batch of a larger batch."""
         if name not in OBJECTIVES:
             raise ValueError(f"name: expected one of {OBJECTIVES}, got {name!r}")
+        if num_items is not None and name != "sft":
+            raise ValueError(f"num_items: applies to the 'sft' objective, not {name!r}")
         logits = model_logits(self.policy, batch)
         if name == "sft":
-            return sft_loss(logits, batch["labels"])
+            return sft_loss(logits, batch["labels"], num_items=num_items)
         logps = sequence_logps(logits, batch["labels"])
         half = logps.shape[0] // 2
         ref_chosen, ref_rejected = self._reference_logps(batch)
@@ -311,22 +315,26 @@ class JointTrainer:
         losses = {o: 0.0 for o in weights}
         if self.method in ("mgda", "moco"):
             self.grads_flat.zero_()
+        # The step's batch is grad_accum micro-batches per objective. Their SFT losses are divided by
+        # the response tokens of all of them, so that they add up to the token mean of the whole
+        # batch (uneven micro-batches would otherwise weigh their tokens unevenly); each DPO loss,
+        # a mean over an equal number of pairs, is divided by grad_accum.
+        batches = {o: [first_batches.pop(o) if micro == 0 and o in first_batches else self._batch(o)
+                       for micro in range(self.grad_accum)] for o in weights}
+        sft_tokens = sum(response_tokens(b["labels"]) for b in batches["sft"]) if "sft" in batches else None
         for micro in range(self.grad_accum):
-            values = {}
-            for o in weights:
-                batch = first_batches.pop(o) if o in first_batches else self._batch(o)
-                values[o] = self.objective(o, batch)
+            values = {o: self.objective(o, batches[o][micro], num_items=sft_tokens) if o == "sft"
+                      else self.objective(o, batches[o][micro]) / self.grad_accum for o in weights}
             if self.method in ("mgda", "moco"):
                 for row, o in enumerate(OBJECTIVES):  # two forward passes, so two independent graphs
-                    grads = torch.autograd.grad(values[o] / self.grad_accum, self.params, allow_unused=True)
+                    grads = torch.autograd.grad(values[o], self.params, allow_unused=True)
                     for view, g in zip(self.grads, grads):
                         if g is not None:
                             view[row].add_(g)
             else:
-                total = sum(weights[o] * values[o] for o in weights)
-                (total / self.grad_accum).backward()
+                sum(weights[o] * values[o] for o in weights).backward()
             for o in weights:
-                losses[o] += values[o].detach() / self.grad_accum
+                losses[o] += values[o].detach()
         for o, value in losses.items():
             record[f"{o}_loss"] = value.item()
             if not math.isfinite(record[f"{o}_loss"]):

@@ -10,7 +10,8 @@ import torch
 
 import molkernels
 from molkernels import reference as ref
-from molkernels.posttrain import ByteTokenizer, JointTrainer, PreferenceDataset, precompute_reference_logps, trainer as trainer_module
+from molkernels.posttrain import (ByteTokenizer, JointTrainer, PreferenceDataset, precompute_reference_logps, response_tokens,
+                                  trainer as trainer_module)
 from molkernels.posttrain.synthetic import make_data, tiny_llama
 
 SFT, PREF = make_data(24, 24, seed=11)
@@ -66,9 +67,9 @@ def test_maxright_trains_the_larger_weighted_gap_and_refreshes_on_schedule(monke
     evaluations = []
     original = trainer.objective
 
-    def spy(name, batch):
+    def spy(name, batch, **kwargs):
         evaluations.append((trainer.step_count, name, torch.is_grad_enabled()))
-        return original(name, batch)
+        return original(name, batch, **kwargs)
 
     monkeypatch.setattr(trainer, "objective", spy)
     for _ in range(9):
@@ -166,29 +167,74 @@ def test_moco_tracks_the_gradients():
     assert torch.allclose(trainer.moco_state.y_flat.double(), Y, rtol=1e-5, atol=1e-7)
 
 
-def test_gradient_accumulation_averages_micro_batches():
+def test_gradient_accumulation_takes_the_token_mean_of_all_micro_batches():
     trainer = make_trainer("sequential", lam=0.0, grad_accum=3, optimizer=torch.optim.SGD, lr=1.0)
-    expected = []
-    for _ in range(3):
-        batch = trainer._batch("sft")
-        loss = trainer.objective("sft", batch)
-        expected.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, trainer.params)]))
+    batches = [trainer._batch("sft") for _ in range(3)]
+    tokens = sum(int(response_tokens(b["labels"])) for b in batches)
+    expected = torch.zeros_like(_flat_params(trainer))
+    for batch in batches:
+        loss = trainer.objective("sft", batch, num_items=tokens)
+        expected += torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, trainer.params)])
     trainer.streams["sft"].position = 0
     before = _flat_params(trainer)
     record = trainer.step()
     after = _flat_params(trainer)
     assert trainer.streams["sft"].position == 12
-    assert torch.allclose(before - after, sum(expected) / 3, rtol=1e-5, atol=1e-6)  # p − g rounds at ulp(p)
+    assert torch.allclose(before - after, expected, rtol=1e-5, atol=1e-6)  # p − g rounds at ulp(p)
     assert record["sft_loss"] > 0
 
 
-def test_mgda_with_gradient_accumulation_uses_the_mean_gradients():
+# Responses of 1 to 40 characters, so that micro-batches hold very different numbers of tokens.
+UNEVEN_SFT = [{"prompt": f"q{i}:", "completion": "ab" * (1 + (i * 7) % 20)} for i in range(16)]
+
+
+@pytest.mark.parametrize("method", ["mix", "mgda"])
+def test_uneven_micro_batches_equal_one_batch_of_all_their_tokens(method):
+    def trainer_for(batch_size, grad_accum):
+        model = TinyLM(dtype=torch.float64)
+        return JointTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), UNEVEN_SFT, PREF, method=method,
+                            lam=0.3, batch_size=batch_size, grad_accum=grad_accum, progress=False)
+
+    # The two micro-batches hold different numbers of tokens, so the mean of their means (what
+    # averaging micro-batch losses gives) is not the token mean: the test can fail.
+    probe = trainer_for(2, 2)
+    micro = [probe._batch("sft") for _ in range(2)]
+    tokens = [int(response_tokens(b["labels"])) for b in micro]
+    with torch.no_grad():
+        mean_of_means = sum(probe.objective("sft", b).item() for b in micro) / 2
+
+    whole, accumulated = trainer_for(4, 1), trainer_for(2, 2)
+    whole_record, accumulated_record = whole.step(), accumulated.step()
+    assert tokens[0] != tokens[1]
+    assert abs(mean_of_means - whole_record["sft_loss"]) > 1e-3 * whole_record["sft_loss"]
+    assert accumulated_record["sft_loss"] == pytest.approx(whole_record["sft_loss"], rel=1e-12)
+    assert accumulated_record["dpo_loss"] == pytest.approx(whole_record["dpo_loss"], rel=1e-12)
+    assert torch.allclose(_flat_params(accumulated), _flat_params(whole), rtol=1e-10, atol=1e-12)
+
+
+def test_sft_num_items_is_checked():
+    trainer = make_trainer()
+    batch = trainer._batch("sft")
+    for bad in (0, -3, float("nan"), "12", True):
+        with pytest.raises(ValueError, match="num_items"):
+            trainer.objective("sft", batch, num_items=bad)
+    with pytest.raises(ValueError, match="num_items"):
+        trainer.objective("dpo", trainer._batch("dpo"), num_items=10)
+
+
+def test_mgda_with_gradient_accumulation_uses_the_whole_batch_gradients():
     trainer = make_trainer("mgda", grad_accum=2, optimizer=torch.optim.SGD, lr=1.0)
     saved = {o: s.position for o, s in trainer.streams.items()}
-    micro = [_objective_grads(trainer, {o: trainer._batch(o) for o in ("sft", "dpo")}).double() for _ in range(2)]
+    batches = [{o: trainer._batch(o) for o in ("sft", "dpo")} for _ in range(2)]
     for o, position in saved.items():
         trainer.streams[o].position = position
-    G = (micro[0] + micro[1]) / 2
+    tokens = sum(int(response_tokens(b["sft"]["labels"])) for b in batches)
+    G = torch.zeros(2, _flat_params(trainer).numel(), dtype=torch.float64)
+    for b in batches:  # the SFT row: the token mean over both micro-batches; the DPO row: the mean
+        sft = trainer.objective("sft", b["sft"], num_items=tokens)
+        dpo = trainer.objective("dpo", b["dpo"]) / 2
+        for row, loss in enumerate((sft, dpo)):
+            G[row] += torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, trainer.params)]).double()
     lam = ref.min_norm(G @ G.T)
     before = _flat_params(trainer)
     trainer.step()
