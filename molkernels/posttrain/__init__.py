@@ -3,8 +3,9 @@ Sequential, Mix, ALRIGHT and MAXRIGHT schedules and MGDA/MoCo weighting on the f
 
 from .data import ByteTokenizer, HFTokenizer, PreferenceDataset, SFTDataset, load_records
 from .losses import DPOOutput, dpo_loss, response_tokens, sequence_logps, sft_loss
-from .trainer import METHODS, JointTrainer, model_logits, precompute_reference_logps
+from .schedule import METHODS, MethodSchedule
+from .trainer import JointTrainer, model_logits, precompute_reference_logps
 
-__all__ = ["METHODS", "ByteTokenizer", "DPOOutput", "HFTokenizer", "JointTrainer", "PreferenceDataset",
+__all__ = ["METHODS", "ByteTokenizer", "DPOOutput", "HFTokenizer", "JointTrainer", "MethodSchedule", "PreferenceDataset",
            "SFTDataset", "dpo_loss", "load_records", "model_logits", "precompute_reference_logps",
            "response_tokens", "sequence_logps", "sft_loss"]

@@ -25,7 +25,8 @@ import torch
 from .. import _cli
 from ..steps import NORMALIZATIONS
 from .data import ByteTokenizer, HFTokenizer, PreferenceDataset, SFTDataset, load_records
-from .trainer import METHODS, JointTrainer
+from .schedule import METHODS
+from .trainer import JointTrainer
 
 DEFAULT_METHODS = ("sequential", "mix", "alright", "maxright", "mgda", "moco")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -1,14 +1,12 @@
 """JointTrainer: SFT and preference learning (DPO) trained together instead of one after the other.
 
-Methods (λ ∈ [0, 1] weighs the preference objective, 1 − λ the SFT objective):
+Methods (λ ∈ [0, 1] weighs the preference objective, 1 − λ the SFT objective; which objective a
+step trains is molkernels.posttrain.schedule, shared with JointDPOTrainer):
 
     sequential  SFT for the first round((1 − λ)·total_steps) steps, then DPO (the usual pipeline)
     mix         (1 − λ)·f_SFT + λ·f_DPO on one batch of each per step
     alright     each step f_DPO with probability λ, else f_SFT: one objective per step
-    maxright    each step the objective with the larger weighted optimality gap,
-                (1 − λ)(f_SFT − f*_SFT) against λ(f_DPO − f*_DPO); the trained objective's gap is
-                updated from the loss just computed, the other one is stale until both are
-                refreshed by a no-grad evaluation every max_eval_steps steps
+    maxright    each step the objective with the larger weighted optimality gap (see schedule)
     mgda        both objectives' gradients into one flat [2, D] buffer, combined by the fused
                 min-norm step (molkernels.mgda_step): d = λ₁g_SFT + λ₂g_DPO of minimum norm
     moco        the same buffer through molkernels.moco_step (tracked gradients, projected λ step)
@@ -37,10 +35,7 @@ from .._stack import flat_buffer
 from ..steps import NORMALIZATIONS, MoCoState, mgda_step, moco_step
 from .data import BatchStream, ByteTokenizer, PreferenceDataset, SFTDataset
 from .losses import LOSS_TYPES, dpo_loss, response_tokens, sequence_logps, sft_loss
-
-METHODS = ("sequential", "mix", "alright", "maxright", "mgda", "moco")
-OBJECTIVES = ("sft", "dpo")
-SEED_LIMIT = 2 ** 32  # BatchStream seeds its epochs with seed·1000003 + epoch, within torch's 64-bit seeds
+from .schedule import OBJECTIVES, MethodSchedule
 
 
 def model_logits(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -143,9 +138,8 @@ class JointTrainer:
             raise TypeError(f"policy: expected a torch.nn.Module, got {type(policy).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not isinstance(method, str) or method not in METHODS:
-            raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-        self.lam = check_number("lam", lam, 0.0, 1.0)
+        self.schedule = MethodSchedule(method, lam, total_steps=total_steps, sft_opt=sft_opt, dpo_opt=dpo_opt,
+                                       max_eval_steps=max_eval_steps, seed=seed)
         self.beta = check_number("beta", beta, 0.0, low_open=True)
         if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
@@ -153,17 +147,8 @@ class JointTrainer:
         if self.label_smoothing == 0.5 or (self.label_smoothing and loss_type != "sigmoid"):
             raise ValueError(f"label_smoothing: expected a value in [0, 0.5) and only with loss_type='sigmoid', got "
                              f"{label_smoothing} with {loss_type!r}")
-        self.optima = {"sft": 0.0 if sft_opt is None else check_number("sft_opt", sft_opt, -math.inf),
-                       "dpo": 0.0 if dpo_opt is None else check_number("dpo_opt", dpo_opt, -math.inf)}
-        self.max_eval_steps = check_integer("max_eval_steps", max_eval_steps, 1)
         self.grad_accum = check_integer("grad_accum", grad_accum, 1)
         check_integer("batch_size", batch_size, 1)
-        if method == "sequential":
-            if total_steps is None:
-                raise ValueError("total_steps: `sequential` splits a step budget between its phases; give total_steps")
-        if total_steps is not None:
-            check_integer("total_steps", total_steps, 1)
-        self.total_steps = total_steps
         self.moco_beta = check_number("moco_beta", moco_beta, 0.0, 1.0)
         self.moco_gamma = check_number("moco_gamma", moco_gamma, 0.0)
         if not isinstance(normalize, str) or normalize not in NORMALIZATIONS:
@@ -171,8 +156,6 @@ class JointTrainer:
         if normalize != "none" and method not in ("mgda", "moco"):
             raise ValueError(f"normalize: applies to the mgda and moco methods, not {method!r}")
         self.normalize = normalize
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-            raise ValueError(f"seed: expected an integer in [0, 2**32), got {seed!r}")
         if not isinstance(progress, bool):
             raise ValueError(f"progress: expected True or False, got {progress!r}")
         if not isinstance(backend, str):
@@ -202,8 +185,6 @@ class JointTrainer:
 
         self.streams = {"sft": BatchStream(len(self.sft_data), batch_size, seed),
                         "dpo": BatchStream(len(self.pref_data), batch_size, seed + 1)}
-        self.choice_generator = torch.Generator().manual_seed(seed + 2)
-        self.gaps = {"sft": math.inf, "dpo": math.inf}
         self.step_count = 0
         self.history: List[dict] = []
         self.memory = _PeakMemory(self.device)
@@ -276,25 +257,6 @@ class JointTrainer:
         return dpo_loss(logps[:half], logps[half:], ref_chosen, ref_rejected, beta=self.beta,
                         label_smoothing=self.label_smoothing, loss_type=self.loss_type).loss
 
-    def _weights(self) -> Dict[str, float]:
-        """The objectives this step trains and their weights in the loss."""
-        t = self.step_count
-        if self.method == "sequential":
-            switch = round((1 - self.lam) * self.total_steps)
-            return {"sft": 1.0} if t < switch else {"dpo": 1.0}
-        if self.method == "mix":
-            return {"sft": 1 - self.lam, "dpo": self.lam}
-        if self.method == "alright":
-            draw = torch.rand((), generator=self.choice_generator).item()
-            return {"dpo": 1.0} if draw < self.lam else {"sft": 1.0}
-        if self.method == "maxright":
-            return {max(OBJECTIVES, key=lambda o: (self.gaps[o], o == "dpo")): 1.0}
-        return {"sft": 1.0, "dpo": 1.0}
-
-    def _gap(self, name: str, value: float) -> float:
-        weight = self.lam if name == "dpo" else 1 - self.lam
-        return weight * (value - self.optima[name])
-
     # ----------------------------------------------------------------------------- steps
 
     def step(self) -> dict:
@@ -304,13 +266,12 @@ class JointTrainer:
         start = time.perf_counter()
         record = {"step": self.step_count}
         first_batches = {}
-        if self.method == "maxright" and self.step_count % self.max_eval_steps == 0:
+        if self.schedule.refresh_due(self.step_count):
             first_batches = {o: self._batch(o) for o in OBJECTIVES}
             with torch.no_grad():
-                for o in OBJECTIVES:
-                    self.gaps[o] = self._gap(o, self.objective(o, first_batches[o]).item())
+                self.schedule.update_gaps({o: self.objective(o, first_batches[o]).item() for o in OBJECTIVES})
             record["refreshed"] = True
-        weights = self._weights()
+        weights = self.schedule.weights(self.step_count)
         self.optimizer.zero_grad(set_to_none=True)
         losses = {o: 0.0 for o in weights}
         if self.method in ("mgda", "moco"):
@@ -350,12 +311,11 @@ class JointTrainer:
                                               gamma=self.moco_gamma, normalize=self.normalize, losses=both,
                                               backend=self.backend)
         self.optimizer.step()
-        for o in losses:
-            self.gaps[o] = self._gap(o, record[f"{o}_loss"])
+        self.schedule.update_gaps({o: record[f"{o}_loss"] for o in losses})
         if "weights" in record:
             record["weights"] = record["weights"].tolist()
         record["trained"] = sorted(weights)
-        record["sft_gap"], record["dpo_gap"] = self.gaps["sft"], self.gaps["dpo"]
+        record["sft_gap"], record["dpo_gap"] = self.schedule.gaps["sft"], self.schedule.gaps["dpo"]
         record["seconds"] = time.perf_counter() - start
         record["peak_mem_bytes"] = self.memory.read()
         self.step_count += 1
@@ -409,9 +369,8 @@ class JointTrainer:
     def _config(self) -> dict:
         """What fixes the run besides the model and the data: a state resumes only into a trainer
         built with the same."""
-        return {"lam": self.lam, "beta": self.beta, "loss_type": self.loss_type,
-                "label_smoothing": self.label_smoothing, "optima": dict(self.optima),
-                "max_eval_steps": self.max_eval_steps, "total_steps": self.total_steps,
+        return {**self.schedule.config(), "beta": self.beta, "loss_type": self.loss_type,
+                "label_smoothing": self.label_smoothing,
                 "batch_size": self.streams["sft"].batch_size, "grad_accum": self.grad_accum,
                 "moco_beta": self.moco_beta, "moco_gamma": self.moco_gamma, "normalize": self.normalize,
                 "seed": self.seed, "sft_records": len(self.sft_data), "pref_records": len(self.pref_data)}
@@ -432,9 +391,8 @@ class JointTrainer:
         the policy, the optimizer, an owned reference copy, the data positions, the random
         generators, MAXRIGHT's gaps, MoCo's state and the history."""
         state = {"method": self.method, "config": self._config(), "step": self.step_count,
-                 "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "gaps": dict(self.gaps),
-                 "streams": {o: s.position for o, s in self.streams.items()},
-                 "choice_generator": self.choice_generator.get_state(), "torch_rng": torch.get_rng_state(),
+                 "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), **self.schedule.state_dict(),
+                 "streams": {o: s.position for o, s in self.streams.items()}, "torch_rng": torch.get_rng_state(),
                  "history": copy.deepcopy(self.history)}
         if isinstance(self.reference, torch.nn.Module):
             state["reference"] = self.reference.state_dict()
@@ -477,15 +435,10 @@ class JointTrainer:
         if "reference" in state:
             _check_module_state(state["reference"], state_path(path, "reference"), self.reference)
         _check_optimizer_state(state["optimizer"], state_path(path, "optimizer"), self.optimizer)
-        check_state_keys(state["gaps"], state_path(path, "gaps"), OBJECTIVES)
-        for o in OBJECTIVES:
-            gap = state["gaps"][o]
-            if isinstance(gap, bool) or not isinstance(gap, (int, float)) or math.isnan(gap):
-                raise ValueError(f"{state_path(state_path(path, 'gaps'), o)}: expected a number, got {gap!r}")
         check_state_keys(state["streams"], state_path(path, "streams"), OBJECTIVES)
         for o in OBJECTIVES:
             check_integer(state_path(state_path(path, "streams"), o), state["streams"][o], low=0)
-        check_state_generator(state["choice_generator"], state_path(path, "choice_generator"), self.choice_generator)
+        self.schedule.check_state_dict(state, path)
         check_state_generator(state["torch_rng"], state_path(path, "torch_rng"), torch.default_generator)
         if "cuda_rng" in state:
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -508,10 +461,9 @@ class JointTrainer:
         if "reference" in state:
             self.reference.load_state_dict(state["reference"])
         self.step_count = int(state["step"])
-        self.gaps = {o: float(state["gaps"][o]) for o in OBJECTIVES}
+        self.schedule.load_state_dict(state)
         for o in OBJECTIVES:
             self.streams[o].position = int(state["streams"][o])
-        self.choice_generator.set_state(state["choice_generator"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)

@@ -45,14 +45,14 @@ def make_trainer(method="alright", *, model=None, lr=1e-2, optimizer=torch.optim
 def test_alright_draws_dpo_with_probability_lam():
     for lam in (0.25, 0.8):
         trainer = make_trainer("alright", lam=lam, seed=3)
-        draws = [trainer._weights() for _ in range(4000)]
+        draws = [trainer.schedule.weights(0) for _ in range(4000)]
         assert all(w in ({"dpo": 1.0}, {"sft": 1.0}) for w in draws)
         frequency = sum("dpo" in w for w in draws) / len(draws)
         assert abs(frequency - lam) < 0.025, (lam, frequency)   # ~3.5 standard deviations
     # Training steps follow the same draws: one objective per step, DPO with probability λ.
     trainer, twin = make_trainer("alright", lam=0.5, seed=4), make_trainer("alright", lam=0.5, seed=4)
     records = trainer.train(12)
-    assert [r["trained"] for r in records] == [sorted(twin._weights()) for _ in range(12)]
+    assert [r["trained"] for r in records] == [sorted(twin.schedule.weights(t)) for t in range(12)]
     assert {tuple(r["trained"]) for r in records} == {("sft",), ("dpo",)}
 
 
@@ -73,7 +73,7 @@ def test_maxright_trains_the_larger_weighted_gap_and_refreshes_on_schedule(monke
 
     monkeypatch.setattr(trainer, "objective", spy)
     for _ in range(9):
-        gaps_before = dict(trainer.gaps)
+        gaps_before = dict(trainer.schedule.gaps)
         record = trainer.step()
         refreshed = record.get("refreshed", False)
         assert refreshed == (record["step"] % 3 == 0)
