@@ -371,7 +371,7 @@ def section_posttrain(ctx: Context) -> dict:
     result = experiment.run_methods(tiny_llama(0), ByteTokenizer(), sft_train, pref_train, sft_eval, pref_eval,
                                     methods=experiment.DEFAULT_METHODS, steps=steps, seed=0, lam=0.5, beta=0.1,
                                     lr=3e-3, batch_size=16, eval_every=20, max_length=256, max_eval_steps=10,
-                                    progress=False)
+                                    reference_cache=os.path.join(ctx.out, "reference-logps"), progress=False)
     experiment.print_result(result)
     path = os.path.join(ctx.out, "posttrain_pareto.png")
     experiment.plot_result(result, path)

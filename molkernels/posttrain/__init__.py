@@ -4,8 +4,8 @@ Sequential, Mix, ALRIGHT and MAXRIGHT schedules and MGDA/MoCo weighting on the f
 from .data import ByteTokenizer, HFTokenizer, PreferenceDataset, SFTDataset, load_records
 from .losses import DPOOutput, dpo_loss, response_tokens, sequence_logps, sft_loss
 from .schedule import METHODS, MethodSchedule
-from .trainer import JointTrainer, model_logits, precompute_reference_logps
+from .trainer import JointTrainer, ReferenceLogps, model_logits, precompute_reference_logps, reference_fingerprint
 
 __all__ = ["METHODS", "ByteTokenizer", "DPOOutput", "HFTokenizer", "JointTrainer", "MethodSchedule", "PreferenceDataset",
-           "SFTDataset", "dpo_loss", "load_records", "model_logits", "precompute_reference_logps",
-           "response_tokens", "sequence_logps", "sft_loss"]
+           "ReferenceLogps", "SFTDataset", "dpo_loss", "load_records", "model_logits", "precompute_reference_logps",
+           "reference_fingerprint", "response_tokens", "sequence_logps", "sft_loss"]

@@ -18,7 +18,7 @@ import os
 import random
 import statistics
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -26,7 +26,7 @@ from .. import _cli
 from ..steps import NORMALIZATIONS
 from .data import ByteTokenizer, HFTokenizer, PreferenceDataset, SFTDataset, load_records
 from .schedule import METHODS
-from .trainer import JointTrainer
+from .trainer import JointTrainer, precompute_reference_logps
 
 DEFAULT_METHODS = ("sequential", "mix", "alright", "maxright", "mgda", "moco")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -85,14 +85,21 @@ def tokenize(tokenizer, sft_train, pref_train, sft_eval, pref_eval, *, max_lengt
 def run_methods(model, tokenizer, sft_train, pref_train, sft_eval, pref_eval, *, methods, steps: int, seed: int,
                 lam: float, beta: float, lr: float, batch_size: int, eval_every: int, max_length: int,
                 max_eval_steps: int, normalize: str = "none", device: str = "cpu", backend: str = "auto",
-                progress: bool = True) -> dict:
-    """Run the single-objective references and then each method from the same initial weights."""
+                reference_cache: Optional[str] = None, progress: bool = True) -> dict:
+    """Run the single-objective references and then each method from the same initial weights.
+    reference_cache: a folder where the reference log-probabilities of the training and held-out
+    pairs are kept (precompute_reference_logps): computed once for every method, and reused by later
+    runs of the same model and data; without it each DPO step runs the reference model."""
     device = torch.device(device)
     model = model.to(device)
     initial = copy.deepcopy(model.state_dict())
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     sft_train, pref_train, sft_eval, pref_eval = tokenize(tokenizer, sft_train, pref_train, sft_eval, pref_eval,
                                                           max_length=max_length)
+    if reference_cache is not None:
+        for data in (pref_train, pref_eval):
+            precompute_reference_logps(reference, data, batch_size=batch_size, cache_dir=reference_cache)
+        reference = None  # the precomputed log-probabilities of pref_train / pref_eval
 
     def train(method: str, method_lam: float, optima=(None, None)) -> dict:
         model.load_state_dict(initial)
@@ -293,6 +300,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", type=_cli.device, default="cpu")
     parser.add_argument("--backend", default="auto", help="molkernels backend of the mgda/moco steps")
+    parser.add_argument("--reference-cache", type=_cli.output_folder, default=None,
+                        help="folder for the reference model's log-probabilities, computed once and reused by every "
+                             "method and by later runs on the same model and data (default: a reference forward "
+                             "per DPO step)")
     parser.add_argument("--out", type=_cli.output_folder, default="molkernels-posttrain", help="output folder")
     parser.add_argument("--json", type=_cli.output_file, default=None, help="JSON output (default OUT/posttrain.json)")
     parser.add_argument("--plot", type=_cli.output_file, default=None,
@@ -345,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
                                    beta=args.beta, lr=args.lr, batch_size=args.batch_size,
                                    eval_every=args.eval_every, max_length=args.max_length,
                                    max_eval_steps=args.max_eval_steps, normalize=args.normalize,
-                                   device=args.device, backend=args.backend))
+                                   device=args.device, backend=args.backend, reference_cache=args.reference_cache))
     result = combine_seeds(results)
     result["model"] = args.model or "tiny random Llama (synthetic translation data)"
     print_result(result)

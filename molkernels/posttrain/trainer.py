@@ -19,11 +19,13 @@ optimizer works.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
 import resource
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -53,15 +55,61 @@ def model_logits(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
                     f"element they are, or an output with .logits)")
 
 
+class ReferenceLogps(NamedTuple):
+    """What precompute_reference_logps did: the cache file (None without cache_dir) and whether
+    the log-probabilities were read from it (True) or computed (False)."""
+
+    path: Optional[str]
+    reused: bool
+
+
+def reference_fingerprint(model: torch.nn.Module, data: PreferenceDataset) -> str:
+    """SHA-256 of what the reference log-probabilities depend on: the model's class, its config (when
+    it has one) and every tensor of its state_dict (name, dtype, shape, bytes), and the tokenised
+    pairs of `data` (so a tokenizer, a max_length or records that change the tokens change it, and
+    ones that do not, do not)."""
+    digest = hashlib.sha256()
+    digest.update(f"{type(model).__module__}.{type(model).__qualname__}\n".encode())
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_json_string"):
+        digest.update(config.to_json_string(use_diff=False).encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        flat = tensor.reshape(-1)
+        step = 1 << 24  # bytes of at most 16 Mi elements at a time on the host
+        for start in range(0, flat.numel(), step):
+            digest.update(flat[start:start + step].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for ids, labels in data.chosen + data.rejected:
+        digest.update(json.dumps([list(ids), list(labels)]).encode())
+    return digest.hexdigest()
+
+
 @torch.no_grad()
-def precompute_reference_logps(model, data: PreferenceDataset, *, batch_size: int = 16) -> None:
+def precompute_reference_logps(model, data: PreferenceDataset, *, batch_size: int = 16,
+                               cache_dir: Optional[str] = None) -> ReferenceLogps:
     """Score every pair of `data` once with the (frozen) reference `model` and keep the sequence
-    log-probabilities in the dataset, so that training needs no reference forward passes."""
+    log-probabilities in the dataset, so that training needs no reference forward passes.
+
+    cache_dir: a folder where the scores are kept on disk under reference_fingerprint(model, data),
+    reused by later runs and by every method on the same reference and data, and recomputed when
+    the weights, the config or the tokenised data change (a cache file that does not hold [pairs, 2]
+    finite scores for this fingerprint is recomputed and replaced, never trusted)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(data, PreferenceDataset):
         raise TypeError(f"data: expected a PreferenceDataset, got {type(data).__name__}")
     check_integer("batch_size", batch_size, 1)
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise TypeError(f"cache_dir: expected a folder path, got {type(cache_dir).__name__}")
+    path = None
+    if cache_dir is not None:
+        fingerprint = reference_fingerprint(model, data)
+        path = os.path.join(os.fspath(cache_dir), f"reference-logps-{fingerprint[:40]}.pt")
+        cached = _read_reference_cache(path, fingerprint, len(data))
+        if cached is not None:
+            data.reference_logps = cached
+            return ReferenceLogps(path, True)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -73,6 +121,25 @@ def precompute_reference_logps(model, data: PreferenceDataset, *, batch_size: in
         scores.append(torch.stack([logps[:len(indices)], logps[len(indices):]], dim=1))
     model.train(was_training)
     data.reference_logps = torch.cat(scores)
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.partial"  # then renamed: a reader never sees half a file
+        torch.save({"fingerprint": fingerprint, "logps": data.reference_logps}, partial)
+        os.replace(partial, path)
+    return ReferenceLogps(path, False)
+
+
+def _read_reference_cache(path: str, fingerprint: str, pairs: int) -> Optional[torch.Tensor]:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing or unreadable: recomputed and replaced
+        return None
+    logps = saved.get("logps") if isinstance(saved, dict) else None
+    if (saved.get("fingerprint") if isinstance(saved, dict) else None) != fingerprint or \
+            not isinstance(logps, torch.Tensor) or logps.dtype != torch.float32 or \
+            tuple(logps.shape) != (pairs, 2) or not torch.isfinite(logps).all():
+        return None
+    return logps
 
 
 class _PeakMemory:

@@ -52,6 +52,32 @@ def test_several_seeds_report_means_and_per_seed_claims(tmp_path, capsys):
     assert "claims held in seeds (of 2)" in capsys.readouterr().out
 
 
+def test_reference_cache_is_written_once_and_reused(tmp_path, monkeypatch):
+    from molkernels.posttrain import experiment
+
+    made = []
+    original = experiment.precompute_reference_logps
+
+    def spy(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(experiment, "precompute_reference_logps", spy)
+    cache = tmp_path / "cache"
+    common = ["--methods", "mix,alright", "--seed", "2", *TINY]
+    assert main(["posttrain", "--out", str(tmp_path / "plain"), *common]) == 0
+    assert made == []
+    for run in ("first", "second"):
+        assert main(["posttrain", "--out", str(tmp_path / run), "--reference-cache", str(cache), *common]) == 0
+    assert [m.reused for m in made] == [False, False, True, True]  # training and held-out pairs, then reused
+    assert sorted(p.name for p in cache.iterdir()) == sorted({m.path.split("/")[-1] for m in made})
+    plain, first, second = (json.loads((tmp_path / run / "posttrain.json").read_text())["methods"]
+                            for run in ("plain", "first", "second"))
+    for method in ("mix", "alright"):
+        assert first[method]["dpo_loss"] == second[method]["dpo_loss"]
+        assert first[method]["dpo_loss"] == pytest.approx(plain[method]["dpo_loss"], rel=1e-4)
+
+
 def test_local_model_directory_and_jsonl_data(tmp_path):
     model_dir = tmp_path / "model"
     tiny_llama(0, hidden_size=16, layers=1, heads=2).save_pretrained(model_dir)
