@@ -8,4 +8,12 @@ from .trainer import JointTrainer, ReferenceLogps, model_logits, precompute_refe
 
 __all__ = ["METHODS", "ByteTokenizer", "DPOOutput", "HFTokenizer", "JointTrainer", "MethodSchedule", "PreferenceDataset",
            "ReferenceLogps", "SFTDataset", "dpo_loss", "load_records", "model_logits", "precompute_reference_logps",
-           "reference_fingerprint", "response_tokens", "sequence_logps", "sft_loss"]
+           "reference_fingerprint", "response_tokens", "sequence_logps", "sft_loss", "JointDPOTrainer"]
+
+
+def __getattr__(name):
+    if name == "JointDPOTrainer":  # needs TRL (pip install molkernels[trl]); the rest of the package does not
+        from .trl_trainer import JointDPOTrainer
+
+        return JointDPOTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

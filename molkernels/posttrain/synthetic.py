@@ -66,3 +66,26 @@ def tiny_llama(seed: int, *, hidden_size: int = 64, layers: int = 2, heads: int 
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype)
+
+
+# A minimal chat template: each turn as "<|role|>\ncontent</s>\n", and "<|assistant|>\n" to prompt.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def tiny_bpe_tokenizer(texts, path=None, *, vocab_size: int = 300, chat_template: str = CHAT_TEMPLATE):
+    """A small byte-level BPE transformers tokenizer trained here on `texts` (offline), with <pad>
+    and </s> and the chat template above; saved to `path` (transformers' format) when given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = chat_template
+    if path is not None:
+        fast.save_pretrained(path)
+    return fast

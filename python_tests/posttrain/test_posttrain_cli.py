@@ -9,7 +9,7 @@ import pytest
 
 from molkernels.__main__ import main
 from molkernels.posttrain.experiment import claims
-from molkernels.posttrain.synthetic import make_data, tiny_llama
+from molkernels.posttrain.synthetic import make_data, tiny_bpe_tokenizer, tiny_llama
 
 FIELDS = ("sft_loss", "dpo_loss", "sft_gap", "dpo_gap", "ideal_distance", "seconds_per_step", "step_cost_ratio",
           "peak_mem_bytes")
@@ -95,25 +95,10 @@ def test_local_model_directory_and_jsonl_data(tmp_path):
     assert result["claims"]["alright_closer_than_sequential"] is None   # sequential was not run
 
 
-def _train_bpe_tokenizer(texts, path):
-    """A small byte-level BPE tokenizer trained here and saved in transformers' format (offline)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"],
-                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(path)
-    return fast
-
-
 def test_local_model_with_its_own_tokenizer(tmp_path):
     model_dir = tmp_path / "model"
     sft, pref = make_data(12, 12, seed=5)
-    tokenizer = _train_bpe_tokenizer([r["prompt"] + r["completion"] for r in sft] + [r["chosen"] for r in pref],
+    tokenizer = tiny_bpe_tokenizer([r["prompt"] + r["completion"] for r in sft] + [r["chosen"] for r in pref],
                                      model_dir)
     tiny_llama(0, hidden_size=16, layers=1, heads=2, tokenizer=tokenizer).save_pretrained(model_dir)
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
@@ -128,7 +113,7 @@ def test_local_model_with_its_own_tokenizer(tmp_path):
 def test_hf_tokenizer_wrapper(tmp_path):
     from molkernels.posttrain import HFTokenizer
 
-    fast = _train_bpe_tokenizer(["translate: sun moon\n=> abc def"] * 4, tmp_path)
+    fast = tiny_bpe_tokenizer(["translate: sun moon\n=> abc def"] * 4, tmp_path)
     wrapped = HFTokenizer(fast)
     assert wrapped.eos_token_id == fast.eos_token_id and wrapped.pad_token_id == fast.pad_token_id
     ids = wrapped("translate: sun")
