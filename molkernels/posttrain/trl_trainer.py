@@ -149,11 +149,14 @@ class JointDPOTrainer(DPOTrainer):
         the objectives and weights, and the SFT micro-batches with their token count."""
         step, micro_batches = self.state.global_step, self.current_gradient_accumulation_steps
         sft_batches = []
-        if self.schedule.refresh_due(step):
+        if self.schedule.refresh_due(step):  # the global batch's losses: SFT's token mean, DPO's mean over pairs
             sft_batches.append(self._sft_batch())
+            first_tokens = self.accelerator.reduce(response_tokens(sft_batches[0]["labels"]), "sum")
             with torch.no_grad():
-                values = {"sft": self.sft_objective(model, sft_batches[0]), "dpo": self.dpo_objective(model, inputs).loss}
-            self.schedule.update_gaps({o: self.accelerator.reduce(v.detach(), "mean").item() for o, v in values.items()})
+                sft_share = self.sft_objective(model, sft_batches[0], num_items=first_tokens)
+                dpo_mean = self.dpo_objective(model, inputs).loss
+            self.schedule.update_gaps({"sft": self.accelerator.reduce(sft_share, "sum").item(),
+                                       "dpo": self.accelerator.reduce(dpo_mean, "mean").item()})
         weights = self.schedule.weights(step)
         tokens = None
         if "sft" in weights:

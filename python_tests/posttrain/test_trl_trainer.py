@@ -185,3 +185,56 @@ def test_bad_options_are_named(tmp_path):
                train_dataset=datasets.Dataset.from_list(PREF), processing_class=TOKENIZER).train()
     with pytest.raises(ValueError, match="molkernels_joint_state"):
         t.train(resume_from_checkpoint=str(plain / "checkpoint-1"))
+
+
+def test_two_ranks_under_torchrun_equal_one_rank_with_the_same_global_batch(tmp_path):
+    """gloo on CPU: per-rank batch 2 on 2 ranks against batch 4 on one process, SFT responses of
+    uneven lengths, 5 steps of each method that takes the Trainer's DDP."""
+    import socket
+    import subprocess
+    import sys
+
+    world = os.path.join(os.path.dirname(__file__), "trl_world.py")
+    methods = ["sequential", "mix", "alright", "maxright"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, command in ((tmp_path / "one", [sys.executable, world, str(tmp_path / "one"), "4", *methods]),
+                         (tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                             f"--master-port={port}", world, str(tmp_path / "two"), "2", *methods])):
+        out.mkdir()
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    one, two = (torch.load(tmp_path / name / "results.pt", weights_only=True) for name in ("one", "two"))
+    for method in methods:
+        assert two[method]["objectives"] == one[method]["objectives"], method
+        assert torch.allclose(two[method]["params"], one[method]["params"], rtol=1e-5, atol=1e-6), method
+        for a, b in zip(one[method]["losses"], two[method]["losses"]):  # [sft, dpo], None where not trained
+            assert [x is None for x in a] == [x is None for x in b]
+            assert [x for x in a if x is not None] == pytest.approx([x for x in b if x is not None], rel=1e-5)
+
+
+def test_peft_lora_with_the_adapters_disabled_as_the_reference(tmp_path):
+    from peft import LoraConfig
+
+    t = JointDPOTrainer(copy.deepcopy(MODEL), ref_model=None, args=config(tmp_path, max_steps=3),
+                        train_dataset=datasets.Dataset.from_list(PREF), processing_class=TOKENIZER, sft_dataset=SFT,
+                        method="mix", peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    frozen = {n: p.detach().clone() for n, p in t.model.named_parameters() if not p.requires_grad}
+    t.train()
+    first = steps(t)[0]
+    assert first["dpo_loss"] == pytest.approx(0.693147, abs=1e-5)  # LoRA starts at zero: the policy is the reference
+    assert all(torch.equal(p, frozen[n]) for n, p in t.model.named_parameters() if not p.requires_grad)
+    assert steps(t)[-1]["dpo_loss"] != pytest.approx(0.693147, abs=1e-6)
+
+
+def test_precomputed_reference_log_probs_give_the_same_run(tmp_path):
+    runs = []
+    for precompute in (False, True):
+        t = trainer(tmp_path / str(precompute), "mix",
+                    args=config(tmp_path / str(precompute), max_steps=3, precompute_ref_log_probs=precompute))
+        t.train()
+        runs.append(steps(t))
+    for a, b in zip(*runs):
+        assert b["dpo_loss"] == pytest.approx(a["dpo_loss"], rel=1e-5)
