@@ -153,14 +153,17 @@ class DPOOutput(NamedTuple):
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *, beta: float = 0.1,
-             label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> DPOOutput:
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+             completion_lengths=None) -> DPOOutput:
     """Direct preference optimisation (Rafailov et al., 2023) on sequence log-probabilities [B].
 
     With h = (π_c − π_r) − (ref_c − ref_r), the per-pair losses are
         sigmoid: −(1−ε)·log σ(βh) − ε·log σ(−βh)    (ε = label_smoothing; conservative DPO)
-        ipo:     (h − 1/(2β))²                       (Azar et al., 2023)
+        ipo:     (h − 1/(2β))²                       (Azar et al., 2023, on sequence log-ratios)
         hinge:   max(0, 1 − βh)                      (SLiC)
-    and the loss is their mean over the batch.
+    and the loss is their mean over the batch. completion_lengths = (chosen, rejected) token counts
+    [B] (ipo only): each log-ratio divided by its completion's length first, as TRL's IPO does (TRL
+    ≥ 1.16; the paper's form is the default).
     """
     named = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
              "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
@@ -184,9 +187,21 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing: defined for loss_type='sigmoid' only, got {label_smoothing} with {loss_type!r}")
+    if completion_lengths is not None:
+        if loss_type != "ipo":
+            raise ValueError(f"completion_lengths: length-normalises the ipo loss only, not {loss_type!r}")
+        if not isinstance(completion_lengths, (tuple, list)) or len(completion_lengths) != 2:
+            raise ValueError("completion_lengths: expected (chosen lengths, rejected lengths), two [B] tensors")
+        for side, lengths in zip(("chosen", "rejected"), completion_lengths):
+            if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (batch,) or lengths.device != device:
+                raise ValueError(f"completion_lengths: the {side} lengths must be a [{batch}] tensor on {device}")
+            if not bool((lengths > 0).all()):
+                raise ValueError(f"completion_lengths: the {side} lengths must be positive token counts")
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
     h = chosen_ratio - rejected_ratio
+    if completion_lengths is not None:
+        h = chosen_ratio / completion_lengths[0].to(h.dtype) - rejected_ratio / completion_lengths[1].to(h.dtype)
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":

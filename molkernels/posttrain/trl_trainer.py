@@ -9,7 +9,7 @@ gradient clipping, scheduler, callbacks, logging and checkpoints; mgda, moco: bo
 flat [2, D] buffer, combined by molkernels' fused mgda_step / moco_step before the optimizer step).
 
 The losses are molkernels' sft_loss, sequence_logps and dpo_loss on the model's logits; they equal
-TRL's own on the same batch (sigmoid and hinge; see the tests). With gradient accumulation the SFT
+TRL's own on the same batch (sigmoid, hinge, and ipo with ipo_length_normalize; see the tests). With gradient accumulation the SFT
 loss is the token mean over all micro-batches of the step (across ranks too). The preference
 dataloader is the Trainer's and advances every step; a step that trains only SFT leaves its
 preference batch unused. SFT batches come from their own stream (per_device_train_batch_size
@@ -34,7 +34,7 @@ from .losses import dpo_loss, response_tokens, sequence_logps, sft_loss
 from .schedule import OBJECTIVES, MethodSchedule
 
 STATE_FILE = "molkernels_joint_state.pt"
-LOSS_TYPES = ("sigmoid", "hinge")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 
 class JointDPOTrainer(DPOTrainer):
@@ -43,8 +43,10 @@ class JointDPOTrainer(DPOTrainer):
     sft_dataset: a datasets.Dataset or a list of SFT records. method: sequential, mix, alright,
     maxright, mgda or moco; lam: the weight λ of DPO (1 − λ of SFT); sft_opt / dpo_opt /
     max_eval_steps: MAXRIGHT's optima and refresh period; moco_beta / moco_gamma / normalize: the
-    options of moco_step and mgda_step. `sequential` needs args.max_steps (the budget it splits).
-    DPOConfig options that molkernels' losses do not have (loss types other than sigmoid and hinge,
+    options of moco_step and mgda_step; ipo_length_normalize: with loss_type ipo, divide each
+    log-ratio by its completion's length as TRL does (True, the default) or follow the IPO paper
+    (False). `sequential` needs args.max_steps (the budget it splits).
+    DPOConfig options that molkernels' losses do not have (loss types other than sigmoid, hinge, ipo,
     several loss types, label smoothing, ld_alpha, f-divergences, weighting) are refused here, naming
     the option. Log entries per logged step: sft_loss and dpo_loss (of the objectives trained),
     dpo_trained (the fraction of steps that trained DPO), objective (sft, dpo or both) and, for mgda
@@ -54,7 +56,7 @@ class JointDPOTrainer(DPOTrainer):
     def __init__(self, model, ref_model=None, args: Optional[DPOConfig] = None, *, sft_dataset=None,
                  method: str = "alright", lam: float = 0.5, sft_opt: Optional[float] = None,
                  dpo_opt: Optional[float] = None, max_eval_steps: int = 10, moco_beta: float = 0.5,
-                 moco_gamma: float = 0.1, normalize: str = "none", **kwargs):
+                 moco_gamma: float = 0.1, normalize: str = "none", ipo_length_normalize: bool = True, **kwargs):
         if sft_dataset is None:
             raise ValueError("sft_dataset: required (TRL SFT records: prompt/completion or messages)")
         if args is not None:
@@ -67,7 +69,10 @@ class JointDPOTrainer(DPOTrainer):
             raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
         if normalize != "none" and method not in ("mgda", "moco"):
             raise ValueError(f"normalize: applies to the mgda and moco methods, not {method!r}")
+        if not isinstance(ipo_length_normalize, bool):
+            raise ValueError(f"ipo_length_normalize: expected True or False, got {ipo_length_normalize!r}")
         self.method, self.normalize, self.moco_beta, self.moco_gamma = method, normalize, moco_beta, moco_gamma
+        self.ipo_length_normalize = ipo_length_normalize
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
         if args is None:
             _check_dpo_config(self.args)
@@ -139,8 +144,13 @@ class JointDPOTrainer(DPOTrainer):
             # TRL scores with the model it is given (the PEFT policy, when there is no ref_model, with its
             # reference adapter or none active).
             ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+        loss_type = self.args.loss_type[0]
+        lengths = None
+        if loss_type == "ipo" and self.ipo_length_normalize:
+            counts = inputs["completion_mask"].sum(dim=1).clamp(min=1)  # as TRL counts them
+            lengths = counts.chunk(2, dim=0)
         return dpo_loss(chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype),
-                        beta=self.args.beta, loss_type=self.args.loss_type[0])
+                        beta=self.args.beta, loss_type=loss_type, completion_lengths=lengths)
 
     # ------------------------------------------------------------------------------ steps
 

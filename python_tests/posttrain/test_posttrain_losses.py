@@ -184,3 +184,19 @@ def test_logits_and_labels_checked():
         sequence_logps(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="labels: expected an integer"):
         sft_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3))
+
+
+def test_ipo_length_normalisation():
+    pc, pr, rc, rr = (torch.tensor(v) for v in ([-3.0, -5.0], [-4.0, -2.0], [-3.5, -4.0], [-3.0, -2.5]))
+    lengths = (torch.tensor([2, 4]), torch.tensor([1, 5]))
+    h = ((pc - rc) / lengths[0] - (pr - rr) / lengths[1])
+    out = dpo_loss(pc, pr, rc, rr, beta=0.25, loss_type="ipo", completion_lengths=lengths)
+    assert out.loss.item() == pytest.approx(((h - 2.0) ** 2).mean().item())
+    paper = dpo_loss(pc, pr, rc, rr, beta=0.25, loss_type="ipo")
+    assert paper.loss.item() == pytest.approx((((pc - rc) - (pr - rr) - 2.0) ** 2).mean().item())
+    for bad, match in (((lengths[0],), "completion_lengths"), ((lengths[0], torch.tensor([1, 0])), "positive"),
+                       ((lengths[0], torch.tensor([1, 2, 3])), r"\[2\] tensor")):
+        with pytest.raises(ValueError, match=match):
+            dpo_loss(pc, pr, rc, rr, loss_type="ipo", completion_lengths=bad)
+    with pytest.raises(ValueError, match="ipo loss only"):
+        dpo_loss(pc, pr, rc, rr, loss_type="sigmoid", completion_lengths=lengths)

@@ -72,7 +72,7 @@ def test_alright_follows_the_shared_schedule(tmp_path):
 
 
 def test_losses_equal_trls_on_the_same_batch(tmp_path):
-    for loss_type in ("sigmoid", "hinge"):
+    for loss_type in ("sigmoid", "hinge", "ipo"):
         args = config(tmp_path, loss_type=[loss_type], beta=0.3)
         policy = copy.deepcopy(MODEL)
         with torch.no_grad():  # a policy away from the reference, so the log-ratios are not zero
@@ -88,7 +88,12 @@ def test_losses_equal_trls_on_the_same_batch(tmp_path):
             expected = theirs.compute_loss(policy, batch)
             got = ours.dpo_objective(policy, batch)
         assert got.loss.item() == pytest.approx(expected.item(), rel=1e-5)
-        assert abs(got.loss.item() - {"sigmoid": 0.6931, "hinge": 1.0}[loss_type]) > 1e-4  # not at the start point
+        assert abs(got.loss.item() - {"sigmoid": 0.6931, "hinge": 1.0, "ipo": 1 / 0.6 ** 2}[loss_type]) > 1e-4  # moved
+        if loss_type == "ipo":  # the paper's form (ipo_length_normalize=False) is another number
+            ours.ipo_length_normalize = False
+            with torch.no_grad():
+                paper = ours.dpo_objective(policy, batch).loss
+            assert abs(paper.item() - expected.item()) > 1e-3 * expected.item()
     # SFT: molkernels' token mean equals transformers' causal-LM loss on the same batch.
     sft_batch = ours._sft_batch()
     with torch.no_grad():
@@ -166,7 +171,8 @@ def test_bad_options_are_named(tmp_path):
         (dict(method="adam"), "method"),
         (dict(sft_dataset=None), "sft_dataset"),
         (dict(method="sequential", args=config(tmp_path, max_steps=-1, num_train_epochs=1)), "total_steps"),
-        (dict(args=config(tmp_path, loss_type=["ipo"])), "args.loss_type"),
+        (dict(args=config(tmp_path, loss_type=["robust"])), "args.loss_type"),
+        (dict(ipo_length_normalize=1), "ipo_length_normalize"),
         (dict(args=config(tmp_path, loss_type=["sigmoid", "hinge"])), "args.loss_type"),
         (dict(args=config(tmp_path, label_smoothing=0.1)), "args.label_smoothing"),
         (dict(normalize="l2"), "normalize"),
