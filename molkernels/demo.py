@@ -19,6 +19,7 @@ Later features add a section: a function `section(ctx) -> dict` and one line in 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -378,7 +379,39 @@ def section_posttrain(ctx: Context) -> dict:
     print(f"wrote {path} (the full run: python -m molkernels posttrain)")
     keys = ("sft_loss", "dpo_loss", "ideal_distance", "seconds_per_step")
     return {"png": path, "steps": steps, "ideal": result["ideal"], "claims": result["claims"],
-            "methods": {m: {k: r[k] for k in keys} for m, r in result["methods"].items()}}
+            "methods": {m: {k: r[k] for k in keys} for m, r in result["methods"].items()},
+            "trl": _joint_dpo_trainer_run(ctx, sft_train, pref_train)}
+
+
+def _joint_dpo_trainer_run(ctx: Context, sft_records, pref_records) -> dict:
+    """ALRIGHT inside TRL: JointDPOTrainer on a tiny Llama and a BPE tokenizer trained here."""
+    try:
+        import datasets
+        from transformers import PrinterCallback
+        from trl import DPOConfig
+    except ImportError:
+        print("JointDPOTrainer: skipped (TRL is not installed: pip install molkernels[trl])")
+        return {"skipped": "trl not installed"}
+    from .posttrain import JointDPOTrainer
+    from .posttrain.synthetic import tiny_bpe_tokenizer, tiny_llama
+
+    tokenizer = tiny_bpe_tokenizer([r["prompt"] + r["completion"] for r in sft_records] +
+                                   [r["chosen"] for r in pref_records])
+    model = tiny_llama(0, tokenizer=tokenizer)
+    args = DPOConfig(output_dir=os.path.join(ctx.out, "joint-dpo-trainer"), max_steps=20, per_device_train_batch_size=8,
+                     learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+                     max_length=256, disable_tqdm=True, seed=0)
+    trainer = JointDPOTrainer(model, ref_model=copy.deepcopy(model), args=args,
+                              train_dataset=datasets.Dataset.from_list(pref_records), processing_class=tokenizer,
+                              sft_dataset=sft_records, method="alright", lam=0.5)
+    trainer.remove_callback(PrinterCallback)  # the log rows are summarised below
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "objective" in h]
+    last = {o: next(h[f"{o}_loss"] for h in reversed(logged) if f"{o}_loss" in h) for o in ("sft", "dpo")}
+    dpo_share = sum(h["objective"] == "dpo" for h in logged) / len(logged)
+    print(f"JointDPOTrainer (TRL's DPOTrainer, method='alright', 20 steps): DPO on {dpo_share:.0%} of the steps; "
+          f"last SFT loss {last['sft']:.3f}, last DPO loss {last['dpo']:.3f}")
+    return {"steps": len(logged), "dpo_step_fraction": dpo_share, "last_losses": last}
 
 
 # ----------------------------------------------------------------------------------------------
