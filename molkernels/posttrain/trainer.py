@@ -18,6 +18,7 @@ optimizer works.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -142,6 +143,18 @@ def _read_reference_cache(path: str, fingerprint: str, pairs: int) -> Optional[t
     return logps
 
 
+def _ranks(process_group):
+    """(group, rank, ranks) of the processes that train together: process_group's, else the default
+    group's when torch.distributed is initialised, else one process."""
+    import torch.distributed as dist
+
+    if process_group is None and not (dist.is_available() and dist.is_initialized()):
+        return None, 0, 1
+    if not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialised (init_process_group first)")
+    return process_group, dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
 class _PeakMemory:
     """Peak memory of a step: torch's allocator peak on CUDA; on CPU the process's peak resident
     set (VmHWM, reset per step through /proc/self/clear_refs where Linux allows it, else the
@@ -192,6 +205,13 @@ class JointTrainer:
     and state_dict() / load_state_dict() resume it identically. backend: the kernels of mgda and
     moco (a name that cannot run here is refused whatever the method). Every argument is checked
     here, before any step: TypeError or ValueError naming it.
+
+    Across ranks (under torchrun, or with process_group=): batch_size is the per-rank micro-batch
+    and rank r takes the r-th contiguous slice of each global batch of ranks·batch_size records; the
+    gradients are reduced once per step (one all_reduce of the flat [2, D] buffer for mgda and moco,
+    of all gradients otherwise; a DDP-wrapped policy runs under no_sync so that DDP does not reduce
+    them again); the SFT token mean counts every rank's tokens; ALRIGHT's draws are the same on
+    every rank. So n ranks with batch_size b train as one rank with n·b, every method.
     """
 
     def __init__(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, sft_data, pref_data, *,
@@ -200,7 +220,7 @@ class JointTrainer:
                  dpo_opt: Optional[float] = None, max_eval_steps: int = 10, total_steps: Optional[int] = None,
                  batch_size: int = 8, grad_accum: int = 1, tokenizer=None, max_length: int = 512,
                  moco_beta: float = 0.5, moco_gamma: float = 0.1, normalize: str = "none", seed: int = 0,
-                 backend: str = "auto", progress: bool = True):
+                 backend: str = "auto", progress: bool = True, process_group=None):
         if not isinstance(policy, torch.nn.Module):
             raise TypeError(f"policy: expected a torch.nn.Module, got {type(policy).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -229,6 +249,7 @@ class JointTrainer:
             raise ValueError(f"backend: expected a backend name, got {backend!r}")
 
         self.policy, self.optimizer, self.method, self.loss_type = policy, optimizer, method, loss_type
+        self._module = policy.module if isinstance(policy, torch.nn.parallel.DistributedDataParallel) else policy
         self.backend, self.progress, self.seed = backend, progress, seed
         self.params = [p for p in policy.parameters() if p.requires_grad]
         if not self.params:
@@ -250,8 +271,9 @@ class JointTrainer:
             PreferenceDataset(pref_data, tokenizer, max_length=max_length, name="pref_data")
         self.reference = self._resolve_reference(reference)
 
-        self.streams = {"sft": BatchStream(len(self.sft_data), batch_size, seed),
-                        "dpo": BatchStream(len(self.pref_data), batch_size, seed + 1)}
+        self.group, self.rank, self.ranks = _ranks(process_group)
+        self.streams = {"sft": BatchStream(len(self.sft_data), batch_size * self.ranks, seed),
+                        "dpo": BatchStream(len(self.pref_data), batch_size * self.ranks, seed + 1)}
         self.step_count = 0
         self.history: List[dict] = []
         self.memory = _PeakMemory(self.device)
@@ -270,7 +292,7 @@ class JointTrainer:
         if reference is None:
             if self.pref_data.reference_logps is not None:
                 return "precomputed"
-            reference = copy.deepcopy(self.policy)
+            reference = copy.deepcopy(self._module)
         if isinstance(reference, str):
             if reference == "adapters":
                 if not hasattr(self.policy, "disable_adapter"):
@@ -305,7 +327,9 @@ class JointTrainer:
 
     def _batch(self, objective: str) -> Dict[str, torch.Tensor]:
         data = self.sft_data if objective == "sft" else self.pref_data
-        batch = data.batch(self.streams[objective].next_indices())
+        indices = self.streams[objective].next_indices()
+        per_rank = len(indices) // self.ranks
+        batch = data.batch(indices[self.rank * per_rank:(self.rank + 1) * per_rank])
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def objective(self, name: str, batch: Dict[str, torch.Tensor], *, num_items=None) -> torch.Tensor:
@@ -333,26 +357,33 @@ class JointTrainer:
         start = time.perf_counter()
         record = {"step": self.step_count}
         first_batches = {}
-        if self.schedule.refresh_due(self.step_count):
+        no_sync = self.policy.no_sync if self._module is not self.policy else contextlib.nullcontext
+        if self.schedule.refresh_due(self.step_count):  # the global batch's SFT token mean and DPO mean
             first_batches = {o: self._batch(o) for o in OBJECTIVES}
-            with torch.no_grad():
-                self.schedule.update_gaps({o: self.objective(o, first_batches[o]).item() for o in OBJECTIVES})
+            tokens = self._all_reduce(response_tokens(first_batches["sft"]["labels"]))
+            with torch.no_grad(), no_sync():
+                shares = torch.stack([self.objective("sft", first_batches["sft"], num_items=tokens),
+                                      self.objective("dpo", first_batches["dpo"]) / self.ranks])
+            self.schedule.update_gaps(dict(zip(OBJECTIVES, self._all_reduce(shares).tolist())))
             record["refreshed"] = True
         weights = self.schedule.weights(self.step_count)
         self.optimizer.zero_grad(set_to_none=True)
         losses = {o: 0.0 for o in weights}
         if self.method in ("mgda", "moco"):
             self.grads_flat.zero_()
-        # The step's batch is grad_accum micro-batches per objective. Their SFT losses are divided by
-        # the response tokens of all of them, so that they add up to the token mean of the whole
-        # batch (uneven micro-batches would otherwise weigh their tokens unevenly); each DPO loss,
-        # a mean over an equal number of pairs, is divided by grad_accum.
+        # The step's batch is grad_accum micro-batches per objective on every rank. Their SFT losses
+        # are divided by the response tokens of all of them (all ranks), so that they add up to the
+        # token mean of the whole batch (uneven micro-batches would otherwise weigh their tokens
+        # unevenly); each DPO loss, a mean over an equal number of pairs, by grad_accum · ranks. The
+        # ranks' gradients are then summed.
         batches = {o: [first_batches.pop(o) if micro == 0 and o in first_batches else self._batch(o)
                        for micro in range(self.grad_accum)] for o in weights}
-        sft_tokens = sum(response_tokens(b["labels"]) for b in batches["sft"]) if "sft" in batches else None
+        sft_tokens = self._all_reduce(sum(response_tokens(b["labels"]) for b in batches["sft"])) \
+            if "sft" in batches else None
         for micro in range(self.grad_accum):
-            values = {o: self.objective(o, batches[o][micro], num_items=sft_tokens) if o == "sft"
-                      else self.objective(o, batches[o][micro]) / self.grad_accum for o in weights}
+            with no_sync():
+                values = {o: self.objective(o, batches[o][micro], num_items=sft_tokens) if o == "sft"
+                          else self.objective(o, batches[o][micro]) / (self.grad_accum * self.ranks) for o in weights}
             if self.method in ("mgda", "moco"):
                 for row, o in enumerate(OBJECTIVES):  # two forward passes, so two independent graphs
                     grads = torch.autograd.grad(values[o], self.params, allow_unused=True)
@@ -360,9 +391,13 @@ class JointTrainer:
                         if g is not None:
                             view[row].add_(g)
             else:
-                sum(weights[o] * values[o] for o in weights).backward()
+                with no_sync():
+                    sum(weights[o] * values[o] for o in weights).backward()
             for o in weights:
                 losses[o] += values[o].detach()
+        if self.ranks > 1:
+            losses = dict(zip(losses, self._all_reduce(torch.stack(list(losses.values())))))
+            self._reduce_gradients()
         for o, value in losses.items():
             record[f"{o}_loss"] = value.item()
             if not math.isfinite(record[f"{o}_loss"]):
@@ -388,6 +423,27 @@ class JointTrainer:
         self.step_count += 1
         self.history.append(record)
         return record
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks (the tensor itself on one rank)."""
+        if self.ranks > 1:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def _reduce_gradients(self) -> None:
+        """Sums the ranks' gradients in one all_reduce: the flat [2, D] buffer of mgda and moco, or
+        every parameter's gradient flattened into one buffer."""
+        if self.method in ("mgda", "moco"):
+            torch.distributed.all_reduce(self.grads_flat, group=self.group)
+            return
+        for p in self.params:
+            if p.grad is None:  # unused this step on this rank: zeros, so every rank sends the same layout
+                p.grad = torch.zeros_like(p)
+        flat = torch._utils._flatten_dense_tensors([p.grad for p in self.params])
+        torch.distributed.all_reduce(flat, group=self.group)
+        for p, g in zip(self.params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in self.params])):
+            p.grad.copy_(g)
 
     def train(self, steps: int, *, callback=None) -> List[dict]:
         """Run `steps` steps under a tqdm bar; callback(trainer, record) after each one."""
@@ -438,7 +494,8 @@ class JointTrainer:
         built with the same."""
         return {**self.schedule.config(), "beta": self.beta, "loss_type": self.loss_type,
                 "label_smoothing": self.label_smoothing,
-                "batch_size": self.streams["sft"].batch_size, "grad_accum": self.grad_accum,
+                "batch_size": self.streams["sft"].batch_size // self.ranks, "ranks": self.ranks,
+                "grad_accum": self.grad_accum,
                 "moco_beta": self.moco_beta, "moco_gamma": self.moco_gamma, "normalize": self.normalize,
                 "seed": self.seed, "sft_records": len(self.sft_data), "pref_records": len(self.pref_data)}
 
