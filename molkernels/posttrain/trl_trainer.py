@@ -20,6 +20,7 @@ SFT stream and MoCo's state: they are saved next to the checkpoint as molkernels
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, List, Optional
 
@@ -81,10 +82,6 @@ class JointDPOTrainer(DPOTrainer):
         if not self._sft_records:
             raise ValueError("sft_dataset: is empty")
         world = self.accelerator.num_processes
-        if method in ("mgda", "moco") and world > 1:
-            raise ValueError(f"method: {method!r} in JointDPOTrainer runs on one process for now (its two "
-                             f"per-objective gradients bypass DDP's reduction); under torchrun use JointTrainer, or "
-                             f"one of sequential, mix, alright, maxright")
         self._sft_stream = BatchStream(len(self._sft_records), self.args.per_device_train_batch_size * world,
                                        self.args.seed + 3)
         self._plan: Optional[dict] = None
@@ -190,16 +187,23 @@ class JointDPOTrainer(DPOTrainer):
         plan = self._plan
         micro, weights = plan["micro"], plan["weights"]
         world = self.accelerator.num_processes
-        values = {}
-        with self.compute_loss_context_manager():
-            if "sft" in weights:
-                # DDP averages gradients over ranks: × world makes the sum of all ranks' tokens / all tokens.
-                values["sft"] = self.sft_objective(model, plan["sft"][micro], num_items=plan["tokens"]) * world
+        # mgda/moco sum the ranks' per-objective gradients themselves (one all_reduce of the [2, D]
+        # buffer), so DDP must not reduce: their forwards run under no_sync. The other methods let
+        # DDP average the ranks' gradients, which the SFT share × world turns into the token sum.
+        separate = self.method in ("mgda", "moco")
+        no_sync = model.no_sync if separate and hasattr(model, "no_sync") else contextlib.nullcontext
+        shares = {}
+        with self.compute_loss_context_manager(), no_sync():
+            if "sft" in weights:  # this rank's tokens over all ranks' tokens of the step
+                shares["sft"] = self.sft_objective(model, plan["sft"][micro], num_items=plan["tokens"])
             if "dpo" in weights:
                 out = self.dpo_objective(model, inputs)
-                values["dpo"] = out.loss / plan["micro_batches"]
+                shares["dpo"] = out.loss / plan["micro_batches"]
                 plan["rewards"].append(out)
-        if self.method in ("mgda", "moco"):
+        values = {"sft": shares["sft"] * (1 if separate else world)} if "sft" in shares else {}
+        if "dpo" in shares:
+            values["dpo"] = shares["dpo"] / (world if separate else 1)
+        if separate:
             for row, o in enumerate(OBJECTIVES):
                 grads = torch.autograd.grad(values[o], self._params, allow_unused=True)
                 for view, g in zip(self._grads, grads):
@@ -210,8 +214,8 @@ class JointDPOTrainer(DPOTrainer):
             total = sum(weights[o] * values[o] for o in weights)
             self.accelerator.backward(total)
             total = total.detach()
-        for o, v in values.items():
-            plan["losses"][o] += v.detach() / (world if o == "sft" else 1)
+        for o, v in shares.items():
+            plan["losses"][o] += v.detach()
         plan["micro"] += 1
         if plan["micro"] == plan["micro_batches"]:
             self._finish_step(plan)
@@ -224,6 +228,8 @@ class JointDPOTrainer(DPOTrainer):
         losses = {o: self.accelerator.reduce(torch.as_tensor(v, device=self.accelerator.device),
                                              "sum" if o == "sft" else "mean").item() for o, v in plan["losses"].items()}
         if self.method in ("mgda", "moco"):
+            if self.accelerator.num_processes > 1:
+                torch.distributed.all_reduce(self._grads_flat)
             both = torch.tensor([losses["sft"], losses["dpo"]], device=self._grads_flat.device)
             if self.method == "mgda":
                 weights = mgda_step(self._params, self._grads_flat, normalize=self.normalize, losses=both)

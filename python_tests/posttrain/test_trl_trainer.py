@@ -195,13 +195,13 @@ def test_bad_options_are_named(tmp_path):
 
 def test_two_ranks_under_torchrun_equal_one_rank_with_the_same_global_batch(tmp_path):
     """gloo on CPU: per-rank batch 2 on 2 ranks against batch 4 on one process, SFT responses of
-    uneven lengths, 5 steps of each method that takes the Trainer's DDP."""
+    uneven lengths, 5 steps of every method."""
     import socket
     import subprocess
     import sys
 
     world = os.path.join(os.path.dirname(__file__), "trl_world.py")
-    methods = ["sequential", "mix", "alright", "maxright"]
+    methods = ["sequential", "mix", "alright", "maxright", "mgda", "moco"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
