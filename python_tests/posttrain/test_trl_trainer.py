@@ -244,3 +244,15 @@ def test_precomputed_reference_log_probs_give_the_same_run(tmp_path):
         runs.append(steps(t))
     for a, b in zip(*runs):
         assert b["dpo_loss"] == pytest.approx(a["dpo_loss"], rel=1e-5)
+
+
+def test_conversational_preference_records_go_through_trls_chat_template(tmp_path):
+    chat_pref = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                  "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                  "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in PREF]
+    t = JointDPOTrainer(copy.deepcopy(MODEL), ref_model=copy.deepcopy(MODEL),
+                        args=config(tmp_path, max_steps=2, max_length=512),
+                        train_dataset=datasets.Dataset.from_list(chat_pref), processing_class=TOKENIZER,
+                        sft_dataset=SFT, method="mix")
+    t.train()
+    assert all(h["dpo_loss"] == h["dpo_loss"] and h["objective"] == "both" for h in steps(t))
