@@ -129,14 +129,20 @@ class _TokenizedDataset:
         self.pad_token_id = tokenizer.pad_token_id
         self.max_length = check_integer("max_length", max_length, 2)
 
-    def _pad(self, sequences: List[List[int]], value: int) -> torch.Tensor:
-        width = max(len(s) for s in sequences)
-        return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
-
     def _collate(self, ids: List[List[int]], labels: List[List[int]]) -> Dict[str, torch.Tensor]:
-        return {"input_ids": self._pad(ids, self.pad_token_id),
-                "attention_mask": self._pad([[1] * len(s) for s in ids], 0),
-                "labels": self._pad(labels, IGNORE_INDEX)}
+        return collate(ids, labels, self.pad_token_id)
+
+
+def _pad(sequences: List[List[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+def collate(ids: List[List[int]], labels: List[List[int]], pad_token_id: int) -> Dict[str, torch.Tensor]:
+    """A batch of token sequences padded on the right: input_ids, attention_mask and labels
+    (labels -100 on the padding)."""
+    return {"input_ids": _pad(ids, pad_token_id), "attention_mask": _pad([[1] * len(s) for s in ids], 0),
+            "labels": _pad(labels, IGNORE_INDEX)}
 
 
 class SFTDataset(_TokenizedDataset):

@@ -135,12 +135,11 @@ def _read_reference_cache(path: str, fingerprint: str, pairs: int) -> Optional[t
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # missing or unreadable: recomputed and replaced
         return None
-    logps = saved.get("logps") if isinstance(saved, dict) else None
-    if (saved.get("fingerprint") if isinstance(saved, dict) else None) != fingerprint or \
-            not isinstance(logps, torch.Tensor) or logps.dtype != torch.float32 or \
-            tuple(logps.shape) != (pairs, 2) or not torch.isfinite(logps).all():
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
         return None
-    return logps
+    logps = saved.get("logps")
+    valid = isinstance(logps, torch.Tensor) and logps.dtype == torch.float32 and tuple(logps.shape) == (pairs, 2)
+    return logps if valid and bool(torch.isfinite(logps).all()) else None
 
 
 def _ranks(process_group):

@@ -30,7 +30,7 @@ from trl import DPOConfig, DPOTrainer
 
 from .._stack import flat_buffer
 from ..steps import NORMALIZATIONS, MoCoState, mgda_step, moco_step
-from .data import BatchStream
+from .data import IGNORE_INDEX, BatchStream, collate
 from .losses import dpo_loss, response_tokens, sequence_logps, sft_loss
 from .schedule import OBJECTIVES, MethodSchedule
 
@@ -106,18 +106,9 @@ class JointDPOTrainer(DPOTrainer):
         per_rank = self.args.per_device_train_batch_size
         rank = self.accelerator.process_index
         rows = [self._sft_records[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
-        width = max(len(ids) for ids, _ in rows)
-        pad = self._tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (ids, mask) in enumerate(rows):
-            input_ids[r, :len(ids)] = torch.tensor(ids)
-            attention_mask[r, :len(ids)] = 1
-            labels[r, :len(ids)] = torch.tensor([t if m else -100 for t, m in zip(ids, mask)])
-        device = self.accelerator.device
-        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-                "labels": labels.to(device)}
+        batch = collate([ids for ids, _ in rows], [[t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+                                                   for ids, mask in rows], self._tokenizer.pad_token_id)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     @staticmethod
     def _logits(model, input_ids, attention_mask) -> torch.Tensor:
