@@ -1,10 +1,13 @@
 """Post-training data in TRL's record formats, tokenised once and batched deterministically.
 
-SFT records are {"prompt", "completion"}; preference records {"prompt", "chosen", "rejected"}, and
-may carry precomputed reference log-probabilities {"ref_chosen_logps", "ref_rejected_logps"}.
-Records come from a list of dicts or a JSONL file. A tokenizer is any callable str -> list of token
-ids with the attributes `eos_token_id` and `pad_token_id`; `ByteTokenizer` is the offline default
-and `HFTokenizer` wraps a transformers tokenizer.
+SFT records are {"prompt", "completion"} or {"messages"}; preference records {"prompt", "chosen",
+"rejected"}, and may carry precomputed reference log-probabilities {"ref_chosen_logps",
+"ref_rejected_logps"}. The text fields are strings, or lists of {"role", "content"} messages
+(conversational records, as in TRL) rendered with the tokenizer's chat template, with the loss on
+the assistant turns only. Records come from a list of dicts or a JSONL file. A tokenizer is any
+callable str -> list of token ids with the attributes `eos_token_id` and `pad_token_id`, and for
+conversational records a method `chat(messages, add_generation_prompt=False)` -> token ids;
+`ByteTokenizer` is the offline default and `HFTokenizer` wraps a transformers tokenizer.
 """
 
 from __future__ import annotations
@@ -55,6 +58,14 @@ class HFTokenizer:
     def __call__(self, text: str) -> List[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def chat(self, messages: List[dict], add_generation_prompt: bool = False) -> List[int]:
+        """The token ids of `messages` rendered with the tokenizer's chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("tokenizer: has no chat template, which conversational records need")
+        out = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                 add_generation_prompt=add_generation_prompt)
+        return list(out["input_ids"])
+
 
 def load_records(source: Records, name: str) -> List[dict]:
     """A list of records from a list (or tuple) of dicts or a JSONL file (one JSON object per
@@ -86,14 +97,78 @@ def load_records(source: Records, name: str) -> List[dict]:
     return records
 
 
-def _check_record(record, index: int, fields: Sequence[str], name: str) -> None:
+def _check_record(record, index: int, fields: Sequence[str], name: str) -> bool:
+    """Whether the record is conversational (every field a message list) rather than text (every
+    field a string); ValueError naming the record and field otherwise."""
     if not isinstance(record, dict):
         raise ValueError(f"{name}: record {index} is a {type(record).__name__}, expected a dict with fields {fields}")
     for field in fields:
         if field not in record:
             raise ValueError(f"{name}: record {index} is missing the field {field!r}")
-        if not isinstance(record[field], str):
-            raise ValueError(f"{name}: record {index} field {field!r} is a {type(record[field]).__name__}, expected str")
+        value = record[field]
+        if isinstance(value, list):
+            for turn, message in enumerate(value):
+                if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                        and isinstance(message.get("content"), str)):
+                    raise ValueError(f"{name}: record {index} field {field!r} message {turn} is not a dict with "
+                                     f"string 'role' and 'content'")
+            if not value:
+                raise ValueError(f"{name}: record {index} field {field!r} is an empty message list")
+        elif not isinstance(value, str):
+            raise ValueError(f"{name}: record {index} field {field!r} is a {type(value).__name__}, expected str or "
+                             f"a list of messages")
+    kinds = {isinstance(record[field], list) for field in fields}
+    if len(kinds) > 1:
+        raise ValueError(f"{name}: record {index} mixes strings and message lists in {list(fields)}; use one kind")
+    return kinds == {True}
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def chat_labels(render, messages: List[dict], where: str):
+    """(token ids, mask) of a conversation rendered by render(messages, add_generation_prompt), the
+    mask 1 on the assistant turns: each turn's tokens are what rendering the conversation through
+    it adds to rendering the conversation before it with the generation prompt."""
+    ids = render(messages, False)
+    mask = [0] * len(ids)
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:turn], True) if turn else []
+        through = render(messages[:turn + 1], False)
+        if through != ids[:len(through)]:
+            raise ValueError(f"{where}: the chat template does not render the conversation up to turn {turn} as a "
+                             f"prefix of the whole, so its assistant tokens cannot be located")
+        for t in range(common_prefix(before, through), len(through)):
+            mask[t] = 1
+    return ids, mask
+
+
+def _chat_ids(tokenizer, prompt: List[dict], response: List[dict], max_length: int, name: str, index: int,
+              field: str):
+    """The conversation prompt + response through the chat template, labels on the response's
+    assistant turns, cut to max_length; ValueError if no response token is left."""
+    chat = getattr(tokenizer, "chat", None)
+    if not callable(chat):
+        raise ValueError(f"tokenizer: {name} record {index} is conversational, which needs a tokenizer with a chat "
+                         f"template (HFTokenizer), not {type(tokenizer).__name__}")
+    where = f"{name}: record {index}"
+    ids, mask = chat_labels(lambda messages, generation: list(chat(messages, add_generation_prompt=generation)),
+                            prompt + response, where)
+    start = common_prefix(chat(prompt, add_generation_prompt=True), ids) if prompt else 0
+    labels = [token if on and t >= start else IGNORE_INDEX for t, (token, on) in enumerate(zip(ids, mask))]
+    if all(label == IGNORE_INDEX for label in labels[:max_length]):
+        raise ValueError(f"{where} prompt leaves no room for the {field!r} response within max_length={max_length} "
+                         f"(or the response has no assistant turn)")
+    return ids[:max_length], labels[:max_length]
 
 
 def _response_ids(tokenize, prompt_ids: List[int], response: str, eos: int, max_length: int, name: str,
@@ -146,8 +221,9 @@ def collate(ids: List[List[int]], labels: List[List[int]], pad_token_id: int) ->
 
 
 class SFTDataset(_TokenizedDataset):
-    """Tokenised {"prompt", "completion"} records; a batch is input_ids, attention_mask and labels
-    (the prompt and padding labelled -100), padded on the right."""
+    """Tokenised {"prompt", "completion"} or {"messages"} records; a batch is input_ids,
+    attention_mask and labels (all but the completion, or the assistant turns, labelled -100),
+    padded on the right."""
 
     def __init__(self, records: Records, tokenizer: Callable[[str], List[int]], *, max_length: int = 512,
                  name: str = "sft_data"):
@@ -155,10 +231,16 @@ class SFTDataset(_TokenizedDataset):
         records = load_records(records, name)
         self.ids, self.labels = [], []
         for index, record in enumerate(records):
-            _check_record(record, index, SFT_FIELDS, name)
-            ids, labels = _response_ids(tokenizer, _token_ids(tokenizer, record["prompt"], name, index, "prompt"),
-                                        record["completion"],
-                                        tokenizer.eos_token_id, max_length, name, index, "completion")
+            if isinstance(record, dict) and "messages" in record:
+                _check_record(record, index, ("messages",), name)
+                ids, labels = _chat_ids(tokenizer, [], record["messages"], max_length, name, index, "messages")
+            elif _check_record(record, index, SFT_FIELDS, name):
+                ids, labels = _chat_ids(tokenizer, record["prompt"], record["completion"], max_length, name, index,
+                                        "completion")
+            else:
+                ids, labels = _response_ids(tokenizer, _token_ids(tokenizer, record["prompt"], name, index, "prompt"),
+                                            record["completion"],
+                                            tokenizer.eos_token_id, max_length, name, index, "completion")
             self.ids.append(ids)
             self.labels.append(labels)
 
@@ -184,12 +266,15 @@ class PreferenceDataset(_TokenizedDataset):
         with_reference = any(isinstance(r, dict) and any(f in r for f in REFERENCE_FIELDS) for r in records)
         reference = []
         for index, record in enumerate(records):
-            _check_record(record, index, PREFERENCE_FIELDS, name)
-            prompt_ids = _token_ids(tokenizer, record["prompt"], name, index, "prompt")
-            self.chosen.append(_response_ids(tokenizer, prompt_ids, record["chosen"], tokenizer.eos_token_id,
-                                             max_length, name, index, "chosen"))
-            self.rejected.append(_response_ids(tokenizer, prompt_ids, record["rejected"], tokenizer.eos_token_id,
-                                               max_length, name, index, "rejected"))
+            if _check_record(record, index, PREFERENCE_FIELDS, name):
+                for field, out in (("chosen", self.chosen), ("rejected", self.rejected)):
+                    out.append(_chat_ids(tokenizer, record["prompt"], record[field], max_length, name, index, field))
+            else:
+                prompt_ids = _token_ids(tokenizer, record["prompt"], name, index, "prompt")
+                self.chosen.append(_response_ids(tokenizer, prompt_ids, record["chosen"], tokenizer.eos_token_id,
+                                                 max_length, name, index, "chosen"))
+                self.rejected.append(_response_ids(tokenizer, prompt_ids, record["rejected"], tokenizer.eos_token_id,
+                                                   max_length, name, index, "rejected"))
             if with_reference:
                 for field in REFERENCE_FIELDS:
                     value = record.get(field)

@@ -30,7 +30,7 @@ from trl import DPOConfig, DPOTrainer
 
 from .._stack import flat_buffer
 from ..steps import NORMALIZATIONS, MoCoState, mgda_step, moco_step
-from .data import IGNORE_INDEX, BatchStream, collate
+from .data import IGNORE_INDEX, BatchStream, chat_labels, collate, common_prefix
 from .losses import dpo_loss, response_tokens, sequence_logps, sft_loss
 from .schedule import OBJECTIVES, MethodSchedule
 
@@ -289,15 +289,6 @@ def _check_dpo_config(args) -> None:
             raise ValueError(f"args.{option}: JointDPOTrainer supports only {default!r}, got {value!r}")
 
 
-def _common_prefix(a: List[int], b: List[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _ids(tokenizer, text_or_messages, **template) -> List[int]:
     if isinstance(text_or_messages, list):
         out = tokenizer.apply_chat_template(text_or_messages, tokenize=True, return_dict=True, **template)
@@ -318,19 +309,8 @@ def _tokenize_sft(tokenizer, record, index: int, max_length: Optional[int]):
         messages = record["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} dicts")
-        ids = _ids(tokenizer, messages)
-        mask = [0] * len(ids)
-        for turn, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = _ids(tokenizer, messages[:turn], add_generation_prompt=True) if turn else []
-            through = _ids(tokenizer, messages[:turn + 1])
-            start = _common_prefix(before, through)
-            if through != ids[:len(through)]:
-                raise ValueError(f"{where}: the chat template does not render the conversation up to turn {turn} as a "
-                                 f"prefix of the whole, so its assistant tokens cannot be located")
-            for t in range(start, len(through)):
-                mask[t] = 1
+        ids, mask = chat_labels(lambda m, generation: _ids(tokenizer, m, add_generation_prompt=generation),
+                                messages, where)
     elif "prompt" in record and "completion" in record:
         prompt, completion = record["prompt"], record["completion"]
         if isinstance(prompt, list) != isinstance(completion, list):
@@ -344,7 +324,7 @@ def _tokenize_sft(tokenizer, record, index: int, max_length: Optional[int]):
             if not completion.endswith(tokenizer.eos_token):
                 completion += tokenizer.eos_token
             prompt_ids, ids = _ids(tokenizer, prompt), _ids(tokenizer, prompt + completion)
-        start = _common_prefix(prompt_ids, ids)
+        start = common_prefix(prompt_ids, ids)
         mask = [0] * start + [1] * (len(ids) - start)
     else:
         raise ValueError(f"{where}: expected 'prompt' and 'completion', or 'messages'; got keys {sorted(record)}")

@@ -104,3 +104,103 @@ def test_tokenizer_needs_ids():
         SFTDataset([{"prompt": "a", "completion": "b"}], lambda s: [1, 2])
     assert ByteTokenizer().decode(TOK("héllo") + [TOK.eos_token_id]) == "héllo"
     assert torch.tensor(TOK("é")).tolist() == [195, 169]
+
+
+# ---------------------------------------------------------------- conversational records
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from molkernels.posttrain import HFTokenizer
+    from molkernels.posttrain.synthetic import tiny_bpe_tokenizer
+
+    return HFTokenizer(tiny_bpe_tokenizer(["hello there", "what is up", "all good", "system rules"]))
+
+
+def _decode_labelled(tokenizer, ids, labels):
+    """The text of the labelled tokens, one string per run of consecutive labelled positions."""
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.tokenizer.decode(current))
+    return runs
+
+
+def test_messages_record_labels_every_assistant_turn_and_nothing_else(chat_tokenizer):
+    messages = [{"role": "system", "content": "system rules"}, {"role": "user", "content": "hello there"},
+                {"role": "assistant", "content": "what is up"}, {"role": "user", "content": "all good"},
+                {"role": "assistant", "content": "good"}]
+    data = SFTDataset([{"messages": messages}], chat_tokenizer)
+    ids, labels = data.ids[0], data.labels[0]
+    assert ids == chat_tokenizer.chat(messages)
+    assert _decode_labelled(chat_tokenizer, ids, labels) == ["what is up</s>\n", "good</s>\n"]
+
+
+def test_messages_tokenisation_is_the_one_joint_dpo_trainer_uses(chat_tokenizer):
+    pytest.importorskip("trl")
+    from molkernels.posttrain.trl_trainer import _tokenize_sft
+
+    messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "what is up"},
+                {"role": "user", "content": "all good"}, {"role": "assistant", "content": "good"}]
+    data = SFTDataset([{"messages": messages}], chat_tokenizer)
+    ids, mask = _tokenize_sft(chat_tokenizer.tokenizer, {"messages": messages}, 0, None)
+    assert ids == data.ids[0]
+    assert [i if m else IGNORE_INDEX for i, m in zip(ids, mask)] == data.labels[0]
+
+
+def test_prompt_completion_message_lists_label_the_completion_only(chat_tokenizer):
+    prompt = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "all good"},
+              {"role": "user", "content": "what is up"}]
+    data = SFTDataset([{"prompt": prompt, "completion": [{"role": "assistant", "content": "good"}]}], chat_tokenizer)
+    assert _decode_labelled(chat_tokenizer, data.ids[0], data.labels[0]) == ["good</s>\n"]
+
+
+def test_conversational_preference_pairs_share_the_rendered_prompt(chat_tokenizer):
+    prompt = [{"role": "user", "content": "hello there"}]
+    data = PreferenceDataset([{"prompt": prompt, "chosen": [{"role": "assistant", "content": "all good"}],
+                               "rejected": [{"role": "assistant", "content": "what is up"}]}], chat_tokenizer)
+    (chosen, chosen_labels), (rejected, rejected_labels) = data.chosen[0], data.rejected[0]
+    prompt_ids = chat_tokenizer.chat(prompt, add_generation_prompt=True)
+    assert chosen[:len(prompt_ids)] == rejected[:len(prompt_ids)] == prompt_ids
+    assert _decode_labelled(chat_tokenizer, chosen, chosen_labels) == ["all good</s>\n"]
+    assert _decode_labelled(chat_tokenizer, rejected, rejected_labels) == ["what is up</s>\n"]
+    batch = data.batch([0])
+    assert batch["input_ids"].shape[0] == 2 and torch.isfinite(batch["labels"].float()).all()
+
+
+def test_conversational_truncation_keeps_a_response_token_or_names_the_record(chat_tokenizer):
+    record = {"messages": [{"role": "user", "content": "hello there " * 4}, {"role": "assistant", "content": "good"}]}
+    prompt_length = len(chat_tokenizer.chat(record["messages"][:1], add_generation_prompt=True))
+    data = SFTDataset([record], chat_tokenizer, max_length=prompt_length + 1)
+    assert len(data.ids[0]) == prompt_length + 1 and data.labels[0][-1] != IGNORE_INDEX
+    with pytest.raises(ValueError, match=r"sft_data: record 0 .*max_length"):
+        SFTDataset([record], chat_tokenizer, max_length=prompt_length)
+
+
+@pytest.mark.parametrize("record, match", [
+    ({"messages": [{"role": "user"}]}, r"record 0 field 'messages' message 0 is not a dict with string 'role' and 'content'"),
+    ({"messages": []}, r"record 0 field 'messages' is an empty message list"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, r"record 0 .*no assistant turn"),
+    ({"prompt": [{"role": "user", "content": "hi"}], "completion": "text"}, r"record 0 mixes strings and message lists"),
+    ({"prompt": "hi", "completion": 3}, r"record 0 field 'completion' is a int, expected str or a list of messages"),
+])
+def test_malformed_conversational_sft_records_are_named(chat_tokenizer, record, match):
+    with pytest.raises(ValueError, match=match):
+        SFTDataset([record], chat_tokenizer)
+
+
+def test_conversational_records_need_a_chat_template(chat_tokenizer):
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(ValueError, match=r"tokenizer: sft_data record 0 is conversational, .*not ByteTokenizer"):
+        SFTDataset([record], TOK)
+    from molkernels.posttrain import HFTokenizer
+    from molkernels.posttrain.synthetic import tiny_bpe_tokenizer
+
+    plain = HFTokenizer(tiny_bpe_tokenizer(["hi ok"], chat_template=None))
+    with pytest.raises(ValueError, match=r"tokenizer: has no chat template"):
+        SFTDataset([record], plain)
