@@ -35,6 +35,7 @@ from .. import _ops
 from .._checks import (check_integer, check_number, check_state_generator, check_state_keys, check_state_tensor,
                        check_state_values, state_path)
 from .._stack import flat_buffer
+from ..distributed import assign_grads, is_dtensor, local_tensors
 from ..steps import NORMALIZATIONS, MoCoState, mgda_step, moco_step
 from .data import BatchStream, ByteTokenizer, PreferenceDataset, SFTDataset
 from .losses import LOSS_TYPES, dpo_loss, response_tokens, sequence_logps, sft_loss
@@ -154,6 +155,72 @@ def _ranks(process_group):
     return process_group, dist.get_rank(process_group), dist.get_world_size(process_group)
 
 
+def _fsdp_module_class():
+    """FSDP2's FSDPModule (the class fully_shard mixes into a module), None without it."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return None
+    return FSDPModule
+
+
+def _check_fsdp_policy(policy: torch.nn.Module) -> bool:
+    """Whether `policy` is an FSDP2 policy (fully_shard applied to it): every trainable parameter a
+    DTensor sharded on dim 0 over one 1-D mesh. FSDP1 (FullyShardedDataParallel), DTensor
+    parameters under a root that is not fully_shard-ed (tensor parallelism, fully_shard applied
+    to submodules only), 2-D meshes (HSDP) and trainable parameters that FSDP2 does not manage
+    raise ValueError naming the policy."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without FSDP
+        FullyShardedDataParallel = None
+    if FullyShardedDataParallel is not None and any(isinstance(m, FullyShardedDataParallel) for m in policy.modules()):
+        raise ValueError("policy: wrapped in FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel), which "
+                         "JointTrainer does not support; shard it with FSDP2 (torch.distributed.fsdp.fully_shard) "
+                         "instead, or wrap it in DistributedDataParallel")
+    fsdp_module = _fsdp_module_class()
+    sharded = fsdp_module is not None and isinstance(policy, fsdp_module)
+    trainable = [(name, p) for name, p in policy.named_parameters() if p.requires_grad]
+    if not sharded:
+        for name, p in trainable:
+            if is_dtensor(p):
+                raise ValueError(f"policy: parameter {name!r} is a DTensor but the policy is not fully_shard-ed; "
+                                 "JointTrainer supports DTensor parameters only from FSDP2 with fully_shard applied "
+                                 "to the policy itself (the root module), not tensor parallelism")
+        return False
+    from torch.distributed.tensor import Shard
+
+    mesh = None
+    for name, p in trainable:
+        if not is_dtensor(p):
+            raise ValueError(f"policy: trainable parameter {name!r} is not sharded by fully_shard (a plain tensor "
+                             "in an FSDP2 policy); every trainable parameter must be managed by FSDP2")
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError(f"policy: parameter {name!r} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D "
+                             "mesh; JointTrainer supports FSDP2 sharding on dim 0 over a 1-D mesh (not HSDP or "
+                             "tensor parallelism)")
+        if mesh is None:
+            mesh = p.device_mesh
+        elif p.device_mesh != mesh:
+            raise ValueError(f"policy: parameter {name!r} is sharded over another device mesh than the first "
+                             "trainable parameter; every parameter must be sharded over one mesh")
+    return True
+
+
+def _check_fsdp_group(param, group) -> None:
+    """The FSDP2 mesh of `param` spans exactly the ranks of the trainer's group (None: the default
+    one), so that its reduce-scatters and the trainer's reductions sum over the same ranks."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ValueError("policy: is fully_shard-ed but torch.distributed is not initialised")
+    mesh_ranks = dist.get_process_group_ranks(param.device_mesh.get_group())
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    if sorted(mesh_ranks) != sorted(ranks):
+        raise ValueError(f"process_group: holds ranks {sorted(ranks)}, the FSDP2 policy is sharded over ranks "
+                         f"{sorted(mesh_ranks)}; pass the group of the policy's mesh")
+
+
 class _PeakMemory:
     """Peak memory of a step: torch's allocator peak on CUDA; on CPU the process's peak resident
     set (VmHWM, reset per step through /proc/self/clear_refs where Linux allows it, else the
@@ -211,6 +278,27 @@ class JointTrainer:
     of all gradients otherwise; a DDP-wrapped policy runs under no_sync so that DDP does not reduce
     them again); the SFT token mean counts every rank's tokens; ALRIGHT's draws are the same on
     every rank. So n ranks with batch_size b train as one rank with n·b, every method.
+
+    FSDP2 (a policy that torch.distributed.fsdp.fully_shard was applied to, the root module at
+    least; its optimizer built on the sharded parameters): the same contract, every method. The
+    policy's mesh must span the trainer's ranks (1-D, parameters sharded on dim 0; not HSDP or
+    tensor parallelism). FSDP2 reduce-scatters the gradients itself, so the trainer adds no
+    reduction of its own; it sets every FSDP module of the policy to sum (gradient divide factor
+    1, sum reductions, zeros for unused parameters: set_gradient_divide_factor,
+    set_force_sum_reduction_for_comms, set_reduce_scatter_unused_params), since its loss scaling
+    already divides by the ranks, and these settings stay on the policy. Each forward gets its own
+    backward and only the step's last backward of each gradient syncs
+    (set_requires_gradient_sync), so grad_accum micro-batches and MAXRIGHT's evaluation forwards
+    (under no_grad) add no reduction: one reduce-scatter per FSDP unit per step, two for mgda and
+    moco, whose [2, D] buffer holds this rank's shards of both objectives' gradients, whose Gram
+    the fused steps sum over the ranks (one 2×2 all_reduce), and whose direction each rank writes
+    into its shard of p.grad. FSDP modules cannot be copied, so reference=None needs precomputed
+    log-probabilities; else pass a frozen reference module (plain or fully_shard-ed) or
+    'adapters'. state_dict() holds this rank's DTensor shards (policy and optimizer) and MoCo's
+    state for this rank's shard: each rank saves its own and loads it into a trainer over the same
+    ranks (load_state_dict refuses plain tensors for DTensor ones and the reverse). Every rank must
+    call step, train, evaluate, state_dict and load_state_dict together (FSDP's all-gathers).
+    FSDP1 (FullyShardedDataParallel) is refused with a ValueError naming the policy.
     """
 
     def __init__(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, sft_data, pref_data, *,
@@ -224,6 +312,7 @@ class JointTrainer:
             raise TypeError(f"policy: expected a torch.nn.Module, got {type(policy).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.fsdp = _check_fsdp_policy(policy)  # True for an FSDP2 (fully_shard) policy
         self.schedule = MethodSchedule(method, lam, total_steps=total_steps, sft_opt=sft_opt, dpo_opt=dpo_opt,
                                        max_eval_steps=max_eval_steps, seed=seed)
         self.beta = check_number("beta", beta, 0.0, low_open=True)
@@ -271,6 +360,10 @@ class JointTrainer:
         self.reference = self._resolve_reference(reference)
 
         self.group, self.rank, self.ranks = _ranks(process_group)
+        if self.fsdp:
+            _check_fsdp_group(self.params[0], self.group)
+            # The fused steps take process_group=None as "one process": name the default group.
+            self._step_group = self.group if self.group is not None else torch.distributed.group.WORLD
         self.streams = {"sft": BatchStream(len(self.sft_data), batch_size * self.ranks, seed),
                         "dpo": BatchStream(len(self.pref_data), batch_size * self.ranks, seed + 1)}
         self.step_count = 0
@@ -280,10 +373,12 @@ class JointTrainer:
             dtypes = {p.dtype for p in self.params}
             if len(dtypes) != 1:
                 raise ValueError(f"policy: mgda/moco need one dtype for all trainable parameters, got {sorted(map(str, dtypes))}")
-            self.grads_flat, self.grads = flat_buffer([p.shape for p in self.params], 2, dtype=self.params[0].dtype,
+            # With FSDP2 the buffer and MoCo's state hold this rank's shards of the parameters.
+            steps_params = self._step_params()
+            self.grads_flat, self.grads = flat_buffer([p.shape for p in steps_params], 2, dtype=self.params[0].dtype,
                                                       device=self.device)
             state_dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
-            self.moco_state = MoCoState(self.params, 2, dtype=state_dtype) if method == "moco" else None
+            self.moco_state = MoCoState(steps_params, 2, dtype=state_dtype) if method == "moco" else None
 
     # ----------------------------------------------------------------------------- reference
 
@@ -291,6 +386,11 @@ class JointTrainer:
         if reference is None:
             if self.pref_data.reference_logps is not None:
                 return "precomputed"
+            if self.fsdp:
+                raise ValueError("reference: None needs a copy of the policy, and an FSDP2 (fully_shard) policy cannot "
+                                 "be copied (FSDP does not support deepcopy): pass reference= a frozen module (the "
+                                 "model as it was before fully_shard, or its own fully_shard-ed copy), 'adapters' for "
+                                 "a PEFT policy, or pref_data with precomputed log-probabilities")
             reference = copy.deepcopy(self._module)
         if isinstance(reference, str):
             if reference == "adapters":
@@ -379,24 +479,27 @@ class JointTrainer:
                        for micro in range(self.grad_accum)] for o in weights}
         sft_tokens = self._all_reduce(sum(response_tokens(b["labels"]) for b in batches["sft"])) \
             if "sft" in batches else None
-        for micro in range(self.grad_accum):
-            with no_sync():
-                values = {o: self.objective(o, batches[o][micro], num_items=sft_tokens) if o == "sft"
-                          else self.objective(o, batches[o][micro]) / (self.grad_accum * self.ranks) for o in weights}
-            if self.method in ("mgda", "moco"):
-                for row, o in enumerate(OBJECTIVES):  # two forward passes, so two independent graphs
-                    grads = torch.autograd.grad(values[o], self.params, allow_unused=True)
-                    for view, g in zip(self.grads, grads):
-                        if g is not None:
-                            view[row].add_(g)
-            else:
+        if self.fsdp:
+            self._fsdp_backward(weights, batches, sft_tokens, losses)
+        else:
+            for micro in range(self.grad_accum):
                 with no_sync():
-                    sum(weights[o] * values[o] for o in weights).backward()
-            for o in weights:
-                losses[o] += values[o].detach()
+                    values = {o: self._value(o, batches[o][micro], sft_tokens) for o in weights}
+                if self.method in ("mgda", "moco"):
+                    for row, o in enumerate(OBJECTIVES):  # two forward passes, so two independent graphs
+                        grads = torch.autograd.grad(values[o], self.params, allow_unused=True)
+                        for view, g in zip(self.grads, grads):
+                            if g is not None:
+                                view[row].add_(g)
+                else:
+                    with no_sync():
+                        sum(weights[o] * values[o] for o in weights).backward()
+                for o in weights:
+                    losses[o] += values[o].detach()
         if self.ranks > 1:
             losses = dict(zip(losses, self._all_reduce(torch.stack(list(losses.values())))))
-            self._reduce_gradients()
+            if not self.fsdp:  # FSDP2's reduce-scatters have already summed them
+                self._reduce_gradients()
         for o, value in losses.items():
             record[f"{o}_loss"] = value.item()
             if not math.isfinite(record[f"{o}_loss"]):
@@ -404,13 +507,20 @@ class JointTrainer:
                                          f"the parameters, the optimizer and MoCo's state were not updated")
         if self.method in ("mgda", "moco"):
             both = torch.stack([losses[o] for o in OBJECTIVES])
+            # FSDP2: each rank's rows are its shards of the two global gradients; the steps sum the
+            # local K×K Grams over the group (one all_reduce), so every rank solves the same λ from
+            # the full Gram, and each writes its shard of the direction.
+            params = self._step_params()
+            group = self._step_group if self.fsdp else None
             if self.method == "mgda":
-                record["weights"] = mgda_step(self.params, self.grads_flat, normalize=self.normalize, losses=both,
-                                              backend=self.backend)
+                record["weights"] = mgda_step(params, self.grads_flat, normalize=self.normalize, losses=both,
+                                              backend=self.backend, process_group=group)
             else:
-                record["weights"] = moco_step(self.params, self.grads_flat, self.moco_state, beta=self.moco_beta,
+                record["weights"] = moco_step(params, self.grads_flat, self.moco_state, beta=self.moco_beta,
                                               gamma=self.moco_gamma, normalize=self.normalize, losses=both,
-                                              backend=self.backend)
+                                              backend=self.backend, process_group=group)
+            if self.fsdp:
+                assign_grads(self.params, params)  # p.grad: the DTensor holding this rank's shard
         self.optimizer.step()
         self.schedule.update_gaps({o: record[f"{o}_loss"] for o in losses})
         if "weights" in record:
@@ -422,6 +532,62 @@ class JointTrainer:
         self.step_count += 1
         self.history.append(record)
         return record
+
+    def _value(self, objective: str, batch: dict[str, torch.Tensor], sft_tokens) -> torch.Tensor:
+        """One micro-batch's share of an objective: the SFT loss over the step's response tokens
+        (all ranks' and micro-batches'), the DPO mean divided by grad_accum · ranks."""
+        if objective == "sft":
+            return self.objective("sft", batch, num_items=sft_tokens)
+        return self.objective(objective, batch) / (self.grad_accum * self.ranks)
+
+    def _step_params(self) -> list[torch.Tensor]:
+        """The tensors the fused steps see: this rank's local shards for FSDP2 (sharing storage
+        with the DTensor parameters), else the parameters."""
+        return local_tensors(self.params) if self.fsdp else self.params
+
+    def _fsdp_backward(self, weights: dict[str, float], batches, sft_tokens, losses: dict[str, torch.Tensor]) -> None:
+        """The step's backward passes for an FSDP2 policy, each objective's shares adding up (as
+        the plain path's do) to the global gradient's sum over the ranks. FSDP2 reduce-scatters the
+        gradients itself, so the trainer does not reduce them again: its divide factor is set to 1
+        with sum reductions (FSDP2 averages by default, which would divide by the ranks a second
+        time), and only the last backward of each gradient syncs (set_requires_gradient_sync), so
+        grad_accum micro-batches accumulate locally and are reduced once. Every forward has its own
+        backward: FSDP2 reduce-scatters once per backward of a forward, so one backward through
+        two forwards (mix's SFT and DPO batches) would reduce some units twice. The other methods
+        thus reduce once per step. mgda and moco take the objectives one after the other (all of
+        SFT's micro-batches, then DPO's), so each objective's sharded gradient is reduce-scattered
+        once and copied into its row of the [2, D_local] buffer: two reduce-scatters per step,
+        FSDP's own traffic for two gradients."""
+        policy = self.policy
+        for module in policy.modules():
+            if isinstance(module, _fsdp_module_class()):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # ReduceOp.SUM on every backend (gloo too)
+        policy.set_reduce_scatter_unused_params(True)  # zeros for unused parameters: the same layout on every rank
+        last = self.grad_accum - 1
+        try:
+            if self.method in ("mgda", "moco"):
+                for p in self.params:
+                    p.grad = None
+                for row, o in enumerate(OBJECTIVES):
+                    for micro in range(self.grad_accum):
+                        policy.set_requires_gradient_sync(micro == last)
+                        value = self._value(o, batches[o][micro], sft_tokens)
+                        value.backward()
+                        losses[o] += value.detach()
+                    for view, p in zip(self.grads, self.params):
+                        if p.grad is not None:
+                            view[row].copy_(p.grad.to_local())
+                            p.grad = None
+            else:
+                passes = [(micro, o) for micro in range(self.grad_accum) for o in weights]
+                for i, (micro, o) in enumerate(passes):
+                    policy.set_requires_gradient_sync(i == len(passes) - 1)
+                    value = self._value(o, batches[o][micro], sft_tokens)
+                    (weights[o] * value).backward()
+                    losses[o] += value.detach()
+        finally:
+            policy.set_requires_gradient_sync(True)
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks (the tensor itself on one rank)."""
@@ -600,6 +766,24 @@ def _check_module_state(saved, path: str, module: torch.nn.Module) -> None:
     for key, value in current.items():
         if isinstance(value, torch.Tensor):
             check_state_tensor(saved[key], state_path(path, key), value)
+            _check_sharding(saved[key], state_path(path, key), value)
+
+
+def _check_sharding(value: torch.Tensor, path: str, like: torch.Tensor) -> None:
+    """A saved tensor is sharded as the live one: a DTensor (FSDP2) with the same placements and
+    this rank's local shape where `like` is one (a rank's own state_dict() of a run over the same
+    ranks), a plain tensor where it is not."""
+    if is_dtensor(like):
+        if not is_dtensor(value):
+            raise TypeError(f"{path}: a plain tensor, the FSDP2 policy holds a DTensor shard; load the state_dict() "
+                            "that this rank saved in an FSDP2 run over the same ranks")
+        local_differs = value.shape == like.shape and value.to_local().shape != like.to_local().shape
+        if tuple(value.placements) != tuple(like.placements) or local_differs:
+            raise ValueError(f"{path}: sharded as {tuple(value.placements)} with local shape "
+                             f"{tuple(value.to_local().shape)}, this rank's is {tuple(like.placements)} with "
+                             f"{tuple(like.to_local().shape)}")
+    elif is_dtensor(value):
+        raise TypeError(f"{path}: a DTensor (saved from an FSDP2 run), this policy's tensor is not sharded")
 
 
 def _check_optimizer_state(saved, path: str, optimizer: torch.optim.Optimizer) -> None:
@@ -648,6 +832,8 @@ def _check_optimizer_state(saved, path: str, optimizer: torch.optim.Optimizer) -
                                  f"{tuple(p.shape)}")
             if value.is_floating_point() and not scalar and value.dtype != p.dtype:
                 raise TypeError(f"{value_path}: dtype {value.dtype}, the parameter's is {p.dtype}")
+            if not scalar:
+                _check_sharding(value, value_path, p)
             if value.is_floating_point() or value.is_complex():
                 check_state_values(value, value_path, finite=True)
             if name == "step" and (not bool((value >= 0).all()) or not torch.equal(value, value.floor())):
