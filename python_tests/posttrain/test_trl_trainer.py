@@ -193,22 +193,24 @@ def test_bad_options_are_named(tmp_path):
         t.train(resume_from_checkpoint=str(plain / "checkpoint-1"))
 
 
-def test_two_ranks_under_torchrun_equal_one_rank_with_the_same_global_batch(tmp_path):
-    """gloo on CPU: per-rank batch 2 on 2 ranks against batch 4 on one process, SFT responses of
-    uneven lengths, 5 steps of every method."""
+@pytest.mark.parametrize("ranks, methods", [(2, ["sequential", "mix", "alright", "maxright", "mgda", "moco"]),
+                                             (3, ["alright", "moco"])])
+def test_ranks_under_torchrun_equal_one_rank_with_the_same_global_batch(tmp_path, ranks, methods):
+    """gloo on CPU: per-rank batch 2 on 2 ranks (every method) or 3 ranks (a scheduled method and a
+    fused one) against batch 2 * ranks on one process, SFT responses of uneven lengths, 5 steps."""
     import socket
     import subprocess
     import sys
 
     world = os.path.join(os.path.dirname(__file__), "trl_world.py")
-    methods = ["sequential", "mix", "alright", "maxright", "mgda", "moco"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for out, command in ((tmp_path / "one", [sys.executable, world, str(tmp_path / "one"), "4", *methods]),
-                         (tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                                             f"--master-port={port}", world, str(tmp_path / "two"), "2", *methods])):
+    for out, command in ((tmp_path / "one", [sys.executable, world, str(tmp_path / "one"), str(2 * ranks), *methods]),
+                         (tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                                             str(ranks), f"--master-port={port}", world, str(tmp_path / "two"), "2",
+                                             *methods])):
         out.mkdir()
         run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
