@@ -1,6 +1,6 @@
 """The demo: `python -m molkernels demo [--out DIR]`.
 
-Runs on a 2-core CPU in well under two minutes, with no network. The demo is a list of sections
+Runs on a 2-core CPU in about two minutes, with no network. The demo is a list of sections
 (SECTIONS); each prints its part and returns JSON-able numbers, which end up in DIR/demo.json:
 
 1. correctness: every available backend against molkernels.reference on random stacks (gram,
