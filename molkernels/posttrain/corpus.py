@@ -11,9 +11,9 @@ gives the same records:
   the answer q's first ones, each as many whole sentences as fit in `max_words` words (at least one
   for the passage and two for the answer, else the pair is skipped).
 - A pair becomes a conversation: the system prompt asks to continue the passage, the user gives
-  the section title and p's sentences, the assistant answers with q's. Even-numbered pairs are SFT records ({"messages"}); odd-numbered ones are
-  preference records whose chosen answer is q's first sentence alone and whose rejected answer is q
-  whole.
+  the section title and p's sentences, the assistant answers with q's. Even-numbered pairs are SFT
+  records ({"messages"}); odd-numbered ones are preference records whose chosen answer is q's first
+  sentence alone and whose rejected answer is q whole.
 - Every fourth section title, in sorted order, is held out for evaluation; a pair that two topics
   share (some repeat a section) is kept once.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import re
 from typing import List, Tuple
 
-SOURCE = "the Python Language Reference as shipped in CPython's pydoc_data.topics (PSF License Version 2)"
 SYSTEM_PROMPT = "Continue the passage of the Python Language Reference."
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“(])")
 
