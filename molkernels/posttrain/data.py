@@ -232,7 +232,8 @@ class SFTDataset(_TokenizedDataset):
         self.ids, self.labels = [], []
         for index, record in enumerate(records):
             if isinstance(record, dict) and "messages" in record:
-                _check_record(record, index, ("messages",), name)
+                if not _check_record(record, index, ("messages",), name):
+                    raise ValueError(f"{name}: record {index} field 'messages' is a str, expected a list of messages")
                 ids, labels = _chat_ids(tokenizer, [], record["messages"], max_length, name, index, "messages")
             elif _check_record(record, index, SFT_FIELDS, name):
                 ids, labels = _chat_ids(tokenizer, record["prompt"], record["completion"], max_length, name, index,

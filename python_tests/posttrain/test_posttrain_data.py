@@ -185,6 +185,7 @@ def test_conversational_truncation_keeps_a_response_token_or_names_the_record(ch
 @pytest.mark.parametrize("record, match", [
     ({"messages": [{"role": "user"}]}, r"record 0 field 'messages' message 0 is not a dict with string 'role' and 'content'"),
     ({"messages": []}, r"record 0 field 'messages' is an empty message list"),
+    ({"messages": "hi"}, r"record 0 field 'messages' is a str, expected a list of messages"),
     ({"messages": [{"role": "user", "content": "hi"}]}, r"record 0 .*no assistant turn"),
     ({"prompt": [{"role": "user", "content": "hi"}], "completion": "text"}, r"record 0 mixes strings and message lists"),
     ({"prompt": "hi", "completion": 3}, r"record 0 field 'completion' is a int, expected str or a list of messages"),
